@@ -1,0 +1,178 @@
+"""The bundle format: the only contract between the compiler and the runtime.
+
+A bundle is a folder::
+
+    manifest.json            what is in the bundle (schema: manifest.schema.json)
+    graphs/*.onnx            trunk segments, per-task gates and heads, one kernel per expert shape
+    experts/L<l>_E<e>.bin    expert weights: raw little-endian tensors at the manifest's offsets
+
+Every file is listed in the manifest with its byte size and sha256, and is checked before it
+is used. This module needs only numpy and the standard library: the runtime imports it on
+devices that have no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BundleError, IntegrityError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+FORMAT_TAG = "edgemoe-bundle"
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(root: Path, path: Path) -> dict:
+    """Manifest entry of a file written into a bundle folder."""
+    return {"file": path.relative_to(root).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def is_bundle(path: Path) -> bool:
+    """Whether ``path`` is a folder with a manifest that says it is an edgemoe bundle."""
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("format") == FORMAT_TAG
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+_REQUIRED = ("format", "schema_version", "edgemoe_version", "model", "target", "device", "input", "tasks",
+             "segments", "moe_layers")
+
+
+def read_manifest(bundle: str | Path) -> dict:
+    """Read and sanity-check a bundle's manifest.
+
+    Raises:
+        BundleError: The folder or manifest is missing, is not JSON, is not an edgemoe
+            manifest, has an unsupported schema version or lacks a required key.
+    """
+    root = Path(bundle)
+    if not root.exists():
+        raise BundleError(f"bundle not found: {root}")
+    if not root.is_dir():
+        raise BundleError(f"not a bundle (not a folder): {root}")
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"not a bundle (no {MANIFEST}): {root}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BundleError(f"garbled manifest {path}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_TAG:
+        raise BundleError(f"not an edgemoe manifest: {path}")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(
+            f"bundle schema version {manifest.get('schema_version')!r} is not supported "
+            f"(this edgemoe reads version {SCHEMA_VERSION}); recompile the bundle"
+        )
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        raise BundleError(f"garbled manifest {path}: missing {', '.join(missing)}")
+    if len(manifest["segments"]) != len(manifest["moe_layers"]) + 1:
+        raise BundleError(f"garbled manifest {path}: segments and MoE layers do not interleave")
+    return manifest
+
+
+def _resolve(root: Path, record: dict) -> tuple[Path, str, int, str]:
+    try:
+        rel, size, digest = record["file"], int(record["bytes"]), str(record["sha256"])
+    except (KeyError, TypeError, ValueError):
+        raise BundleError(f"garbled manifest entry {record!r}") from None
+    path = (root / rel).resolve()
+    if root.resolve() not in path.parents:
+        raise BundleError(f"manifest entry points outside the bundle: {rel}")
+    if not path.is_file():
+        raise IntegrityError(f"missing bundle file {rel}")
+    return path, rel, size, digest
+
+
+def _check(rel: str, actual_size: int, size: int, actual_digest: str, digest: str) -> None:
+    if actual_size != size:
+        raise IntegrityError(
+            f"bundle file {rel} has {actual_size} bytes, manifest says {size} (truncated or replaced)"
+        )
+    if actual_digest != digest:
+        raise IntegrityError(f"bundle file {rel} fails its sha256 check (corrupted or replaced)")
+
+
+def verified_path(root: Path, record: dict) -> Path:
+    """Check a listed file's size and sha256 and return its path (for loaders that need a path).
+
+    Raises:
+        IntegrityError: The file is missing, has the wrong size (truncated) or the wrong digest.
+    """
+    path, rel, size, digest = _resolve(root, record)
+    actual = path.stat().st_size
+    _check(rel, actual, size, sha256_file(path) if actual == size else "", digest)
+    return path
+
+
+def read_verified(root: Path, record: dict) -> bytes:
+    """Read a listed file, checking size and sha256 on the very bytes returned.
+
+    Raises:
+        IntegrityError: The file is missing, has the wrong size (truncated) or the wrong digest.
+    """
+    path, rel, size, digest = _resolve(root, record)
+    data = path.read_bytes()
+    _check(rel, len(data), size, hashlib.sha256(data).hexdigest(), digest)
+    return data
+
+
+def decode_expert(data: bytes, tensors: list[dict]) -> dict[str, np.ndarray]:
+    """Split an expert blob into its named tensors (views on ``data``, no copy)."""
+    out = {}
+    for t in tensors:
+        dtype = np.dtype(t["dtype"]).newbyteorder("<")
+        count = math.prod(t["shape"])
+        end = t["offset"] + count * dtype.itemsize
+        if end > len(data):
+            raise IntegrityError(f"tensor {t['name']} runs past the end of its expert blob")
+        out[t["name"]] = np.frombuffer(data, dtype=dtype, count=count, offset=t["offset"]).reshape(t["shape"])
+    return out
+
+
+def encode_expert(weights: dict[str, np.ndarray]) -> tuple[bytes, list[dict]]:
+    """Pack named tensors into one blob (64-byte aligned) and describe them for the manifest."""
+    parts, tensors, offset = [], [], 0
+    for name, arr in weights.items():
+        arr = np.ascontiguousarray(arr)
+        pad = (-offset) % 64
+        parts.append(b"\0" * pad)
+        offset += pad
+        raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        tensors.append({"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape), "offset": offset})
+        parts.append(raw)
+        offset += len(raw)
+    return b"".join(parts), tensors
+
+
+def sample_input(spec: dict, batch: int = 1, seed: int = 0) -> np.ndarray:
+    """A deterministic input of the model's input shape (dynamic dims become ``batch``).
+
+    Float inputs are standard normal (the scale of normalised images); integer inputs are
+    uniform over ``[0, spec["high"])``.
+    """
+    shape = [batch if d is None else d for d in spec["shape"]]
+    rng = np.random.default_rng(seed)
+    if np.dtype(spec["dtype"]).kind in "iu":
+        return rng.integers(0, spec.get("high", 2), size=shape, dtype=spec["dtype"])
+    return rng.standard_normal(shape).astype(spec["dtype"])

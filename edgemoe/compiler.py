@@ -1,0 +1,43 @@
+"""The compile pipeline: model → IR → profile → expert sets → partitions → bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import CompileConfig
+from .devices import get_device
+from .errors import ConfigError
+from .passes.capture_model import capture_model
+from .passes.partition_model import partition_model
+from .passes.profile_routing import profile_routing
+from .passes.prune_experts import prune_experts
+from .passes.write_bundle import Progress, check_output_path, write_bundle
+
+
+def compile_model(cfg: CompileConfig, out: str | Path, progress: Progress = lambda _msg: None) -> dict:
+    """Compile a model into a bundle folder.
+
+    Args:
+        cfg: What to compile, for which target and device.
+        out: Bundle folder to write (created atomically; an existing bundle is replaced).
+        progress: Called with one short message per step.
+
+    Returns:
+        The bundle's manifest.
+    """
+    from .targets import get_target
+
+    out = Path(out)
+    check_output_path(out)  # fail before minutes of work, not after
+    if cfg.calib_samples < 1:
+        raise ConfigError(f"calibration needs at least one sample, got {cfg.calib_samples}")
+    target = get_target(cfg.target)
+    device = get_device(cfg.device)
+    target.check_device(device)
+    progress(f"capture {cfg.model}")
+    captured = capture_model(cfg)
+    progress(f"profile routing on {cfg.calib_samples} calibration inputs x {len(captured.tasks)} tasks")
+    profile = profile_routing(captured, cfg.calib_samples, cfg.calib_seed)
+    expert_sets = prune_experts(captured, profile, cfg.prune)
+    plan = partition_model(captured, expert_sets)
+    return write_bundle(out, cfg, captured, profile, plan, target, device, progress)

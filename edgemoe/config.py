@@ -1,0 +1,32 @@
+"""The one typed configuration of a compile."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Everything a compile needs to know besides the model itself.
+
+    Attributes:
+        model: Registry name of the model (``edgemoe models`` lists them).
+        target: Backend name (``onnx``).
+        device: Device profile name (``edgemoe devices`` lists them).
+        tasks: Tasks to build; empty means every task of the model.
+        prune: Drop experts a task never selects on calibration data (task-level models).
+        calib_samples: Calibration inputs per task for routing profiles.
+        calib_seed: Seed of the calibration inputs.
+        weights: Optional checkpoint (safetensors, or a torch file loaded with weights_only).
+        opset: ONNX opset of exported graphs.
+    """
+
+    model: str
+    target: str = "onnx"
+    device: str = "host"
+    tasks: tuple[str, ...] = ()
+    prune: bool = True
+    calib_samples: int = 8
+    calib_seed: int = 1234
+    weights: str | None = None
+    opset: int = 17

@@ -1,0 +1,84 @@
+"""Error classes, each with its own CLI exit code.
+
+The CLI prints ``error: <message>`` on one line and exits with the class's code. The codes
+are part of the documented interface (README, "Exit codes"): do not renumber them.
+"""
+
+from __future__ import annotations
+
+
+class EdgeMoEError(Exception):
+    """Base class of every error the tool reports to a user."""
+
+    exit_code = 1
+
+
+class ModelError(EdgeMoEError):
+    """Unknown model name, or a model file that cannot be loaded."""
+
+    exit_code = 3
+
+
+class ConfigError(EdgeMoEError):
+    """A model or compile configuration that breaks an invariant (e.g. top-k > experts)."""
+
+    exit_code = 4
+
+
+class BundleError(EdgeMoEError):
+    """Not a bundle, or a missing / garbled / incompatible manifest."""
+
+    exit_code = 5
+
+
+class IntegrityError(BundleError):
+    """A bundle file is missing, truncated or does not match its sha256."""
+
+    exit_code = 6
+
+
+class OutputPathError(EdgeMoEError):
+    """The output path exists and is not a bundle (it is never overwritten)."""
+
+    exit_code = 7
+
+
+class TaskError(EdgeMoEError):
+    """A task name the model or bundle does not have."""
+
+    exit_code = 8
+
+
+class InputError(EdgeMoEError):
+    """An input file that cannot be read or does not fit the model's input."""
+
+    exit_code = 9
+
+
+class VerificationError(EdgeMoEError):
+    """``verify`` found an error above the tolerance."""
+
+    exit_code = 10
+
+
+class TargetError(EdgeMoEError):
+    """Unknown target or device, or a target that cannot build this model."""
+
+    exit_code = 11
+
+
+EXIT_CODES: dict[str, int] = {
+    cls.__name__: cls.exit_code
+    for cls in (
+        EdgeMoEError,
+        ModelError,
+        ConfigError,
+        BundleError,
+        IntegrityError,
+        OutputPathError,
+        TaskError,
+        InputError,
+        VerificationError,
+        TargetError,
+    )
+}

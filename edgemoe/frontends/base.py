@@ -1,0 +1,104 @@
+"""The adapter interface: how a model family is captured and cut into partitions.
+
+One module per family implements :class:`ModelAdapter`. The pipeline only talks to this
+interface, so adding a family (a token-routed LM, a third-party class) is one new module
+plus one registry line in :mod:`edgemoe.frontends`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..ir import ModelIR
+
+
+@dataclass(frozen=True)
+class GraphPartition:
+    """A piece of the model to be emitted by a target as one graph.
+
+    Attributes:
+        name: Unique name; also the artifact's file stem.
+        kind: ``segment``, ``gate``, ``head`` or ``expert_kernel``.
+        module: The torch module computing it (inputs and outputs are tensors, in order).
+        example_inputs: Tensors to trace the module with.
+        input_names: Graph input names, in the module's argument order.
+        output_names: Graph output names, in the module's output order.
+        dynamic_axes: Per input/output name, the axes that vary at run time.
+        task: Task this partition belongs to (None: shared by every task).
+        layer: MoE layer index for gates and expert kernels.
+    """
+
+    name: str
+    kind: str
+    module: torch.nn.Module = field(compare=False)
+    example_inputs: tuple = field(compare=False)
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_axes: dict = field(default_factory=dict, compare=False)
+    task: str | None = None
+    layer: int | None = None
+
+
+class ModelAdapter(abc.ABC):
+    """Wraps one loaded model of a family and exposes it to the pipeline."""
+
+    family: str = ""
+
+    @property
+    @abc.abstractmethod
+    def ir(self) -> ModelIR:
+        """The captured model description."""
+
+    @abc.abstractmethod
+    def state_sha256(self) -> str:
+        """Digest of the model's weights, so a bundle can be matched to its source later."""
+
+    @abc.abstractmethod
+    def reference(
+        self, x: np.ndarray, task: str, keep: dict[int, tuple[int, ...]] | None = None
+    ) -> np.ndarray:
+        """Run the framework model for one task.
+
+        Args:
+            x: Input batch.
+            task: Task name.
+            keep: Optional per-MoE-layer expert sets the routers are restricted to.
+
+        Returns:
+            The task's output.
+        """
+
+    @abc.abstractmethod
+    def route(self, x: np.ndarray, task: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Routing decisions of the unpruned model for one task.
+
+        Returns:
+            Per MoE layer, the chosen experts (tokens, top_k) and their scores (tokens, top_k).
+        """
+
+    @abc.abstractmethod
+    def segment(self, index: int) -> GraphPartition:
+        """Dense trunk segment ``index`` (shared by all tasks)."""
+
+    @abc.abstractmethod
+    def gate(self, layer: int, task: str, keep: tuple[int, ...]) -> GraphPartition:
+        """Router of ``layer`` for ``task``, restricted to the experts in ``keep``."""
+
+    @abc.abstractmethod
+    def head(self, task: str) -> GraphPartition:
+        """The task's head."""
+
+    @abc.abstractmethod
+    def expert_kernel(self, layer: int) -> GraphPartition:
+        """One expert of ``layer`` with its weights as graph inputs (shared by the layer's experts)."""
+
+    @abc.abstractmethod
+    def expert_weights(self, layer: int, expert: int) -> dict[str, np.ndarray]:
+        """Weights of one expert, keyed and shaped as the layer's :class:`~edgemoe.ir.ExpertSpec`."""

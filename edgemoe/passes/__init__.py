@@ -1,0 +1,1 @@
+"""Compiler stages: plain functions over frozen dataclasses, one per module."""

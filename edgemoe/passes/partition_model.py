@@ -1,0 +1,79 @@
+"""Stage 3b: cut the captured model into per-task and per-expert partitions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..frontends import GraphPartition
+from .capture_model import CapturedModel
+from .prune_experts import ExpertSets
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    """The graphs to emit and the experts to ship.
+
+    A task runs ``segments`` (shared trunk), its ``gates`` (one per MoE layer) and its
+    ``head``. Experts are data: each layer points at one shared ``kernels`` entry (one per
+    distinct expert shape) and ships the weights of ``experts[layer]`` only.
+
+    Attributes:
+        segments: Dense trunk segments, in execution order.
+        gates: Per task, one gate per MoE layer (masked to the task's kept experts).
+        heads: Per task, its head.
+        kernels: One expert kernel per distinct expert shape.
+        layer_kernel: Per MoE layer, the name of its kernel in ``kernels``.
+        experts: Per MoE layer, experts some built task keeps (the others are dropped).
+        expert_sets: The per-task expert sets the gates were masked with.
+    """
+
+    segments: tuple[GraphPartition, ...]
+    gates: dict[str, tuple[GraphPartition, ...]]
+    heads: dict[str, GraphPartition]
+    kernels: tuple[GraphPartition, ...]
+    layer_kernel: tuple[str, ...]
+    experts: tuple[tuple[int, ...], ...]
+    expert_sets: ExpertSets
+
+    def graphs(self) -> list[GraphPartition]:
+        """Every graph partition, each once."""
+        out = list(self.segments)
+        for task in self.gates:
+            out.extend(self.gates[task])
+            out.append(self.heads[task])
+        return out + list(self.kernels)
+
+
+def partition_model(captured: CapturedModel, expert_sets: ExpertSets) -> PartitionPlan:
+    """Build the partition plan.
+
+    Args:
+        captured: The captured model.
+        expert_sets: Experts each task keeps per layer.
+
+    Returns:
+        The plan: trunk segments, per-task gates and heads, shared expert kernels.
+    """
+    adapter, ir = captured.adapter, captured.ir
+    segments = tuple(adapter.segment(s.index) for s in ir.segments)
+    gates = {
+        task: tuple(adapter.gate(layer.index, task, expert_sets.kept[task][layer.index]) for layer in ir.moe_layers)
+        for task in captured.tasks
+    }
+    heads = {task: adapter.head(task) for task in captured.tasks}
+    kernels: dict[str, GraphPartition] = {}
+    layer_kernel = []
+    for layer in ir.moe_layers:
+        kernel = adapter.expert_kernel(layer.index)
+        kernels.setdefault(kernel.name, kernel)
+        layer_kernel.append(kernel.name)
+    experts = tuple(expert_sets.union(layer.index) for layer in ir.moe_layers)
+    return PartitionPlan(
+        segments=segments,
+        gates=gates,
+        heads=heads,
+        kernels=tuple(kernels.values()),
+        layer_kernel=tuple(layer_kernel),
+        experts=experts,
+        expert_sets=expert_sets,
+    )

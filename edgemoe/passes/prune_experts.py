@@ -1,0 +1,56 @@
+"""Stage 3a: choose each task's expert set per layer (task-specific expert pruning)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .capture_model import CapturedModel
+from .profile_routing import RoutingProfile
+
+
+@dataclass(frozen=True)
+class ExpertSets:
+    """Which experts each task keeps, per MoE layer.
+
+    Attributes:
+        kept: ``kept[task][layer]`` is the sorted tuple of experts the task's gate may choose.
+        pruned: Whether calibration-based pruning was applied (else: every expert in the window).
+    """
+
+    kept: dict[str, tuple[tuple[int, ...], ...]]
+    pruned: bool
+
+    def union(self, layer: int) -> tuple[int, ...]:
+        """Experts of ``layer`` that some task keeps (the ones the bundle must carry)."""
+        return tuple(sorted({e for sets in self.kept.values() for e in sets[layer]}))
+
+
+def prune_experts(captured: CapturedModel, profile: RoutingProfile, prune: bool) -> ExpertSets:
+    """Keep, per task and layer, the experts its gate can reach and (if pruning) actually chose.
+
+    Experts outside a task's window can never be chosen, so they are dropped even without
+    pruning. With pruning, an expert the task never selected on calibration data is dropped
+    too, and the task's gate is masked to the kept set. Token-level models (one router for
+    every input) are never pruned: unseen experts there are rare, not unused.
+
+    Args:
+        captured: The captured model.
+        profile: Routing traces on calibration data.
+        prune: Whether to drop experts unused on calibration data.
+
+    Returns:
+        The per-task expert sets.
+    """
+    ir = captured.ir
+    do_prune = prune and ir.granularity == "task"
+    kept = {}
+    for task in captured.tasks:
+        sets = []
+        for layer in ir.moe_layers:
+            window = layer.router_for(task).window or tuple(range(layer.num_experts))
+            experts = set(window)
+            if do_prune:
+                experts &= set(profile.activated(task, layer.index, layer.num_experts))
+            sets.append(tuple(sorted(experts)))
+        kept[task] = tuple(sets)
+    return ExpertSets(kept=kept, pruned=do_prune)

@@ -1,0 +1,206 @@
+"""Stage 6: emit every partition with the target and write the bundle atomically.
+
+The bundle is assembled in a hidden staging folder beside the output and renamed into
+place only when complete, so an interrupted or failed compile never leaves a partial
+bundle at the output path.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import __version__
+from ..bundle.format import FORMAT_TAG, MANIFEST, SCHEMA_VERSION, encode_expert, file_record, is_bundle
+from ..config import CompileConfig
+from ..devices import DeviceProfile
+from ..errors import OutputPathError
+from .capture_model import CapturedModel
+from .partition_model import PartitionPlan
+from .profile_routing import RoutingProfile
+
+Progress = Callable[[str], None]
+
+
+def check_output_path(out: Path) -> None:
+    """Refuse an output path that exists and is not a bundle (it is never overwritten)."""
+    if out.exists() and not is_bundle(out):
+        kind = "folder" if out.is_dir() else "file"
+        raise OutputPathError(f"output path {out} exists and is a {kind}, not an edgemoe bundle; choose another path")
+
+
+def _graph_entry(root: Path, path: Path, part) -> dict:
+    entry = file_record(root, path)
+    entry.update(
+        kind=part.kind,
+        inputs=list(part.input_names),
+        outputs=list(part.output_names),
+    )
+    if part.task is not None:
+        entry["task"] = part.task
+    if part.layer is not None and part.kind != "expert_kernel":
+        entry["layer"] = part.layer
+    return entry
+
+
+def _expert_bytes(layer) -> int:
+    return layer.expert.param_count * 4
+
+
+def write_bundle(
+    out: Path,
+    cfg: CompileConfig,
+    captured: CapturedModel,
+    profile: RoutingProfile,
+    plan: PartitionPlan,
+    target,
+    device: DeviceProfile,
+    progress: Progress = lambda _msg: None,
+) -> dict:
+    """Emit graphs and expert blobs into a staging folder, write the manifest, rename into place.
+
+    Args:
+        out: Bundle folder to create (or replace, if it is already a bundle).
+        cfg: Compile configuration.
+        captured: Captured model (weights come from its adapter).
+        profile: Calibration routing profile (per-task expert counts go into the manifest).
+        plan: Partition plan.
+        target: The :class:`~edgemoe.targets.Target` emitting graphs.
+        device: Device profile the bundle is built for.
+        progress: Called with a short message per step.
+
+    Returns:
+        The manifest written.
+    """
+    out = Path(out)
+    check_output_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        manifest = _fill(staging, cfg, captured, profile, plan, target, device, progress)
+        _install(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _fill(staging, cfg, captured, profile, plan, target, device, progress) -> dict:
+    import json
+
+    ir, adapter = captured.ir, captured.adapter
+    graphs: dict[str, dict] = {}
+    parts = plan.graphs()
+    for i, part in enumerate(parts, 1):
+        progress(f"emit {target.name} graph {i}/{len(parts)}: {part.name}")
+        path = target.emit(part, staging / "graphs", cfg)
+        graphs[part.name] = _graph_entry(staging, path, part)
+
+    layers = []
+    expert_dir = staging / "experts"
+    expert_dir.mkdir()
+    for layer in ir.moe_layers:
+        progress(f"write experts of MoE layer {layer.index} ({len(plan.experts[layer.index])}/{layer.num_experts})")
+        experts = []
+        for e in plan.experts[layer.index]:
+            blob, tensors = encode_expert(adapter.expert_weights(layer.index, e))
+            path = expert_dir / f"L{layer.index}_E{e}.bin"
+            path.write_bytes(blob)
+            experts.append({"index": e, **file_record(staging, path), "dtype": "float32", "tensors": tensors})
+        router = layer.routers[0]
+        layers.append(
+            {
+                "index": layer.index,
+                "block": layer.block,
+                "num_experts": layer.num_experts,
+                "top_k": layer.top_k,
+                "score": router.score,
+                "normalize": router.normalize,
+                "shared_experts": layer.shared_experts,
+                "kernel": plan.layer_kernel[layer.index],
+                "expert_shape": {
+                    "d_model": layer.expert.d_model,
+                    "hidden": layer.expert.hidden,
+                    "activation": layer.expert.activation,
+                    "params": [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype} for p in layer.expert.params],
+                },
+                "expert_bytes": _expert_bytes(layer),
+                "experts": experts,
+            }
+        )
+
+    tasks = {}
+    for task in captured.tasks:
+        spec = ir.task(task)
+        tasks[task] = {
+            "head": plan.heads[task].name,
+            "gates": [g.name for g in plan.gates[task]],
+            "output": spec.output.to_json(),
+            "kind": spec.kind,
+            "experts": [list(s) for s in plan.expert_sets.kept[task]],
+            "expert_counts": [
+                [int(c) for c in profile.traces[task][layer.index].counts(layer.num_experts)] for layer in ir.moe_layers
+            ],
+        }
+
+    expert_files = [e for layer in layers for e in layer["experts"]]
+    manifest = {
+        "format": FORMAT_TAG,
+        "schema_version": SCHEMA_VERSION,
+        "edgemoe_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name": ir.name,
+            "family": ir.family,
+            "granularity": ir.granularity,
+            "params": ir.params,
+            "config": ir.config,
+            "source": captured.source,
+        },
+        "target": target.describe(cfg),
+        "device": device.to_json(),
+        "input": {**ir.input.to_json(), **_preprocess(ir)},
+        "graphs": graphs,
+        "segments": [s.name for s in plan.segments],
+        "moe_layers": layers,
+        "tasks": tasks,
+        "calibration": {"samples": profile.samples, "seed": profile.seed, "pruned": plan.expert_sets.pruned},
+        "totals": {
+            "experts_model": ir.num_experts,
+            "experts_bundle": len(expert_files),
+            "expert_bytes_model": sum(_expert_bytes(layer) * layer.num_experts for layer in ir.moe_layers),
+            "expert_bytes_bundle": sum(e["bytes"] for e in expert_files),
+            "graph_bytes": sum(g["bytes"] for g in graphs.values()),
+        },
+    }
+    progress("write manifest")
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+    return manifest
+
+
+def _preprocess(ir) -> dict:
+    cfg = ir.config
+    if "mean" in cfg and "std" in cfg:
+        return {"preprocess": {"kind": "image", "layout": "NCHW", "mean": cfg["mean"], "std": cfg["std"]}}
+    return {}
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Rename the finished staging folder to ``out``, replacing an older bundle there."""
+    check_output_path(out)  # again: something may have appeared there while we compiled
+    if out.exists():
+        backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(backup)
+        try:
+            staging.rename(out)
+        except BaseException:
+            backup.rename(out)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        staging.rename(out)

@@ -1,0 +1,52 @@
+"""Named M³ViT configurations."""
+
+from __future__ import annotations
+
+from .model import M3ViTConfig
+
+CONFIGS: dict[str, M3ViTConfig] = {
+    # The Edge-MoE FPGA configuration (Sarkar et al., 2023): 128 patches + class token.
+    "m3vit-tiny": M3ViTConfig(name="m3vit-tiny"),
+    "m3vit-small": M3ViTConfig(
+        name="m3vit-small", dim=384, heads=6, mlp_hidden=1536, expert_hidden=768, num_experts=16, top_k=4
+    ),
+    # Small enough to compile and verify in a second; used by the tests.
+    "m3vit-micro": M3ViTConfig(
+        name="m3vit-micro",
+        img_size=(32, 64),
+        dim=32,
+        heads=2,
+        depth=4,
+        mlp_hidden=64,
+        expert_hidden=48,
+        num_experts=8,
+        top_k=2,
+    ),
+    # Task-conditioned gating (M³ViT's task embedding concatenated to the gate input).
+    "m3vit-micro-cond": M3ViTConfig(
+        name="m3vit-micro-cond",
+        img_size=(32, 64),
+        dim=32,
+        heads=2,
+        depth=4,
+        mlp_hidden=64,
+        expert_hidden=48,
+        num_experts=8,
+        top_k=2,
+        task_cond_dim=16,
+    ),
+    # Per-task expert windows: each task's gate only sees its own 4 of the 8 experts.
+    "m3vit-micro-windows": M3ViTConfig(
+        name="m3vit-micro-windows",
+        img_size=(32, 64),
+        dim=32,
+        heads=2,
+        depth=4,
+        mlp_hidden=64,
+        expert_hidden=48,
+        num_experts=8,
+        top_k=2,
+        experts_per_task=4,
+    ),
+    "m3vit-tiny-cond": M3ViTConfig(name="m3vit-tiny-cond", task_cond_dim=64),
+}

@@ -1,0 +1,306 @@
+"""M³ViT-style multi-task Mixture-of-Experts vision transformer in plain PyTorch.
+
+Every odd-index block replaces its MLP with an MoE layer whose experts are
+``Linear → GELU → Linear``. Each task owns one gate (softmax over experts, then
+top-k, scores not renormalised, as in M³ViT's VMoE gate). Optionally a task
+embedding (one-hot → small MLP) is concatenated to each token's gate input, and
+each task may be confined to its own window of experts (``num_experts_pertask``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class M3ViTConfig:
+    """Hyper-parameters of an M³ViT model.
+
+    Attributes:
+        name: Registry name of the configuration.
+        img_size: Input height and width in pixels.
+        patch: Patch edge in pixels.
+        in_chans: Input channels.
+        dim: Token width.
+        heads: Attention heads.
+        depth: Transformer blocks; every odd-index block is an MoE block.
+        mlp_hidden: Hidden width of the dense MLPs.
+        expert_hidden: Hidden width of each expert.
+        num_experts: Experts per MoE layer.
+        top_k: Experts chosen per token.
+        tasks: ``(task name, output channels)`` pairs, one head and one gate per task.
+        task_cond_dim: Width of the task embedding concatenated to the gate input (0: off).
+        experts_per_task: Size of each task's expert window (None: every task sees all experts).
+        seed: Seed of the random initialisation.
+        mean: Per-channel input normalisation mean (images in [0, 1]).
+        std: Per-channel input normalisation std.
+    """
+
+    name: str
+    img_size: tuple[int, int] = (128, 256)
+    patch: int = 16
+    in_chans: int = 3
+    dim: int = 192
+    heads: int = 3
+    depth: int = 12
+    mlp_hidden: int = 768
+    expert_hidden: int = 384
+    num_experts: int = 16
+    top_k: int = 2
+    tasks: tuple[tuple[str, int], ...] = (("semseg", 7), ("depth", 1))
+    task_cond_dim: int = 0
+    experts_per_task: int | None = None
+    seed: int = 0
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (rows, cols)."""
+        return self.img_size[0] // self.patch, self.img_size[1] // self.patch
+
+    @property
+    def num_tokens(self) -> int:
+        """Patch tokens plus the class token."""
+        gh, gw = self.grid
+        return gh * gw + 1
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        """Task names in head order."""
+        return tuple(t for t, _ in self.tasks)
+
+    @property
+    def moe_blocks(self) -> tuple[int, ...]:
+        """Indices of the blocks whose MLP is an MoE layer."""
+        return tuple(i for i in range(self.depth) if i % 2 == 1)
+
+    def expert_window(self, task_index: int) -> tuple[int, ...]:
+        """Experts the task's gate may choose from.
+
+        Windows are contiguous and spread evenly over the experts, so with more tasks than
+        ``num_experts / experts_per_task`` they overlap.
+        """
+        if self.experts_per_task is None:
+            return tuple(range(self.num_experts))
+        n_tasks = len(self.tasks)
+        span = self.num_experts - self.experts_per_task
+        start = 0 if n_tasks == 1 else round(task_index * span / (n_tasks - 1))
+        return tuple(range(start, start + self.experts_per_task))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a constant scale (keeps exported graphs shape-free)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.scale = float(self.head_dim) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class Expert(nn.Module):
+    """One FFN expert: Linear → GELU → Linear."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class TaskGate(nn.Module):
+    """A task's router: softmax over its window of experts, then top-k (not renormalised).
+
+    ``keep`` restricts the top-k choice to a subset of experts *after* the softmax, so the
+    scores of the experts that remain are exactly those of the unpruned model.
+    """
+
+    def __init__(self, dim_in: int, num_experts: int, top_k: int, window: tuple[int, ...]):
+        super().__init__()
+        self.top_k = top_k
+        self.num_experts = num_experts
+        self.w_gate = nn.Linear(dim_in, num_experts, bias=False)
+        allowed = torch.zeros(num_experts, dtype=torch.bool)
+        allowed[list(window)] = True
+        # Additive mask: -inf outside the window removes those experts from the softmax.
+        self.register_buffer("window_bias", torch.where(allowed, 0.0, float("-inf")), persistent=False)
+
+    def forward(
+        self, h: torch.Tensor, cond: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route tokens.
+
+        Args:
+            h: Gate input, shape (..., dim).
+            cond: Task embedding, shape (task_cond_dim,), or None.
+            keep: Boolean mask over experts that may be chosen, or None for all.
+
+        Returns:
+            Expert indices (..., top_k) int64 and their softmax scores (..., top_k).
+        """
+        if cond is not None:
+            h = torch.cat([h, cond.expand(*h.shape[:-1], cond.shape[-1])], dim=-1)
+        probs = torch.softmax(self.w_gate(h) + self.window_bias, dim=-1)
+        choose = probs if keep is None else probs.masked_fill(~keep, -1.0)
+        _, idx = torch.topk(choose, self.top_k, dim=-1)
+        return idx, torch.gather(probs, -1, idx)
+
+
+class MoE(nn.Module):
+    """Task-routed MoE layer with one gate per task and sparse token dispatch."""
+
+    def __init__(self, cfg: M3ViTConfig):
+        super().__init__()
+        gate_in = cfg.dim + cfg.task_cond_dim
+        self.experts = nn.ModuleList(Expert(cfg.dim, cfg.expert_hidden) for _ in range(cfg.num_experts))
+        self.gates = nn.ModuleList(
+            TaskGate(gate_in, cfg.num_experts, cfg.top_k, cfg.expert_window(t)) for t in range(len(cfg.tasks))
+        )
+
+    def forward(
+        self, h: torch.Tensor, task: int, cond: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        shape = h.shape
+        flat = h.reshape(-1, shape[-1])
+        idx, scores = self.gates[task](flat, cond, keep)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            out = out.index_add(0, tok, expert(flat[tok]) * scores[tok, slot].unsqueeze(-1))
+        return out.reshape(shape)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with a dense MLP or an MoE layer."""
+
+    def __init__(self, cfg: M3ViTConfig, moe: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.attn = Attention(cfg.dim, cfg.heads)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.is_moe = moe
+        if moe:
+            self.moe = MoE(cfg)
+        else:
+            self.mlp = Expert(cfg.dim, cfg.mlp_hidden)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual attention half of the block."""
+        return x + self.attn(self.norm1(x))
+
+    def forward(
+        self, x: torch.Tensor, task: int = 0, cond: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = self.attend(x)
+        if self.is_moe:
+            return x + self.moe(self.norm2(x), task, cond, keep)
+        return x + self.mlp(self.norm2(x))
+
+
+class DenseHead(nn.Module):
+    """Per-task dense prediction head: linear patch decoder back to full resolution."""
+
+    def __init__(self, cfg: M3ViTConfig, channels: int):
+        super().__init__()
+        self.cfg = cfg
+        self.channels = channels
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.proj = nn.Linear(cfg.dim, channels * cfg.patch * cfg.patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gh, gw = self.cfg.grid
+        p = self.cfg.patch
+        y = self.proj(self.norm(x[:, 1:]))  # drop the class token
+        y = y.reshape(-1, gh, gw, p, p, self.channels).permute(0, 5, 1, 3, 2, 4)
+        return y.reshape(-1, self.channels, gh * p, gw * p)
+
+
+class TaskEmbedding(nn.Module):
+    """One-hot task → small MLP; its output is concatenated to every token's gate input."""
+
+    def __init__(self, n_tasks: int, width: int):
+        super().__init__()
+        self.n_tasks = n_tasks
+        self.fc1 = nn.Linear(n_tasks, width)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, task: int) -> torch.Tensor:
+        onehot = torch.zeros(self.n_tasks, dtype=self.fc1.weight.dtype, device=self.fc1.weight.device)
+        onehot[task] = 1.0
+        return self.fc2(torch.relu(self.fc1(onehot)))
+
+
+class M3ViT(nn.Module):
+    """Multi-task MoE ViT: shared trunk, per-task gates, per-task dense heads."""
+
+    def __init__(self, cfg: M3ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch, cfg.patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_tokens, cfg.dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg, i in cfg.moe_blocks) for i in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.task_embed = TaskEmbedding(len(cfg.tasks), cfg.task_cond_dim) if cfg.task_cond_dim else None
+        self.heads = nn.ModuleDict({name: DenseHead(cfg, ch) for name, ch in cfg.tasks})
+
+    def task_index(self, task: str) -> int:
+        """Index of a task name."""
+        return self.cfg.task_names.index(task)
+
+    def embed(self, img: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, class token and position embedding."""
+        x = self.patch_embed(img).flatten(2).transpose(1, 2)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1) + self.pos_embed
+
+    def task_cond(self, task: int) -> torch.Tensor | None:
+        """The task embedding fed to the gates, or None without task conditioning."""
+        return None if self.task_embed is None else self.task_embed(task)
+
+    def forward(
+        self, img: torch.Tensor, task: str, keep: dict[int, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Run one task.
+
+        Args:
+            img: Normalised images, shape (B, C, H, W).
+            task: Task name.
+            keep: Optional per-MoE-block boolean expert masks (pruned deployment).
+
+        Returns:
+            The task head's output, shape (B, channels, H, W).
+        """
+        t = self.task_index(task)
+        cond = self.task_cond(t)
+        x = self.embed(img)
+        for i, block in enumerate(self.blocks):
+            x = block(x, t, cond, None if keep is None else keep.get(i))
+        return self.heads[task](self.norm(x))
+
+
+def build_m3vit(cfg: M3ViTConfig) -> M3ViT:
+    """Build a model with seeded random weights (deterministic across runs)."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(cfg.seed)
+    try:
+        model = M3ViT(cfg)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return model.eval()

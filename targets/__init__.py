@@ -1,0 +1,63 @@
+"""Backends. Each folder exposes one :class:`Target`; the registry finds it by name.
+
+Installed as ``edgemoe.targets``. To add a backend: a folder with a ``TARGET`` object and one
+line in ``_TARGETS``. The pipeline never names a backend itself.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import TargetError
+
+if TYPE_CHECKING:
+    from ..config import CompileConfig
+    from ..devices import DeviceProfile
+    from ..frontends import GraphPartition
+
+
+class Target(abc.ABC):
+    """A backend that turns graph partitions into files a runtime executor can load.
+
+    Attributes:
+        name: Registry name (``--target``).
+        executor: Name of the runtime executor that runs this target's artifacts.
+        suffix: File suffix of emitted graphs.
+    """
+
+    name: str = ""
+    executor: str = ""
+    suffix: str = ""
+
+    @abc.abstractmethod
+    def check_device(self, device: DeviceProfile) -> None:
+        """Raise :class:`~edgemoe.errors.TargetError` if this target cannot build for ``device``."""
+
+    @abc.abstractmethod
+    def emit(self, part: GraphPartition, out_dir: Path, cfg: CompileConfig) -> Path:
+        """Write ``part`` as one file under ``out_dir``, check it, and return its path."""
+
+    @abc.abstractmethod
+    def describe(self, cfg: CompileConfig) -> dict:
+        """The manifest's ``target`` section (name, executor, versions, options)."""
+
+
+_TARGETS: dict[str, str] = {
+    "onnx": "edgemoe.targets.onnx:TARGET",
+}
+
+
+def target_names() -> tuple[str, ...]:
+    """Registered target names."""
+    return tuple(_TARGETS)
+
+
+def get_target(name: str) -> Target:
+    """Look up a target by name."""
+    if name not in _TARGETS:
+        raise TargetError(f"unknown target '{name}' (known: {', '.join(_TARGETS)})")
+    module, attr = _TARGETS[name].split(":")
+    return getattr(importlib.import_module(module), attr)
