@@ -19,6 +19,9 @@ class CompileConfig:
         calib_seed: Seed of the calibration inputs.
         weights: Optional checkpoint (safetensors, or a torch file loaded with weights_only).
         opset: ONNX opset of exported graphs.
+        model_family: With ``model_config``: build this family from that config instead of
+            resolving ``model`` (how ``verify`` rebuilds a bundle's source model).
+        model_config: Full family config dict, or None.
     """
 
     model: str
@@ -30,3 +33,5 @@ class CompileConfig:
     calib_seed: int = 1234
     weights: str | None = None
     opset: int = 17
+    model_family: str | None = None
+    model_config: dict | None = None

@@ -204,3 +204,43 @@ def validate_ir(ir: ModelIR) -> ModelIR:
             if r.window and len(r.window) < r.top_k:
                 raise ConfigError(f"{where}: router window of {len(r.window)} experts is smaller than top-k {r.top_k}")
     return ir
+
+
+def ir_to_json(ir: ModelIR) -> dict:
+    """JSON-ready summary of a captured model (``edgemoe inspect MODEL --json``)."""
+    layers = []
+    for layer in ir.moe_layers:
+        layers.append(
+            {
+                "index": layer.index,
+                "block": layer.block,
+                "num_experts": layer.num_experts,
+                "top_k": layer.top_k,
+                "shared_experts": layer.shared_experts,
+                "expert": {
+                    "d_model": layer.expert.d_model,
+                    "hidden": layer.expert.hidden,
+                    "activation": layer.expert.activation,
+                    "params": layer.expert.param_count,
+                    "bytes_fp32": layer.expert.param_count * 4,
+                },
+                "routers": [
+                    {"task": r.task, "score": r.score, "normalize": r.normalize, "window": list(r.window),
+                     "cond_dim": r.cond_dim}
+                    for r in layer.routers
+                ],
+            }
+        )
+    return {
+        "kind": "model",
+        "name": ir.name,
+        "family": ir.family,
+        "granularity": ir.granularity,
+        "params": ir.params,
+        "input": ir.input.to_json(),
+        "tasks": [{"name": t.name, "kind": t.kind, "output": t.output.to_json()} for t in ir.tasks],
+        "segments": [{"index": s.index, "description": s.description} for s in ir.segments],
+        "moe_layers": layers,
+        "experts": ir.num_experts,
+        "expert_bytes_fp32": sum(layer.expert.param_count * 4 * layer.num_experts for layer in ir.moe_layers),
+    }

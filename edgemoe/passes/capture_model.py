@@ -62,16 +62,15 @@ def capture_model(cfg: CompileConfig) -> CapturedModel:
         The captured model.
 
     Raises:
-        ModelError: Unknown model name or unusable checkpoint.
+        ModelError: Unknown model name, bad model config or unusable checkpoint.
         ConfigError: The model breaks an IR invariant (e.g. top-k > experts).
         TaskError: A requested task is not in the model.
     """
-    from ..models import model_entries
+    from ..models import ModelEntry, resolve_model
 
-    entries = model_entries()
-    if cfg.model not in entries:
-        raise ModelError(f"unknown model '{cfg.model}' (known: {', '.join(sorted(entries))})")
-    entry = entries[cfg.model]
+    entry = resolve_model(cfg.model) if cfg.model_config is None else ModelEntry(
+        cfg.model, cfg.model_family, "from a bundle manifest", cfg.model_config
+    )
     module = entry.build()
     if cfg.weights:
         load_checkpoint(module, cfg.weights)
@@ -82,5 +81,11 @@ def capture_model(cfg: CompileConfig) -> CapturedModel:
     if unknown:
         raise TaskError(f"unknown task '{unknown[0]}' for {ir.name} (model has: {', '.join(ir.task_names)})")
     ordered = tuple(t for t in ir.task_names if t in tasks)
-    source = {"registry": cfg.model, "weights": cfg.weights, "state_sha256": adapter.state_sha256()}
+    source = {
+        "spec": cfg.model,
+        "family": entry.family,
+        "config": entry.config,
+        "weights": cfg.weights,
+        "state_sha256": adapter.state_sha256(),
+    }
     return CapturedModel(adapter=adapter, ir=ir, tasks=ordered, source=source)

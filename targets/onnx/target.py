@@ -19,8 +19,9 @@ from ...errors import TargetError
 from ...frontends import GraphPartition
 from .. import Target
 
-# Exported graphs must reproduce the torch partition to this absolute error (fp32).
+# Exported graphs must reproduce the torch partition to within atol + rtol * |torch| (fp32).
 CHECK_ATOL = 1e-5
+CHECK_RTOL = 1e-5
 
 
 class OnnxTarget(Target):
@@ -93,7 +94,7 @@ class OnnxTarget(Target):
             if np.issubdtype(w.dtype, np.integer):
                 ok = np.array_equal(g, w)
             else:
-                ok = np.allclose(g, w, rtol=0, atol=CHECK_ATOL)
+                ok = np.allclose(g, w, rtol=CHECK_RTOL, atol=CHECK_ATOL)
             if not ok:
                 err = float(np.max(np.abs(g.astype(np.float64) - w.astype(np.float64))))
                 raise TargetError(f"target onnx: {part.name}.{name} differs from torch by {err:.3g}")

@@ -1,0 +1,39 @@
+# Two entry points do all set-up on a fresh machine (each creates or refreshes .venv):
+#   make demo   compile the reference model for the host and run + verify every task
+#   make test   lint and run the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL ?= m3vit-tiny
+BUNDLE ?= out/$(MODEL)
+
+.PHONY: demo test lint venv bench clean
+
+venv: $(STAMP)
+
+# Refresh when the project metadata changes; torch==2.13.0 is pinned (CPU build).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=23" "setuptools>=64"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/edgemoe compile $(MODEL) --device host --target onnx -o $(BUNDLE)
+	$(BIN)/edgemoe verify $(BUNDLE)
+	@for t in $$($(BIN)/python -c "import json,sys; print(' '.join(json.load(open('$(BUNDLE)/manifest.json'))['tasks']))"); do \
+		echo; $(BIN)/edgemoe run $(BUNDLE) --task $$t --repeat 5 --output $(BUNDLE)-$$t.npy || exit $$?; done
+
+lint: venv
+	$(BIN)/ruff check .
+
+test: venv lint
+	$(BIN)/python -m pytest -q
+
+bench: venv
+	$(BIN)/python benchmarks/bench_expert_kernel.py
+	$(BIN)/python benchmarks/bench_runtime.py
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,226 @@
+"""The ``edgemoe`` command line: a thin click shell over the compiler and runtime APIs.
+
+Installed as ``edgemoe.cli``. Compiler modules are imported inside the commands that need
+them, so ``edgemoe run`` and ``edgemoe inspect BUNDLE`` work where only the runtime extra
+(numpy + onnxruntime, no torch) is installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from edgemoe import __version__
+from edgemoe.errors import EXIT_CODES, EdgeMoEError
+
+EXIT_CODE_HELP = "Exit codes: " + ", ".join(f"{code} {name}" for name, code in EXIT_CODES.items()) + \
+    ", 2 usage error, 130 interrupted."
+
+
+def _handle_errors(fn):
+    """Turn library errors into one-line messages and their exit codes (tracebacks with EDGEMOE_DEBUG=1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgeMoEError as exc:
+            if os.environ.get("EDGEMOE_DEBUG"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:
+            if os.environ.get("EDGEMOE_DEBUG"):
+                raise
+            click.echo(f"internal error: {type(exc).__name__}: {exc} (EDGEMOE_DEBUG=1 shows the traceback)",
+                       err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+class _Progress:
+    """Step messages on stderr with elapsed time; silent with --quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.start = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            click.echo(f"[{time.perf_counter() - self.start:6.1f}s] {msg}", err=True)
+
+
+def _emit(obj: dict, as_json: bool, render) -> None:
+    click.echo(json.dumps(obj, indent=1) if as_json else render(obj))
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=EXIT_CODE_HELP,
+)
+@click.version_option(__version__, prog_name="edgemoe")
+def cli():
+    """Compile Mixture-of-Experts models into deployment bundles for edge devices, and run them.
+
+    \b
+    Typical flow:
+      edgemoe models                                   # reference models
+      edgemoe devices                                  # device profiles
+      edgemoe compile m3vit-tiny -o out/tiny           # model -> bundle (ONNX, host)
+      edgemoe inspect out/tiny                         # partitions, sizes, expert sets
+      edgemoe run out/tiny --task semseg               # run one task, only its experts
+      edgemoe verify out/tiny                          # bundle vs PyTorch, per task
+
+    Every command that prints results takes --json for one machine-readable object on stdout.
+    """
+
+
+@cli.command("compile")
+@click.argument("model")
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+              help="Bundle folder to write (replaced atomically if it is already a bundle).")
+@click.option("--target", default="onnx", show_default=True, help="Backend: onnx.")
+@click.option("--device", default="host", show_default=True, help="Device profile (see `edgemoe devices`).")
+@click.option("--tasks", default="", help="Comma-separated tasks to build (default: all).")
+@click.option("--prune/--no-prune", default=True, show_default=True,
+              help="Drop experts a task never selects on calibration data (task-level models).")
+@click.option("--calib-samples", default=8, show_default=True, type=int, help="Calibration inputs per task.")
+@click.option("--calib-seed", default=1234, show_default=True, type=int, help="Seed of the calibration inputs.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="Checkpoint to load (.safetensors, or a torch file loaded with weights_only=True).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@_handle_errors
+def compile_cmd(model, output, target, device, tasks, prune, calib_samples, calib_seed, weights, as_json, quiet):
+    """Compile MODEL (a name from `edgemoe models`) into a bundle folder.
+
+    Captures the model, profiles routing per task on calibration inputs, drops experts a task
+    never uses, exports the trunk, per-task gates and heads and one kernel per expert shape,
+    and writes expert weights as checked blobs. Nothing is left at OUTPUT if it fails.
+    """
+    from edgemoe.bundle.describe import describe_bundle
+    from edgemoe.compiler import compile_model
+    from edgemoe.config import CompileConfig
+    from edgemoe.report import render_bundle
+
+    cfg = CompileConfig(
+        model=model,
+        target=target,
+        device=device,
+        tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+        prune=prune,
+        calib_samples=calib_samples,
+        calib_seed=calib_seed,
+        weights=weights,
+    )
+    progress = _Progress(quiet or as_json)
+    compile_model(cfg, output, progress)
+    progress(f"bundle written to {output}")
+    _emit(describe_bundle(output), as_json, render_bundle)
+
+
+@cli.command("run")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--task", default=None, help="Task to run (optional if the bundle has one task).")
+@click.option("--input", "input_path", type=click.Path(path_type=Path), default=None,
+              help=".npy array or image file (default: a deterministic sample input).")
+@click.option("--output", "output_path", type=click.Path(path_type=Path), default=None,
+              help="Save the output to this .npy file.")
+@click.option("--repeat", default=1, show_default=True, type=int, help="Timed runs; latency is their median.")
+@click.option("--threads", default=0, show_default=True, type=int, help="Executor threads (0: default).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_handle_errors
+def run_cmd(bundle, task, input_path, output_path, repeat, threads, as_json):
+    """Run one task of BUNDLE, loading only the experts its tokens are routed to."""
+    from edgemoe.report import render_run
+    from edgemoe.runtime.run import run_bundle
+
+    _emit(run_bundle(bundle, task, input_path, output_path, repeat, threads), as_json, render_run)
+
+
+@cli.command("inspect")
+@click.argument("what")
+@click.option("--check", is_flag=True, help="For a bundle: verify every file's size and sha256.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_handle_errors
+def inspect_cmd(what, check, as_json):
+    """Show a bundle (a folder) or a model (a name): partitions, sizes, per-task expert sets."""
+    from edgemoe.report import render_bundle, render_model
+
+    if Path(what).exists():
+        from edgemoe.bundle.describe import describe_bundle
+
+        _emit(describe_bundle(what, check=check), as_json, render_bundle)
+        return
+    from edgemoe.config import CompileConfig
+    from edgemoe.ir import ir_to_json
+    from edgemoe.passes.capture_model import capture_model
+
+    _emit(ir_to_json(capture_model(CompileConfig(model=what)).ir), as_json, render_model)
+
+
+@cli.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--samples", default=2, show_default=True, type=int, help="Inputs in the verification batch.")
+@click.option("--seed", default=7, show_default=True, type=int, help="Seed of the inputs.")
+@click.option("--tolerance", default=1e-4, show_default=True, type=float, help="Max abs error that passes.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@_handle_errors
+def verify_cmd(bundle, samples, seed, tolerance, as_json, quiet):
+    """Run sample inputs through BUNDLE and the source PyTorch model, per task, and compare.
+
+    Reports the error against the reference with the bundle's expert masks (must be within
+    --tolerance) and, separately, against the unpruned model. Exits non-zero on failure.
+    """
+    from edgemoe.errors import VerificationError
+    from edgemoe.passes.verify_bundle import verify_bundle
+    from edgemoe.report import render_verify
+
+    rep = verify_bundle(bundle, samples=samples, seed=seed, tolerance=tolerance, progress=_Progress(quiet or as_json))
+    _emit(rep.to_json(), as_json, render_verify)
+    if not rep.passed:
+        bad = [t for t, r in rep.tasks.items() if not r.passed]
+        raise VerificationError(f"tasks {', '.join(bad)} exceed the tolerance {tolerance:g}")
+
+
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_handle_errors
+def models_cmd(as_json):
+    """List the reference models with parameter and expert counts."""
+    from edgemoe.catalog import model_catalog
+    from edgemoe.report import render_models
+
+    _emit({"models": model_catalog()}, as_json, lambda d: render_models(d["models"]))
+
+
+@cli.command("devices")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_handle_errors
+def devices_cmd(as_json):
+    """List device profiles (memory, bandwidth, CUDA architecture; sources in the JSON)."""
+    from edgemoe.devices import device_profiles
+    from edgemoe.report import render_devices
+
+    _emit({"devices": [d.to_json() for d in device_profiles().values()]}, as_json,
+          lambda d: render_devices(d["devices"]))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="edgemoe")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Summaries of a bundle for ``edgemoe inspect`` (numpy-free, torch-free)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .format import MANIFEST, read_manifest, verified_path
+
+
+def describe_bundle(bundle: str | Path, check: bool = False) -> dict:
+    """Describe what a bundle holds: partitions, sizes and per-task expert sets.
+
+    Args:
+        bundle: Bundle folder.
+        check: Also verify every file's size and sha256 (raises on the first bad one).
+
+    Returns:
+        A JSON-ready dict (the ``inspect --json`` form for bundles).
+    """
+    root = Path(bundle)
+    m = read_manifest(root)
+    if check:
+        for record in m["graphs"].values():
+            verified_path(root, record)
+        for layer in m["moe_layers"]:
+            for e in layer["experts"]:
+                verified_path(root, e)
+    graphs = [
+        {"name": name, "kind": g["kind"], "file": g["file"], "bytes": g["bytes"], "task": g.get("task"),
+         "layer": g.get("layer")}
+        for name, g in m["graphs"].items()
+    ]
+    layers = [
+        {
+            "index": layer["index"],
+            "block": layer["block"],
+            "num_experts": layer["num_experts"],
+            "top_k": layer["top_k"],
+            "kernel": layer["kernel"],
+            "expert_shape": [layer["expert_shape"]["d_model"], layer["expert_shape"]["hidden"]],
+            "experts_in_bundle": [e["index"] for e in layer["experts"]],
+            "expert_bytes_in_bundle": sum(e["bytes"] for e in layer["experts"]),
+        }
+        for layer in m["moe_layers"]
+    ]
+    expert_bytes = {(layer["index"], e["index"]): e["bytes"] for layer in m["moe_layers"] for e in layer["experts"]}
+    tasks = {}
+    for name, t in m["tasks"].items():
+        task_graphs = [*m["segments"], *t["gates"], t["head"], *{layer["kernel"] for layer in m["moe_layers"]}]
+        tasks[name] = {
+            "experts": t["experts"],
+            "experts_kept": sum(len(s) for s in t["experts"]),
+            "expert_bytes": sum(expert_bytes[(li, e)] for li, s in enumerate(t["experts"]) for e in s),
+            "graph_bytes": sum(m["graphs"][g]["bytes"] for g in task_graphs),
+            "output": t["output"],
+        }
+    bundle_bytes = (root / MANIFEST).stat().st_size + sum(g["bytes"] for g in graphs) + sum(expert_bytes.values())
+    return {
+        "kind": "bundle",
+        "bundle": str(root),
+        "model": {k: m["model"][k] for k in ("name", "family", "granularity", "params")},
+        "target": m["target"],
+        "device": m["device"]["name"],
+        "input": m["input"],
+        "pruned": m.get("calibration", {}).get("pruned", False),
+        "graphs": graphs,
+        "moe_layers": layers,
+        "tasks": tasks,
+        "totals": m["totals"],
+        "bundle_bytes": bundle_bytes,
+        "checked": check,
+    }

@@ -1,0 +1,162 @@
+"""Check a bundle against its source model: same inputs through both, per task."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle.format import read_manifest, sample_input
+from ..config import CompileConfig
+from ..errors import ModelError
+from ..runtime import Session
+from .capture_model import capture_model
+
+# fp32 bundles must reproduce the framework model to this max absolute error.
+DEFAULT_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class TaskVerification:
+    """One task's comparison.
+
+    Attributes:
+        task: Task name.
+        output_shape: Shape of the bundle's output for the verification batch.
+        max_abs_error: Max |bundle - reference| with the bundle's expert masks applied to the reference.
+        mean_abs_error: Mean of the same difference.
+        max_abs_error_unpruned: Max |bundle - unpruned reference| (what pruning costs, plus numerics).
+        reference_max_abs: Largest |reference| value, to read the errors against.
+        experts_loaded: Experts the session loaded.
+        experts_task: Experts the task keeps.
+        experts_total: Experts of the source model.
+        expert_bytes_loaded: Expert bytes the session read.
+        expert_bytes_total: Expert bytes of the source model.
+        latency_ms: Median latency of one batch-1 run after warm-up.
+        passed: ``max_abs_error <= tolerance``.
+    """
+
+    task: str
+    output_shape: list[int]
+    max_abs_error: float
+    mean_abs_error: float
+    max_abs_error_unpruned: float
+    reference_max_abs: float
+    experts_loaded: int
+    experts_task: int
+    experts_total: int
+    expert_bytes_loaded: int
+    expert_bytes_total: int
+    latency_ms: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """All tasks' comparisons."""
+
+    bundle: str
+    model: str
+    samples: int
+    seed: int
+    tolerance: float
+    tasks: dict[str, TaskVerification]
+
+    @property
+    def passed(self) -> bool:
+        """Whether every task is within tolerance."""
+        return all(t.passed for t in self.tasks.values())
+
+    def to_json(self) -> dict:
+        """Stable JSON form (``edgemoe verify --json``)."""
+        return {
+            "bundle": self.bundle,
+            "model": self.model,
+            "samples": self.samples,
+            "seed": self.seed,
+            "tolerance": self.tolerance,
+            "passed": self.passed,
+            "tasks": {name: asdict(t) for name, t in self.tasks.items()},
+        }
+
+
+def verify_bundle(
+    bundle: str | Path,
+    samples: int = 2,
+    seed: int = 7,
+    tolerance: float = DEFAULT_TOLERANCE,
+    tasks: tuple[str, ...] = (),
+    timing_runs: int = 5,
+    progress=lambda _msg: None,
+) -> VerifyReport:
+    """Run sample inputs through the bundle and through the source model, per task.
+
+    Args:
+        bundle: Bundle folder.
+        samples: Inputs in the verification batch.
+        seed: Seed of the inputs.
+        tolerance: Max absolute error that passes.
+        tasks: Tasks to check (empty: all in the bundle).
+        timing_runs: Batch-1 runs timed for the latency median.
+        progress: Called with one short message per step.
+
+    Returns:
+        The per-task report.
+
+    Raises:
+        ModelError: The source model cannot be rebuilt, or its weights differ from the bundle's.
+    """
+    manifest = read_manifest(bundle)
+    source = manifest["model"]["source"]
+    progress(f"rebuild source model {manifest['model']['name']}")
+    captured = capture_model(
+        CompileConfig(
+            model=manifest["model"]["name"],
+            weights=source.get("weights"),
+            tasks=tuple(manifest["tasks"]),
+            model_family=source["family"],
+            model_config=source["config"],
+        )
+    )
+    if captured.source["state_sha256"] != source["state_sha256"]:
+        raise ModelError(
+            f"the weights of {manifest['model']['name']} differ from those the bundle was compiled from; "
+            "recompile the bundle or pass the same checkpoint"
+        )
+    x = sample_input(manifest["input"], batch=samples, seed=seed)
+    reports = {}
+    for task in tasks or tuple(manifest["tasks"]):
+        progress(f"verify task {task}")
+        session = Session(bundle, task)
+        got = session.run(x)
+        keep = {li: tuple(s) for li, s in enumerate(manifest["tasks"][task]["experts"])}
+        ref = captured.adapter.reference(x, task, keep)
+        ref_unpruned = captured.adapter.reference(x, task)
+        diff = np.abs(got.astype(np.float64) - ref)
+        times = [session.timed_run(x[:1])[1] for _ in range(timing_runs + 1)][1:]
+        stats = session.stats
+        reports[task] = TaskVerification(
+            task=task,
+            output_shape=list(got.shape),
+            max_abs_error=float(diff.max()),
+            mean_abs_error=float(diff.mean()),
+            max_abs_error_unpruned=float(np.abs(got.astype(np.float64) - ref_unpruned).max()),
+            reference_max_abs=float(np.abs(ref).max()),
+            experts_loaded=stats.experts_loaded,
+            experts_task=stats.experts_task,
+            experts_total=stats.experts_total,
+            expert_bytes_loaded=stats.expert_bytes_loaded,
+            expert_bytes_total=stats.expert_bytes_total,
+            latency_ms=statistics.median(times),
+            passed=bool(diff.max() <= tolerance),
+        )
+    return VerifyReport(
+        bundle=str(bundle),
+        model=manifest["model"]["name"],
+        samples=samples,
+        seed=seed,
+        tolerance=tolerance,
+        tasks=reports,
+    )

@@ -1,0 +1,176 @@
+"""Plain-text rendering of the CLI's results (the ``--json`` forms are the dicts themselves)."""
+
+from __future__ import annotations
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` → ``1.5 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def ranges(items) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` → ``0-2,5,7-8``."""
+    items = sorted(items)
+    out, start = [], None
+    for i, v in enumerate(items):
+        if start is None:
+            start = v
+        if i + 1 == len(items) or items[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(out) or "-"
+
+
+def table(headers: list[str], rows: list[list], align: str = "") -> str:
+    """A fixed-width text table; ``align`` holds 'l' or 'r' per column (default: right for numbers)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    if not align:
+        align = "".join("r" if rows and isinstance(rows[0][i], (int, float)) else "l" for i in range(len(headers)))
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append(
+            "  ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(row, widths, align, strict=True))
+        )
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def render_verify(rep: dict) -> str:
+    """``edgemoe verify`` table."""
+    rows = []
+    for name, t in rep["tasks"].items():
+        rows.append(
+            [
+                name,
+                "x".join(str(d) for d in t["output_shape"]),
+                f"{t['max_abs_error']:.2e}",
+                f"{t['max_abs_error_unpruned']:.2e}",
+                f"{t['experts_loaded']}/{t['experts_total']}",
+                f"{human_bytes(t['expert_bytes_loaded'])} / {human_bytes(t['expert_bytes_total'])}",
+                f"{t['latency_ms']:.2f}",
+                "ok" if t["passed"] else "FAIL",
+            ]
+        )
+    head = (
+        f"{rep['model']} bundle {rep['bundle']}: {rep['samples']} sample inputs (seed {rep['seed']}), "
+        f"tolerance {rep['tolerance']:g}"
+    )
+    body = table(
+        ["task", "output", "max|err|", "vs unpruned", "experts", "expert bytes loaded/total", "ms (b=1)", ""],
+        rows,
+        "llrrrrrl",
+    )
+    return f"{head}\n{body}"
+
+
+def render_run(res: dict) -> str:
+    """``edgemoe run`` summary."""
+    lines = [
+        f"task {res['task']}: output {'x'.join(str(d) for d in res['output_shape'])} from {res['input']} input",
+        f"latency      {res['latency_ms']:.2f} ms (median of {res['runs']}; first run {res['first_run_ms']:.2f} ms)",
+        f"experts      {res['experts_loaded']} loaded / {res['experts_task']} kept for the task / "
+        f"{res['experts_total']} in the model",
+        f"expert bytes {human_bytes(res['expert_bytes_loaded'])} loaded / {human_bytes(res['expert_bytes_total'])} "
+        "in the model",
+        f"graph bytes  {human_bytes(res['graph_bytes'])}",
+    ]
+    if res.get("output_file"):
+        lines.append(f"output saved to {res['output_file']}")
+    return "\n".join(lines)
+
+
+def render_bundle(d: dict) -> str:
+    """``edgemoe inspect BUNDLE``."""
+    m, tot = d["model"], d["totals"]
+    out = [
+        f"bundle {d['bundle']}: {m['name']} ({m['family']}, {m['granularity']}-level MoE, {m['params']:,} params)",
+        f"target {d['target']['name']} (executor {d['target']['executor']}), device {d['device']}, "
+        f"pruned: {'yes' if d['pruned'] else 'no'}, {human_bytes(d['bundle_bytes'])} on disk"
+        + (", all files verified" if d["checked"] else ""),
+        f"experts: {tot['experts_bundle']} of {tot['experts_model']} shipped "
+        f"({human_bytes(tot['expert_bytes_bundle'])} of {human_bytes(tot['expert_bytes_model'])})",
+        "",
+        table(
+            ["graph", "kind", "task", "bytes"],
+            [[g["name"], g["kind"], g["task"] or "-", human_bytes(g["bytes"])] for g in d["graphs"]],
+            "lllr",
+        ),
+        "",
+        table(
+            ["MoE layer", "block", "experts", "top-k", "expert shape", "shipped", "bytes"],
+            [
+                [
+                    layer["index"],
+                    layer["block"],
+                    layer["num_experts"],
+                    layer["top_k"],
+                    "x".join(map(str, layer["expert_shape"])),
+                    len(layer["experts_in_bundle"]),
+                    human_bytes(layer["expert_bytes_in_bundle"]),
+                ]
+                for layer in d["moe_layers"]
+            ],
+            "rrrrrrr",
+        ),
+        "",
+    ]
+    rows = []
+    for name, t in d["tasks"].items():
+        sets = " | ".join(ranges(s) for s in t["experts"])
+        rows.append([name, t["experts_kept"], human_bytes(t["expert_bytes"]), human_bytes(t["graph_bytes"]), sets])
+    out.append(table(["task", "kept", "expert bytes", "graph bytes", "experts per layer (layer 0 | layer 1 | ...)"],
+                     rows, "lrrrl"))
+    return "\n".join(out)
+
+
+def render_model(d: dict) -> str:
+    """``edgemoe inspect MODEL``."""
+    out = [
+        f"model {d['name']}: {d['family']} family, {d['granularity']}-level MoE, {d['params']:,} params",
+        f"input {d['input']['name']} {d['input']['shape']} {d['input']['dtype']}; tasks: "
+        + ", ".join(f"{t['name']} -> {t['output']['shape']}" for t in d["tasks"]),
+        f"{d['experts']} experts in {len(d['moe_layers'])} MoE layers, {human_bytes(d['expert_bytes_fp32'])} of "
+        "expert weights (fp32)",
+        "",
+        table(["segment", "contents"], [[s["index"], s["description"]] for s in d["segments"]], "rl"),
+        "",
+    ]
+    rows = []
+    for layer in d["moe_layers"]:
+        e = layer["expert"]
+        windows = "; ".join(
+            f"{r['task'] or 'all'}: {r['window'][0]}..{r['window'][-1]}" if r["window"] else "all"
+            for r in layer["routers"]
+        )
+        rows.append([layer["index"], layer["block"], layer["num_experts"], layer["top_k"],
+                     f"{e['d_model']}x{e['hidden']} {e['activation']}", human_bytes(e["bytes_fp32"]), windows])
+    out.append(table(["MoE layer", "block", "experts", "top-k", "expert", "bytes/expert", "router windows"], rows,
+                     "rrrrlrl"))
+    return "\n".join(out)
+
+
+def render_models(models: list[dict]) -> str:
+    """``edgemoe models``."""
+    rows = [
+        [m["name"], m["family"], f"{m['params']:,}", m["experts"], f"{m['experts_per_layer']} x {m['moe_layers']}",
+         m["top_k"], human_bytes(m["expert_bytes"]), ",".join(m["tasks"]), m["description"]]
+        for m in models
+    ]
+    return table(["model", "family", "params", "experts", "per layer x layers", "top-k", "bytes/expert", "tasks",
+                  "description"], rows, "llrrrrrll")
+
+
+def render_devices(devices: list[dict]) -> str:
+    """``edgemoe devices``."""
+    rows = [
+        [d["name"], d["cpu_arch"], d["cpu"], d["accelerator"], d["cuda_arch"] or "-", human_bytes(d["memory_bytes"]),
+         f"{d['memory_bandwidth_gbs']:g}" if d["memory_bandwidth_gbs"] else "-"]
+        for d in devices
+    ]
+    return table(["device", "arch", "cpu", "accelerator", "cuda", "memory", "GB/s"], rows, "llllrrr")
