@@ -28,8 +28,10 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check .
 
+# pytest exits 5 when it collected nothing: turn that into a failure so it cannot hide.
 test: venv lint
-	$(BIN)/python -m pytest -q
+	@$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: venv
 	$(BIN)/python benchmarks/bench_expert_kernel.py
