@@ -15,7 +15,7 @@ venv: $(STAMP)
 # Refresh when the project metadata changes; torch==2.13.0 is pinned (CPU build).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade "pip>=23" "setuptools>=64"
+	$(BIN)/python -m pip install -q --upgrade "pip>=23" "setuptools>=77"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 

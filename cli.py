@@ -17,10 +17,13 @@ from pathlib import Path
 import click
 
 from edgemoe import __version__
-from edgemoe.errors import EXIT_CODES, EdgeMoEError
+from edgemoe.errors import EXIT_CODES, DependencyError, EdgeMoEError
 
-EXIT_CODE_HELP = "Exit codes: " + ", ".join(f"{code} {name}" for name, code in EXIT_CODES.items()) + \
-    ", 2 usage error, 130 interrupted."
+EXIT_CODE_HELP = (
+    "Exit codes: "
+    + ", ".join(f"{code} {name}" for name, code in EXIT_CODES.items())
+    + ", 2 usage error, 130 interrupted."
+)
 
 
 def _handle_errors(fn):
@@ -29,7 +32,12 @@ def _handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except ModuleNotFoundError as exc:
+                if (exc.name or "").split(".")[0] not in DependencyError.EXTRAS:
+                    raise
+                raise DependencyError.from_import(exc) from None
         except EdgeMoEError as exc:
             if os.environ.get("EDGEMOE_DEBUG"):
                 raise
@@ -41,8 +49,7 @@ def _handle_errors(fn):
         except Exception as exc:
             if os.environ.get("EDGEMOE_DEBUG"):
                 raise
-            click.echo(f"internal error: {type(exc).__name__}: {exc} (EDGEMOE_DEBUG=1 shows the traceback)",
-                       err=True)
+            click.echo(f"internal error: {type(exc).__name__}: {exc} (EDGEMOE_DEBUG=1 shows the traceback)", err=True)
             sys.exit(1)
 
     return wrapper
@@ -70,7 +77,7 @@ def _emit(obj: dict, as_json: bool, render) -> None:
 )
 @click.version_option(__version__, prog_name="edgemoe")
 def cli():
-    """Compile Mixture-of-Experts models into deployment bundles for edge devices, and run them.
+    r"""Compile Mixture-of-Experts models into deployment bundles for edge devices, and run them.
 
     \b
     Typical flow:
@@ -87,17 +94,31 @@ def cli():
 
 @cli.command("compile")
 @click.argument("model")
-@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
-              help="Bundle folder to write (replaced atomically if it is already a bundle).")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Bundle folder to write (replaced atomically if it is already a bundle).",
+)
 @click.option("--target", default="onnx", show_default=True, help="Backend: onnx.")
 @click.option("--device", default="host", show_default=True, help="Device profile (see `edgemoe devices`).")
 @click.option("--tasks", default="", help="Comma-separated tasks to build (default: all).")
-@click.option("--prune/--no-prune", default=True, show_default=True,
-              help="Drop experts a task never selects on calibration data (task-level models).")
+@click.option(
+    "--prune/--no-prune",
+    default=True,
+    show_default=True,
+    help="Drop experts a task never selects on calibration data (task-level models).",
+)
 @click.option("--calib-samples", default=8, show_default=True, type=int, help="Calibration inputs per task.")
 @click.option("--calib-seed", default=1234, show_default=True, type=int, help="Seed of the calibration inputs.")
-@click.option("--weights", type=click.Path(dir_okay=False), default=None,
-              help="Checkpoint to load (.safetensors, or a torch file loaded with weights_only=True).")
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Checkpoint to load (.safetensors, or a torch file loaded with weights_only=True).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 @_handle_errors
@@ -132,10 +153,16 @@ def compile_cmd(model, output, target, device, tasks, prune, calib_samples, cali
 @cli.command("run")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--task", default=None, help="Task to run (optional if the bundle has one task).")
-@click.option("--input", "input_path", type=click.Path(path_type=Path), default=None,
-              help=".npy array or image file (default: a deterministic sample input).")
-@click.option("--output", "output_path", type=click.Path(path_type=Path), default=None,
-              help="Save the output to this .npy file.")
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help=".npy array or image file (default: a deterministic sample input).",
+)
+@click.option(
+    "--output", "output_path", type=click.Path(path_type=Path), default=None, help="Save the output to this .npy file."
+)
 @click.option("--repeat", default=1, show_default=True, type=int, help="Timed runs; latency is their median.")
 @click.option("--threads", default=0, show_default=True, type=int, help="Executor threads (0: default).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -213,8 +240,9 @@ def devices_cmd(as_json):
     from edgemoe.devices import device_profiles
     from edgemoe.report import render_devices
 
-    _emit({"devices": [d.to_json() for d in device_profiles().values()]}, as_json,
-          lambda d: render_devices(d["devices"]))
+    _emit(
+        {"devices": [d.to_json() for d in device_profiles().values()]}, as_json, lambda d: render_devices(d["devices"])
+    )
 
 
 def main() -> None:

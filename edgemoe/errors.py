@@ -6,6 +6,8 @@ are part of the documented interface (README, "Exit codes"): do not renumber the
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class EdgeMoEError(Exception):
     """Base class of every error the tool reports to a user."""
@@ -67,6 +69,30 @@ class TargetError(EdgeMoEError):
     exit_code = 11
 
 
+class DependencyError(EdgeMoEError):
+    """A command needs a package this install does not have (e.g. the compiler on a device)."""
+
+    exit_code = 12
+
+    # Packages by the extra that provides them, for the hint in the message.
+    EXTRAS: ClassVar[dict[str, str]] = {
+        "torch": "compiler",
+        "onnx": "compiler",
+        "safetensors": "compiler",
+        "onnxruntime": "runtime",
+        "PIL": "runtime",
+    }
+
+    @classmethod
+    def from_import(cls, exc: ImportError) -> DependencyError:
+        """Turn a missing-module error into a message naming the extra to install."""
+        top = (exc.name or "").split(".")[0]
+        extra = cls.EXTRAS.get(top, "compiler")
+        return cls(
+            f"this command needs the {extra} part of edgemoe ('{top}' is not installed): pip install 'edgemoe[{extra}]'"
+        )
+
+
 EXIT_CODES: dict[str, int] = {
     cls.__name__: cls.exit_code
     for cls in (
@@ -80,5 +106,6 @@ EXIT_CODES: dict[str, int] = {
         InputError,
         VerificationError,
         TargetError,
+        DependencyError,
     )
 }

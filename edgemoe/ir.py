@@ -225,8 +225,13 @@ def ir_to_json(ir: ModelIR) -> dict:
                     "bytes_fp32": layer.expert.param_count * 4,
                 },
                 "routers": [
-                    {"task": r.task, "score": r.score, "normalize": r.normalize, "window": list(r.window),
-                     "cond_dim": r.cond_dim}
+                    {
+                        "task": r.task,
+                        "score": r.score,
+                        "normalize": r.normalize,
+                        "window": list(r.window),
+                        "cond_dim": r.cond_dim,
+                    }
                     for r in layer.routers
                 ],
             }

@@ -124,8 +124,13 @@ def render_bundle(d: dict) -> str:
     for name, t in d["tasks"].items():
         sets = " | ".join(ranges(s) for s in t["experts"])
         rows.append([name, t["experts_kept"], human_bytes(t["expert_bytes"]), human_bytes(t["graph_bytes"]), sets])
-    out.append(table(["task", "kept", "expert bytes", "graph bytes", "experts per layer (layer 0 | layer 1 | ...)"],
-                     rows, "lrrrl"))
+    out.append(
+        table(
+            ["task", "kept", "expert bytes", "graph bytes", "experts per layer (layer 0 | layer 1 | ...)"],
+            rows,
+            "lrrrl",
+        )
+    )
     return "\n".join(out)
 
 
@@ -148,29 +153,58 @@ def render_model(d: dict) -> str:
             f"{r['task'] or 'all'}: {r['window'][0]}..{r['window'][-1]}" if r["window"] else "all"
             for r in layer["routers"]
         )
-        rows.append([layer["index"], layer["block"], layer["num_experts"], layer["top_k"],
-                     f"{e['d_model']}x{e['hidden']} {e['activation']}", human_bytes(e["bytes_fp32"]), windows])
-    out.append(table(["MoE layer", "block", "experts", "top-k", "expert", "bytes/expert", "router windows"], rows,
-                     "rrrrlrl"))
+        rows.append(
+            [
+                layer["index"],
+                layer["block"],
+                layer["num_experts"],
+                layer["top_k"],
+                f"{e['d_model']}x{e['hidden']} {e['activation']}",
+                human_bytes(e["bytes_fp32"]),
+                windows,
+            ]
+        )
+    out.append(
+        table(["MoE layer", "block", "experts", "top-k", "expert", "bytes/expert", "router windows"], rows, "rrrrlrl")
+    )
     return "\n".join(out)
 
 
 def render_models(models: list[dict]) -> str:
     """``edgemoe models``."""
     rows = [
-        [m["name"], m["family"], f"{m['params']:,}", m["experts"], f"{m['experts_per_layer']} x {m['moe_layers']}",
-         m["top_k"], human_bytes(m["expert_bytes"]), ",".join(m["tasks"]), m["description"]]
+        [
+            m["name"],
+            m["family"],
+            f"{m['params']:,}",
+            m["experts"],
+            f"{m['experts_per_layer']} x {m['moe_layers']}",
+            m["top_k"],
+            human_bytes(m["expert_bytes"]),
+            ",".join(m["tasks"]),
+            m["description"],
+        ]
         for m in models
     ]
-    return table(["model", "family", "params", "experts", "per layer x layers", "top-k", "bytes/expert", "tasks",
-                  "description"], rows, "llrrrrrll")
+    return table(
+        ["model", "family", "params", "experts", "per layer x layers", "top-k", "bytes/expert", "tasks", "description"],
+        rows,
+        "llrrrrrll",
+    )
 
 
 def render_devices(devices: list[dict]) -> str:
     """``edgemoe devices``."""
     rows = [
-        [d["name"], d["cpu_arch"], d["cpu"], d["accelerator"], d["cuda_arch"] or "-", human_bytes(d["memory_bytes"]),
-         f"{d['memory_bandwidth_gbs']:g}" if d["memory_bandwidth_gbs"] else "-"]
+        [
+            d["name"],
+            d["cpu_arch"],
+            d["cpu"],
+            d["accelerator"],
+            d["cuda_arch"] or "-",
+            human_bytes(d["memory_bytes"]),
+            f"{d['memory_bandwidth_gbs']:g}" if d["memory_bandwidth_gbs"] else "-",
+        ]
         for d in devices
     ]
     return table(["device", "arch", "cpu", "accelerator", "cuda", "memory", "GB/s"], rows, "llllrrr")

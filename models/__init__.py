@@ -45,8 +45,10 @@ def _m3vit_config(config: dict):
     unknown = sorted(set(config) - fields)
     if unknown:
         raise ModelError(f"unknown m3vit config field(s) {', '.join(unknown)} (valid: {', '.join(sorted(fields))})")
-    tupled = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
-              for k, v in config.items()}
+    tupled = {
+        k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+        for k, v in config.items()
+    }
     try:
         return M3ViTConfig(**tupled)
     except TypeError as exc:

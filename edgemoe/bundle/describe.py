@@ -26,8 +26,14 @@ def describe_bundle(bundle: str | Path, check: bool = False) -> dict:
             for e in layer["experts"]:
                 verified_path(root, e)
     graphs = [
-        {"name": name, "kind": g["kind"], "file": g["file"], "bytes": g["bytes"], "task": g.get("task"),
-         "layer": g.get("layer")}
+        {
+            "name": name,
+            "kind": g["kind"],
+            "file": g["file"],
+            "bytes": g["bytes"],
+            "task": g.get("task"),
+            "layer": g.get("layer"),
+        }
         for name, g in m["graphs"].items()
     ]
     layers = [

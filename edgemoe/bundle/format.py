@@ -53,8 +53,18 @@ def is_bundle(path: Path) -> bool:
         return False
 
 
-_REQUIRED = ("format", "schema_version", "edgemoe_version", "model", "target", "device", "input", "tasks",
-             "segments", "moe_layers")
+_REQUIRED = (
+    "format",
+    "schema_version",
+    "edgemoe_version",
+    "model",
+    "target",
+    "device",
+    "input",
+    "tasks",
+    "segments",
+    "moe_layers",
+)
 
 
 def read_manifest(bundle: str | Path) -> dict:
@@ -106,9 +116,7 @@ def _resolve(root: Path, record: dict) -> tuple[Path, str, int, str]:
 
 def _check(rel: str, actual_size: int, size: int, actual_digest: str, digest: str) -> None:
     if actual_size != size:
-        raise IntegrityError(
-            f"bundle file {rel} has {actual_size} bytes, manifest says {size} (truncated or replaced)"
-        )
+        raise IntegrityError(f"bundle file {rel} has {actual_size} bytes, manifest says {size} (truncated or replaced)")
     if actual_digest != digest:
         raise IntegrityError(f"bundle file {rel} fails its sha256 check (corrupted or replaced)")
 

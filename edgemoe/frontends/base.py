@@ -61,9 +61,7 @@ class ModelAdapter(abc.ABC):
         """Digest of the model's weights, so a bundle can be matched to its source later."""
 
     @abc.abstractmethod
-    def reference(
-        self, x: np.ndarray, task: str, keep: dict[int, tuple[int, ...]] | None = None
-    ) -> np.ndarray:
+    def reference(self, x: np.ndarray, task: str, keep: dict[int, tuple[int, ...]] | None = None) -> np.ndarray:
         """Run the framework model for one task.
 
         Args:

@@ -40,10 +40,7 @@ class _Segment(nn.Module):
         self.start, self.stop, self.first, self.last = start, stop, first, last
 
     def forward(self, *args: torch.Tensor):
-        if self.first:
-            x = self.model.embed(args[0])
-        else:
-            x = args[0] + args[1]
+        x = self.model.embed(args[0]) if self.first else args[0] + args[1]
         for i in range(self.start, self.stop):
             x = self.model.blocks[i](x)
         if self.last:
@@ -197,9 +194,9 @@ class M3ViTAdapter(ModelAdapter):
         t = self._task(task)
         records: list[tuple[np.ndarray, np.ndarray]] = []
         hooks = [
-            self.model.blocks[b].moe.gates[t].register_forward_hook(
-                lambda _m, _i, out: records.append((out[0].numpy().copy(), out[1].numpy().copy()))
-            )
+            self.model.blocks[b]
+            .moe.gates[t]
+            .register_forward_hook(lambda _m, _i, out: records.append((out[0].numpy().copy(), out[1].numpy().copy())))
             for b in self.cfg.moe_blocks
         ]
         try:

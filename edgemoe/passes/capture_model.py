@@ -68,8 +68,10 @@ def capture_model(cfg: CompileConfig) -> CapturedModel:
     """
     from ..models import ModelEntry, resolve_model
 
-    entry = resolve_model(cfg.model) if cfg.model_config is None else ModelEntry(
-        cfg.model, cfg.model_family, "from a bundle manifest", cfg.model_config
+    entry = (
+        resolve_model(cfg.model)
+        if cfg.model_config is None
+        else ModelEntry(cfg.model, cfg.model_family, "from a bundle manifest", cfg.model_config)
     )
     module = entry.build()
     if cfg.weights:

@@ -91,8 +91,10 @@ class Session:
         for li, kept in enumerate(self.kept):
             missing = kept - set(self._records[li])
             if missing:
-                raise BundleError(f"garbled manifest: task '{task}' keeps experts {sorted(missing)} of layer {li}, "
-                                  "which the bundle does not list")
+                raise BundleError(
+                    f"garbled manifest: task '{task}' keeps experts {sorted(missing)} of layer {li}, "
+                    "which the bundle does not list"
+                )
         self._experts: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self._expert_bytes = 0
         self._lock = threading.Lock()

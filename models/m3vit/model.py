@@ -274,9 +274,7 @@ class M3ViT(nn.Module):
         """The task embedding fed to the gates, or None without task conditioning."""
         return None if self.task_embed is None else self.task_embed(task)
 
-    def forward(
-        self, img: torch.Tensor, task: str, keep: dict[int, torch.Tensor] | None = None
-    ) -> torch.Tensor:
+    def forward(self, img: torch.Tensor, task: str, keep: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Run one task.
 
         Args:

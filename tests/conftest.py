@@ -1,0 +1,44 @@
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgemoe.cli import cli
+from edgemoe.compiler import compile_model
+from edgemoe.config import CompileConfig
+
+
+@pytest.fixture(scope="session")
+def bundle_factory(tmp_path_factory):
+    """Compile a model once per session per (model, options) and hand out the bundle path."""
+    cache: dict = {}
+
+    def make(model: str, **options) -> Path:
+        key = (model, tuple(sorted(options.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("bundles") / model.replace("/", "_")
+            compile_model(CompileConfig(model=model, **options), out)
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def micro_bundle(bundle_factory, tmp_path) -> Path:
+    """A private copy of the m3vit-micro bundle that a test may damage."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(bundle_factory("m3vit-micro"), dst)
+    return dst
+
+
+@pytest.fixture
+def run_cli():
+    """Invoke the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
