@@ -11,6 +11,25 @@ from ...errors import BundleError
 from .base import Executor, Graph
 
 
+def session_options(threads: int = 0):
+    """onnxruntime session options as the runtime uses them.
+
+    Args:
+        threads: Intra-op threads (0: onnxruntime's default, one per physical core).
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # A bundle runs many small sessions one after another: idle workers that spin steal the
+    # cores from the next session (measured 7x slower at 2 threads; benchmarks/RESULTS.md).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.inter_op_num_threads = 1
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
 class OrtGraph(Graph):
     """One onnxruntime inference session."""
 
@@ -46,10 +65,7 @@ class OrtExecutor(Executor):
 
     def load(self, root: Path, record: dict) -> Graph:
         data = read_verified(root, record)  # checked bytes go straight to onnxruntime
-        opts = self._ort.SessionOptions()
-        opts.log_severity_level = 3
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
+        opts = session_options(self.threads)
         try:
             session = self._ort.InferenceSession(data, opts, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types
