@@ -12,7 +12,7 @@ from .base import Executor, Graph
 
 
 def session_options(threads: int = 0):
-    """onnxruntime session options as the runtime uses them.
+    """Session options for onnxruntime, as the runtime uses them.
 
     Args:
         threads: Intra-op threads (0: onnxruntime's default, one per physical core).
