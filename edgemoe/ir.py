@@ -22,10 +22,17 @@ class TensorSpec:
     name: str
     shape: tuple[int | None, ...]
     dtype: str = "float32"
+    high: int | None = None  # integer inputs (token ids): values lie in [0, high)
+    sample_shape: tuple[int, ...] | None = None  # sizes of dynamic dims for sample inputs
 
     def to_json(self) -> dict:
         """Manifest form."""
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        out = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        if self.high is not None:
+            out["high"] = self.high
+        if self.sample_shape is not None:
+            out["sample_shape"] = list(self.sample_shape)
+        return out
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,7 @@ class MoELayerSpec:
     expert: ExpertSpec
     routers: tuple[RouterSpec, ...]
     shared_experts: int = 0
+    shared_expert: ExpertSpec | None = None  # shape of the always-on shared experts, if any
 
     def router_for(self, task: str) -> RouterSpec:
         """The router a task uses in this layer."""
@@ -187,6 +195,8 @@ def validate_ir(ir: ModelIR) -> ModelIR:
             raise ConfigError(f"{where}: needs at least one expert, has {layer.num_experts}")
         if not 1 <= layer.top_k <= layer.num_experts:
             raise ConfigError(f"{where}: top-k {layer.top_k} must be between 1 and {layer.num_experts} experts")
+        if layer.shared_experts and layer.shared_expert is None:
+            raise ConfigError(f"{where}: {layer.shared_experts} shared experts but no shared expert shape")
         if layer.expert.d_model < 1 or layer.expert.hidden < 1:
             raise ConfigError(f"{where}: expert shape {layer.expert.d_model}x{layer.expert.hidden} is empty")
         tasks_routed = {r.task for r in layer.routers}
@@ -217,6 +227,7 @@ def ir_to_json(ir: ModelIR) -> dict:
                 "num_experts": layer.num_experts,
                 "top_k": layer.top_k,
                 "shared_experts": layer.shared_experts,
+                "shared_expert_hidden": layer.shared_expert.hidden if layer.shared_expert else 0,
                 "expert": {
                     "d_model": layer.expert.d_model,
                     "hidden": layer.expert.hidden,

@@ -23,7 +23,7 @@ def describe_bundle(bundle: str | Path, check: bool = False) -> dict:
         for record in m["graphs"].values():
             verified_path(root, record)
         for layer in m["moe_layers"]:
-            for e in layer["experts"]:
+            for e in (*layer["experts"], *layer.get("shared", [])):
                 verified_path(root, e)
     graphs = [
         {
@@ -46,13 +46,17 @@ def describe_bundle(bundle: str | Path, check: bool = False) -> dict:
             "expert_shape": [layer["expert_shape"]["d_model"], layer["expert_shape"]["hidden"]],
             "experts_in_bundle": [e["index"] for e in layer["experts"]],
             "expert_bytes_in_bundle": sum(e["bytes"] for e in layer["experts"]),
+            "shared_experts": len(layer.get("shared", [])),
+            "shared_expert_bytes": sum(e["bytes"] for e in layer.get("shared", [])),
         }
         for layer in m["moe_layers"]
     ]
     expert_bytes = {(layer["index"], e["index"]): e["bytes"] for layer in m["moe_layers"] for e in layer["experts"]}
     tasks = {}
     for name, t in m["tasks"].items():
-        task_graphs = [*m["segments"], *t["gates"], t["head"], *{layer["kernel"] for layer in m["moe_layers"]}]
+        kernels = {layer["kernel"] for layer in m["moe_layers"]}
+        kernels |= {e["kernel"] for layer in m["moe_layers"] for e in layer.get("shared", [])}
+        task_graphs = [*m["segments"], *t["gates"], t["head"], *kernels]
         tasks[name] = {
             "experts": t["experts"],
             "experts_kept": sum(len(s) for s in t["experts"]),
@@ -60,7 +64,10 @@ def describe_bundle(bundle: str | Path, check: bool = False) -> dict:
             "graph_bytes": sum(m["graphs"][g]["bytes"] for g in task_graphs),
             "output": t["output"],
         }
-    bundle_bytes = (root / MANIFEST).stat().st_size + sum(g["bytes"] for g in graphs) + sum(expert_bytes.values())
+    shared_bytes = sum(e["bytes"] for layer in m["moe_layers"] for e in layer.get("shared", []))
+    bundle_bytes = (
+        (root / MANIFEST).stat().st_size + sum(g["bytes"] for g in graphs) + sum(expert_bytes.values()) + shared_bytes
+    )
     return {
         "kind": "bundle",
         "bundle": str(root),

@@ -174,12 +174,14 @@ def encode_expert(weights: dict[str, np.ndarray]) -> tuple[bytes, list[dict]]:
 
 
 def sample_input(spec: dict, batch: int = 1, seed: int = 0) -> np.ndarray:
-    """A deterministic input of the model's input shape (dynamic dims become ``batch``).
+    """A deterministic input of the model's input shape.
 
-    Float inputs are standard normal (the scale of normalised images); integer inputs are
-    uniform over ``[0, spec["high"])``.
+    The first dynamic dimension becomes ``batch``; later dynamic dimensions (e.g. sequence
+    length) take their size from ``spec["sample_shape"]``. Float inputs are standard normal
+    (the scale of normalised images); integer inputs are uniform over ``[0, spec["high"])``.
     """
-    shape = [batch if d is None else d for d in spec["shape"]]
+    sample = spec.get("sample_shape") or [1 if d is None else d for d in spec["shape"]]
+    shape = [batch if i == 0 and d is None else (sample[i] if d is None else d) for i, d in enumerate(spec["shape"])]
     rng = np.random.default_rng(seed)
     if np.dtype(spec["dtype"]).kind in "iu":
         return rng.integers(0, spec.get("high", 2), size=shape, dtype=spec["dtype"])

@@ -100,3 +100,18 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def expert_weights(self, layer: int, expert: int) -> dict[str, np.ndarray]:
         """Weights of one expert, keyed and shaped as the layer's :class:`~edgemoe.ir.ExpertSpec`."""
+
+    # -- optional ---------------------------------------------------------------------------
+    def calibration_inputs(self, samples: int, seed: int) -> np.ndarray:
+        """Calibration batch for routing profiles (default: deterministic sample inputs)."""
+        from ..bundle.format import sample_input
+
+        return sample_input(self.ir.input.to_json(), batch=samples, seed=seed)
+
+    def shared_kernel(self, layer: int) -> GraphPartition | None:
+        """Kernel of the layer's shared (always-on) experts, or None if it has none."""
+        return None
+
+    def shared_expert_weights(self, layer: int, index: int) -> dict[str, np.ndarray]:
+        """Weights of shared expert ``index`` of ``layer``, keyed as its kernel's inputs."""
+        raise NotImplementedError(f"{type(self).__name__} has no shared experts")

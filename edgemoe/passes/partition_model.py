@@ -23,6 +23,7 @@ class PartitionPlan:
         heads: Per task, its head.
         kernels: One expert kernel per distinct expert shape.
         layer_kernel: Per MoE layer, the name of its kernel in ``kernels``.
+        layer_shared_kernel: Per MoE layer, the kernel of its shared experts (None: no shared experts).
         experts: Per MoE layer, experts some built task keeps (the others are dropped).
         expert_sets: The per-task expert sets the gates were masked with.
     """
@@ -32,6 +33,7 @@ class PartitionPlan:
     heads: dict[str, GraphPartition]
     kernels: tuple[GraphPartition, ...]
     layer_kernel: tuple[str, ...]
+    layer_shared_kernel: tuple[str | None, ...]
     experts: tuple[tuple[int, ...], ...]
     expert_sets: ExpertSets
 
@@ -62,11 +64,15 @@ def partition_model(captured: CapturedModel, expert_sets: ExpertSets) -> Partiti
     }
     heads = {task: adapter.head(task) for task in captured.tasks}
     kernels: dict[str, GraphPartition] = {}
-    layer_kernel = []
+    layer_kernel, layer_shared = [], []
     for layer in ir.moe_layers:
         kernel = adapter.expert_kernel(layer.index)
         kernels.setdefault(kernel.name, kernel)
         layer_kernel.append(kernel.name)
+        shared = adapter.shared_kernel(layer.index) if layer.shared_experts else None
+        if shared is not None:
+            kernels.setdefault(shared.name, shared)
+        layer_shared.append(None if shared is None else shared.name)
     experts = tuple(expert_sets.union(layer.index) for layer in ir.moe_layers)
     return PartitionPlan(
         segments=segments,
@@ -74,6 +80,7 @@ def partition_model(captured: CapturedModel, expert_sets: ExpertSets) -> Partiti
         heads=heads,
         kernels=tuple(kernels.values()),
         layer_kernel=tuple(layer_kernel),
+        layer_shared_kernel=tuple(layer_shared),
         experts=experts,
         expert_sets=expert_sets,
     )

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..bundle.format import sample_input
 from .capture_model import CapturedModel
 
 
@@ -48,11 +47,6 @@ class RoutingProfile:
         return tuple(int(e) for e in np.flatnonzero(self.traces[task][layer].counts(num_experts)))
 
 
-def calibration_inputs(captured: CapturedModel, samples: int, seed: int) -> np.ndarray:
-    """Deterministic calibration batch for a model without its own calibration data."""
-    return sample_input(captured.ir.input.to_json(), batch=samples, seed=seed)
-
-
 def profile_routing(captured: CapturedModel, samples: int, seed: int, batch: int = 8) -> RoutingProfile:
     """Record which experts each task routes to on calibration inputs.
 
@@ -65,7 +59,7 @@ def profile_routing(captured: CapturedModel, samples: int, seed: int, batch: int
     Returns:
         The routing profile of every task being built.
     """
-    x = calibration_inputs(captured, samples, seed)
+    x = captured.adapter.calibration_inputs(samples, seed)
     traces = {}
     for task in captured.tasks:
         per_layer: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in captured.ir.moe_layers]

@@ -112,6 +112,20 @@ def _fill(staging, cfg, captured, profile, plan, target, device, progress) -> di
             path = expert_dir / f"L{layer.index}_E{e}.bin"
             path.write_bytes(blob)
             experts.append({"index": e, **file_record(staging, path), "dtype": "float32", "tensors": tensors})
+        shared = []
+        for j in range(layer.shared_experts):
+            blob, tensors = encode_expert(adapter.shared_expert_weights(layer.index, j))
+            path = expert_dir / f"L{layer.index}_S{j}.bin"
+            path.write_bytes(blob)
+            shared.append(
+                {
+                    "index": j,
+                    **file_record(staging, path),
+                    "dtype": "float32",
+                    "tensors": tensors,
+                    "kernel": plan.layer_shared_kernel[layer.index],
+                }
+            )
         router = layer.routers[0]
         layers.append(
             {
@@ -131,6 +145,7 @@ def _fill(staging, cfg, captured, profile, plan, target, device, progress) -> di
                 },
                 "expert_bytes": _expert_bytes(layer),
                 "experts": experts,
+                "shared": shared,
             }
         )
 
@@ -149,6 +164,7 @@ def _fill(staging, cfg, captured, profile, plan, target, device, progress) -> di
         }
 
     expert_files = [e for layer in layers for e in layer["experts"]]
+    shared_files = [e for layer in layers for e in layer["shared"]]
     manifest = {
         "format": FORMAT_TAG,
         "schema_version": SCHEMA_VERSION,
@@ -175,6 +191,7 @@ def _fill(staging, cfg, captured, profile, plan, target, device, progress) -> di
             "experts_bundle": len(expert_files),
             "expert_bytes_model": sum(_expert_bytes(layer) * layer.num_experts for layer in ir.moe_layers),
             "expert_bytes_bundle": sum(e["bytes"] for e in expert_files),
+            "shared_expert_bytes": sum(e["bytes"] for e in shared_files),
             "graph_bytes": sum(g["bytes"] for g in graphs.values()),
         },
     }

@@ -26,7 +26,8 @@ class SessionStats:
         expert_bytes_loaded: Bytes of expert weights read from the bundle.
         expert_bytes_task: Bytes of the task's kept experts.
         expert_bytes_total: Bytes of every expert of the source model (fp32).
-        resident_expert_bytes: Expert bytes held in memory now.
+        resident_expert_bytes: Expert bytes held in memory now (routed and shared experts).
+        shared_expert_bytes: Bytes of always-resident shared experts.
         graph_bytes: Bytes of the graphs the task loaded (trunk, gates, head, kernels).
         runs: Calls to :meth:`Session.run`.
     """
@@ -39,6 +40,7 @@ class SessionStats:
     expert_bytes_task: int
     expert_bytes_total: int
     resident_expert_bytes: int
+    shared_expert_bytes: int
     graph_bytes: int
     runs: int
 
@@ -77,15 +79,19 @@ class Session:
         self.input_spec = m["input"]
         self.executor = get_executor(m["target"]["executor"], threads=threads, providers=providers)
         self._graph_bytes = 0
+        self._shared_bytes = 0
         self.segments = [self._load_graph(name) for name in m["segments"]]
         self.gates = [self._load_graph(name) for name in self._task["gates"]]
         self.head = self._load_graph(self._task["head"])
         kernels: dict[str, Graph] = {}
-        for layer in m["moe_layers"]:
-            if layer["kernel"] not in kernels:
-                kernels[layer["kernel"]] = self._load_graph(layer["kernel"])
+        for name in self._kernel_names(m):
+            kernels[name] = self._load_graph(name)
         self.kernels = [kernels[layer["kernel"]] for layer in m["moe_layers"]]
         self.layers = m["moe_layers"]
+        # Shared experts run on every token: load them now and keep them resident.
+        self.shared = [
+            [(kernels[e["kernel"]], self._shared_weights(e)) for e in layer.get("shared", [])] for layer in self.layers
+        ]
         self._records = [{e["index"]: e for e in layer["experts"]} for layer in self.layers]
         self.kept = [frozenset(s) for s in self._task["experts"]]
         for li, kept in enumerate(self.kept):
@@ -102,6 +108,20 @@ class Session:
         self.last_routing: list[np.ndarray] = []
 
     # -- loading ---------------------------------------------------------------------------
+    @staticmethod
+    def _kernel_names(m: dict) -> list[str]:
+        names: list[str] = []
+        for layer in m["moe_layers"]:
+            for name in (layer["kernel"], *(e["kernel"] for e in layer.get("shared", []))):
+                if name not in names:
+                    names.append(name)
+        return names
+
+    def _shared_weights(self, record: dict) -> dict[str, np.ndarray]:
+        weights = decode_expert(read_verified(self.root, record), record["tensors"])
+        self._shared_bytes += int(record["bytes"])
+        return weights
+
     def _load_graph(self, name: str) -> Graph:
         try:
             record = self.manifest["graphs"][name]
@@ -135,22 +155,31 @@ class Session:
         x = np.asarray(x)
         if x.ndim == len(spec["shape"]) - 1:
             x = x[None]
-        want = [d for d in spec["shape"]]
+        want = list(spec["shape"])
         if x.ndim != len(want) or any(w is not None and w != s for w, s in zip(want, x.shape, strict=True)):
-            shown = ["B" if d is None else d for d in want]
-            raise InputError(f"input has shape {list(x.shape)}, bundle expects {shown}")
-        if np.dtype(spec["dtype"]).kind == "f":
+            shown = ["*" if d is None else d for d in want]
+            raise InputError(f"input has shape {list(x.shape)}, bundle expects {shown} (* = any size)")
+        kind = np.dtype(spec["dtype"]).kind
+        if kind == "f":
             if x.dtype.kind not in "fiu":
                 raise InputError(f"input has dtype {x.dtype}, bundle expects {spec['dtype']}")
             x = x.astype(spec["dtype"], copy=False)
             if not np.isfinite(x).all():
                 raise InputError("input contains NaN or Inf")
+        elif kind in "iu":
+            if x.dtype.kind not in "iu":
+                raise InputError(f"input has dtype {x.dtype}, bundle expects integer ids ({spec['dtype']})")
+            high = spec.get("high")
+            if x.size and (x.min() < 0 or (high is not None and x.max() >= high)):
+                raise InputError(f"input ids must lie in [0, {high}), got [{x.min()}, {x.max()}]")
+            x = x.astype(spec["dtype"], copy=False)
         return np.ascontiguousarray(x)
 
     def _moe(self, layer: int, h: np.ndarray) -> np.ndarray:
         shape = h.shape
         flat = h.reshape(-1, shape[-1])
-        idx, scores = self.gates[layer].run(h)
+        gate_out = self.gates[layer].run(h)
+        idx, scores = gate_out[0], gate_out[1]
         k = idx.shape[-1]
         idx, scores = idx.reshape(-1, k), scores.reshape(-1, k)
         self.last_routing.append(idx)
@@ -162,6 +191,12 @@ class Session:
             w = self._expert(layer, int(e))
             (y,) = kernel.run(flat[tok], *(w[p] for p in params))
             out[tok] += y * scores[tok, slot, None]
+        if self.shared[layer]:
+            # The gate's third output weighs each shared expert per token (ones where ungated).
+            shared_scores = gate_out[2].reshape(flat.shape[0], -1)
+            for j, (shared_kernel, w) in enumerate(self.shared[layer]):
+                (y,) = shared_kernel.run(flat, *w.values())
+                out += y * shared_scores[:, j : j + 1]
         return out.reshape(shape)
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -170,9 +205,10 @@ class Session:
         self.last_routing = []
         outs = self.segments[0].run(x)
         for layer in range(len(self.layers)):
-            hidden, moe_in = outs
-            outs = self.segments[layer + 1].run(hidden, self._moe(layer, moe_in))
-        (y,) = self.head.run(outs[0])
+            # Segments hand on (hidden, moe_input, *carried): carried tensors (e.g. masks) pass through.
+            hidden, moe_in, *carried = outs
+            outs = self.segments[layer + 1].run(hidden, self._moe(layer, moe_in), *carried)
+        (y,) = self.head.run(*outs)
         self._runs += 1
         return y
 
@@ -203,7 +239,9 @@ class Session:
             expert_bytes_loaded=self._expert_bytes,
             expert_bytes_task=task_bytes,
             expert_bytes_total=int(totals["expert_bytes_model"]),
-            resident_expert_bytes=sum(sum(a.nbytes for a in w.values()) for w in self._experts.values()),
+            resident_expert_bytes=sum(sum(a.nbytes for a in w.values()) for w in self._experts.values())
+            + self._shared_bytes,
+            shared_expert_bytes=self._shared_bytes,
             graph_bytes=self._graph_bytes,
             runs=self._runs,
         )
