@@ -1,20 +1,32 @@
 """Reference MoE models shipped with edgemoe, by name, and model config files.
 
-Installed as ``edgemoe.models``. A model is a family (which adapter captures it) plus a
-config dict; the registry names the reference configs. ``edgemoe compile`` also accepts a
-JSON file ``{"base": "<registered name>", ...overrides}`` or ``{"family": ..., ...full config}``.
+Installed as ``edgemoe.models``. A model is a family plus a config dict. Each family lives in
+its own folder with a ``family.py`` that exposes ``NAME``, ``DESCRIPTIONS``, ``WEIGHTS``,
+``configs()``, ``normalize(config)`` and ``build(config)``; add a family by adding its module
+name to ``_FAMILIES``. ``edgemoe compile`` also accepts a JSON file
+``{"base": "<registered name>", ...overrides}`` or ``{"family": ..., ...full config}``.
 Importing this module does not import torch; building a model does.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from ..errors import ModelError
+
+_FAMILIES = ("m3vit",)
+
+
+def family_module(name: str) -> ModuleType:
+    """The ``family.py`` module of a model family."""
+    if name not in _FAMILIES:
+        raise ModelError(f"unknown model family '{name}' (known: {', '.join(_FAMILIES)})")
+    return importlib.import_module(f"{__name__}.{name}.family")
 
 
 @dataclass(frozen=True)
@@ -23,65 +35,62 @@ class ModelEntry:
 
     Attributes:
         name: Model name (registry name, or the config file's ``name``).
-        family: Adapter family that captures it.
+        family: Model family (and adapter) name.
         description: One line for ``edgemoe models``.
-        config: Full config dict of the family's config class.
+        config: Full config dict of the family.
+        weights: Checkpoint to load after building (a shipped one for registry models), or None.
     """
 
     name: str
     family: str
     description: str
     config: dict
+    weights: str | None = None
 
     def build(self) -> Any:
-        """Build the torch module with its seeded weights."""
-        return build_model(self.family, self.config)
+        """Build the torch module and load its checkpoint, if any."""
+        module = family_module(self.family).build(self.config)
+        if self.weights:
+            load_checkpoint(module, self.weights)
+        return module
 
 
-def _m3vit_config(config: dict):
-    from .m3vit import M3ViTConfig
+def load_checkpoint(module, path: str) -> None:
+    """Load weights safely: safetensors, or a torch file with ``weights_only=True``.
 
-    fields = {f.name for f in dataclasses.fields(M3ViTConfig)}
-    unknown = sorted(set(config) - fields)
-    if unknown:
-        raise ModelError(f"unknown m3vit config field(s) {', '.join(unknown)} (valid: {', '.join(sorted(fields))})")
-    tupled = {
-        k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
-        for k, v in config.items()
-    }
+    Raises:
+        ModelError: The file is missing, unreadable or does not fit the model.
+    """
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"checkpoint not found: {p}")
     try:
-        return M3ViTConfig(**tupled)
-    except TypeError as exc:
-        raise ModelError(f"bad m3vit config: {exc}") from None
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-
-def build_model(family: str, config: dict) -> Any:
-    """Build a model of ``family`` from a config dict."""
-    if family == "m3vit":
-        from .m3vit import build_m3vit
-
-        return build_m3vit(_m3vit_config(config))
-    raise ModelError(f"unknown model family '{family}' (known: m3vit)")
-
-
-_DESCRIPTIONS = {
-    "m3vit-tiny": "Edge-MoE FPGA config: 3x128x256, dim 192, 12 blocks, 16 experts, top-2",
-    "m3vit-small": "dim 384, 6 heads, 12 blocks, 16 experts, top-4",
-    "m3vit-micro": "tiny test model: 3x32x64, dim 32, 4 blocks, 8 experts, top-2",
-    "m3vit-micro-cond": "m3vit-micro with task-conditioned gating",
-    "m3vit-micro-windows": "m3vit-micro with per-task expert windows of 4",
-    "m3vit-tiny-cond": "m3vit-tiny with task-conditioned gating",
-}
+            state = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        module.load_state_dict(state, strict=True)
+    except (RuntimeError, OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load checkpoint {p}: {first}") from None
 
 
 def model_entries() -> dict[str, ModelEntry]:
     """Every registered reference model, by name."""
-    from .m3vit.configs import CONFIGS
-
-    return {
-        name: ModelEntry(name, "m3vit", _DESCRIPTIONS.get(name, name), dataclasses.asdict(cfg))
-        for name, cfg in CONFIGS.items()
-    }
+    out = {}
+    for fam_name in _FAMILIES:
+        fam = family_module(fam_name)
+        folder = Path(fam.__file__).parent
+        for name, config in fam.configs().items():
+            weights = fam.WEIGHTS.get(name)
+            out[name] = ModelEntry(
+                name, fam.NAME, fam.DESCRIPTIONS.get(name, name), config, str(folder / weights) if weights else None
+            )
+    return out
 
 
 def resolve_model(spec: str) -> ModelEntry:
@@ -111,8 +120,5 @@ def resolve_model(spec: str) -> ModelEntry:
         family, config = raw.pop("family"), raw
     else:
         raise ModelError(f"model config {path} needs a 'base' (registered model) or a 'family'")
-    if family == "m3vit":
-        config = dataclasses.asdict(_m3vit_config(config))
-    else:
-        raise ModelError(f"unknown model family '{family}' (known: m3vit)")
+    config = family_module(family).normalize(config)
     return ModelEntry(config["name"], family, f"from {path}", config)

@@ -144,7 +144,7 @@ class M3ViTAdapter(ModelAdapter):
         tasks = tuple(
             TaskSpec(name, TensorSpec(name, (None, ch, *cfg.img_size)), kind="dense") for name, ch in cfg.tasks
         )
-        config = {k: v for k, v in vars(cfg).items()}
+        config = dict(vars(cfg))
         return ModelIR(
             name=cfg.name,
             family=self.family,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..config import CompileConfig
-from ..errors import ModelError, TaskError
+from ..errors import TaskError
 from ..frontends import ModelAdapter, adapter_class
 from ..ir import ModelIR
 
@@ -28,30 +28,6 @@ class CapturedModel:
     source: dict
 
 
-def load_checkpoint(module, path: str) -> None:
-    """Load weights safely: safetensors, or a torch file with ``weights_only=True``.
-
-    Raises:
-        ModelError: The file is missing, unreadable or does not fit the model.
-    """
-    import torch
-
-    p = Path(path)
-    if not p.is_file():
-        raise ModelError(f"checkpoint not found: {p}")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(p))
-        else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-        module.load_state_dict(state, strict=True)
-    except (RuntimeError, OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load checkpoint {p}: {first}") from None
-
-
 def capture_model(cfg: CompileConfig) -> CapturedModel:
     """Build the named model and capture it.
 
@@ -68,14 +44,13 @@ def capture_model(cfg: CompileConfig) -> CapturedModel:
     """
     from ..models import ModelEntry, resolve_model
 
-    entry = (
-        resolve_model(cfg.model)
-        if cfg.model_config is None
-        else ModelEntry(cfg.model, cfg.model_family, "from a bundle manifest", cfg.model_config)
-    )
+    if cfg.model_config is None:
+        entry = resolve_model(cfg.model)
+    else:
+        entry = ModelEntry(cfg.model, cfg.model_family, "from a bundle manifest", cfg.model_config)
+    if cfg.weights:  # an explicit checkpoint replaces a shipped one
+        entry = dataclasses.replace(entry, weights=cfg.weights)
     module = entry.build()
-    if cfg.weights:
-        load_checkpoint(module, cfg.weights)
     adapter = adapter_class(entry.family)(module)
     ir = adapter.ir
     tasks = cfg.tasks or ir.task_names
@@ -87,7 +62,7 @@ def capture_model(cfg: CompileConfig) -> CapturedModel:
         "spec": cfg.model,
         "family": entry.family,
         "config": entry.config,
-        "weights": cfg.weights,
+        "weights": entry.weights,
         "state_sha256": adapter.state_sha256(),
     }
     return CapturedModel(adapter=adapter, ir=ir, tasks=ordered, source=source)

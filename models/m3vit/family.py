@@ -1,0 +1,70 @@
+"""The m3vit family as the model registry sees it: named configs and a builder."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ...errors import ModelError
+
+NAME = "m3vit"
+
+DESCRIPTIONS = {
+    "m3vit-tiny": "Edge-MoE FPGA config: 3x128x256, dim 192, 12 blocks, 16 experts, top-2",
+    "m3vit-small": "dim 384, 6 heads, 12 blocks, 16 experts, top-4",
+    "m3vit-micro": "tiny test model: 3x32x64, dim 32, 4 blocks, 8 experts, top-2",
+    "m3vit-micro-cond": "m3vit-micro with task-conditioned gating",
+    "m3vit-micro-windows": "m3vit-micro with per-task expert windows of 4",
+    "m3vit-tiny-cond": "m3vit-tiny with task-conditioned gating",
+}
+
+# Shipped checkpoints (file names beside this module), by config name.
+WEIGHTS: dict[str, str] = {}
+
+
+def config_class():
+    """The family's config dataclass."""
+    from .model import M3ViTConfig
+
+    return M3ViTConfig
+
+
+def configs() -> dict[str, dict]:
+    """Every named config as a full config dict."""
+    from .configs import CONFIGS
+
+    return {name: dataclasses.asdict(cfg) for name, cfg in CONFIGS.items()}
+
+
+def normalize(config: dict) -> dict:
+    """Validate a (possibly partial) config dict and return the full one.
+
+    Raises:
+        ModelError: Unknown fields or wrong types.
+    """
+    cls = config_class()
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - fields)
+    if unknown:
+        raise ModelError(f"unknown {NAME} config field(s) {', '.join(unknown)} (valid: {', '.join(sorted(fields))})")
+    tupled = {
+        k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+        for k, v in config.items()
+    }
+    try:
+        return dataclasses.asdict(cls(**tupled))
+    except TypeError as exc:
+        raise ModelError(f"bad {NAME} config: {exc}") from None
+
+
+def build(config: dict):
+    """Build the torch module (seeded random weights) from a full config dict."""
+    from .model import build_m3vit
+
+    full = normalize(config)
+    cfg = config_class()(
+        **{
+            k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list | tuple) else v
+            for k, v in full.items()
+        }
+    )
+    return build_m3vit(cfg)
