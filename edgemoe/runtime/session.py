@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,18 @@ class SessionStats:
     runs: int
 
 
+class _RecordingGraph(Graph):
+    """Passes calls through to a graph and hands each call's inputs to a recorder (calibration)."""
+
+    def __init__(self, graph: Graph, name: str, recorder: Callable[[str, tuple[np.ndarray, ...]], None]):
+        self._graph, self._name, self._recorder = graph, name, recorder
+        self.input_names, self.output_names = graph.input_names, graph.output_names
+
+    def run(self, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
+        self._recorder(self._name, inputs)
+        return self._graph.run(*inputs)
+
+
 class Session:
     """Run one task of a bundle.
 
@@ -57,6 +70,8 @@ class Session:
         task: Task to run (may be omitted when the bundle has a single task).
         threads: Intra-op threads for the executor (0: its default).
         providers: Executor-specific accelerator preference (e.g. onnxruntime providers).
+        recorder: Called with (graph name, inputs) on every graph call; the compiler uses it to
+            collect calibration data for quantization.
 
     Raises:
         BundleError: Not a bundle, or a garbled manifest.
@@ -64,7 +79,14 @@ class Session:
         TaskError: The task is not in the bundle.
     """
 
-    def __init__(self, bundle: str | Path, task: str | None = None, threads: int = 0, providers: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        bundle: str | Path,
+        task: str | None = None,
+        threads: int = 0,
+        providers: tuple[str, ...] = (),
+        recorder: Callable[[str, tuple[np.ndarray, ...]], None] | None = None,
+    ):
         self.root = Path(bundle)
         self.manifest = m = read_manifest(self.root)
         tasks = m["tasks"]
@@ -78,15 +100,16 @@ class Session:
         self._task = tasks[task]
         self.input_spec = m["input"]
         self.executor = get_executor(m["target"]["executor"], threads=threads, providers=providers)
+        self._recorder = recorder
         self._graph_bytes = 0
         self._shared_bytes = 0
         self.segments = [self._load_graph(name) for name in m["segments"]]
         self.gates = [self._load_graph(name) for name in self._task["gates"]]
         self.head = self._load_graph(self._task["head"])
         kernels: dict[str, Graph] = {}
-        for name in self._kernel_names(m):
+        for name in self._kernel_names(m, self._task["experts"]):
             kernels[name] = self._load_graph(name)
-        self.kernels = [kernels[layer["kernel"]] for layer in m["moe_layers"]]
+        self._kernels = kernels
         self.layers = m["moe_layers"]
         # Shared experts run on every token: load them now and keep them resident.
         self.shared = [
@@ -109,10 +132,12 @@ class Session:
 
     # -- loading ---------------------------------------------------------------------------
     @staticmethod
-    def _kernel_names(m: dict) -> list[str]:
+    def _kernel_names(m: dict, kept: list[list[int]]) -> list[str]:
+        """Kernels the task can need: its kept experts' (an expert may override its layer's) and shared ones."""
         names: list[str] = []
-        for layer in m["moe_layers"]:
-            for name in (layer["kernel"], *(e["kernel"] for e in layer.get("shared", []))):
+        for layer, keep in zip(m["moe_layers"], kept, strict=True):
+            routed = [e.get("kernel", layer["kernel"]) for e in layer["experts"] if e["index"] in keep]
+            for name in (*routed, *(e["kernel"] for e in layer.get("shared", []))):
                 if name not in names:
                     names.append(name)
         return names
@@ -129,24 +154,25 @@ class Session:
             raise BundleError(f"garbled manifest: graph '{name}' is not listed") from None
         graph = self.executor.load(self.root, record)
         self._graph_bytes += int(record["bytes"])
-        return graph
+        return graph if self._recorder is None else _RecordingGraph(graph, name, self._recorder)
 
-    def _expert(self, layer: int, expert: int) -> dict[str, np.ndarray]:
+    def _expert(self, layer: int, expert: int) -> tuple[Graph, dict[str, np.ndarray]]:
+        """The expert's kernel and its weights, loading and checking the blob on first use."""
         key = (layer, expert)
+        record = self._records[layer].get(expert)
         weights = self._experts.get(key)
         if weights is not None:
-            return weights
+            return self._kernels[record.get("kernel", self.layers[layer]["kernel"])], weights
         if expert not in self.kept[layer]:
             # The gate graph is masked to the kept set, so this means the bundle is inconsistent.
             raise BundleError(f"task '{self.task}' routed to expert {expert} of layer {layer}, outside its kept set")
         with self._lock:
             weights = self._experts.get(key)
             if weights is None:
-                record = self._records[layer][expert]
                 weights = decode_expert(read_verified(self.root, record), record["tensors"])
                 self._experts[key] = weights
                 self._expert_bytes += int(record["bytes"])
-        return weights
+        return self._kernels[record.get("kernel", self.layers[layer]["kernel"])], weights
 
     # -- execution -------------------------------------------------------------------------
     def check_input(self, x: np.ndarray) -> np.ndarray:
@@ -184,18 +210,17 @@ class Session:
         idx, scores = idx.reshape(-1, k), scores.reshape(-1, k)
         self.last_routing.append(idx)
         out = np.zeros_like(flat)
-        kernel = self.kernels[layer]
-        params = [p["name"] for p in self.layers[layer]["expert_shape"]["params"]]
         for e in np.unique(idx):
             tok, slot = np.nonzero(idx == e)
-            w = self._expert(layer, int(e))
-            (y,) = kernel.run(flat[tok], *(w[p] for p in params))
+            kernel, w = self._expert(layer, int(e))
+            # Kernel inputs: the tokens, then the expert's tensors by name (an expert is data).
+            (y,) = kernel.run(flat[tok], *(w[name] for name in kernel.input_names[1:]))
             out[tok] += y * scores[tok, slot, None]
         if self.shared[layer]:
             # The gate's third output weighs each shared expert per token (ones where ungated).
             shared_scores = gate_out[2].reshape(flat.shape[0], -1)
             for j, (shared_kernel, w) in enumerate(self.shared[layer]):
-                (y,) = shared_kernel.run(flat, *w.values())
+                (y,) = shared_kernel.run(flat, *(w[name] for name in shared_kernel.input_names[1:]))
                 out += y * shared_scores[:, j : j + 1]
         return out.reshape(shape)
 
