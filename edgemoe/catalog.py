@@ -5,12 +5,19 @@ from __future__ import annotations
 
 def model_catalog() -> list[dict]:
     """Describe every registered model (``edgemoe models --json`` → ``{"models": [...]}``)."""
+    from .errors import DependencyError
     from .frontends import adapter_class
     from .models import model_entries
 
     out = []
     for entry in model_entries().values():
-        ir = adapter_class(entry.family)(entry.build()).ir
+        try:
+            ir = adapter_class(entry.family)(entry.build()).ir
+        except DependencyError as exc:  # e.g. the hf family without transformers: list the rest
+            out.append(
+                {"name": entry.name, "family": entry.family, "description": entry.description, "unavailable": str(exc)}
+            )
+            continue
         layers = ir.moe_layers
         out.append(
             {

@@ -13,6 +13,8 @@ from .base import GraphPartition, ModelAdapter
 # family -> "module:class", imported on first use so listing families stays cheap.
 _ADAPTERS: dict[str, str] = {
     "m3vit": "edgemoe.frontends.m3vit:M3ViTAdapter",
+    "hf": "edgemoe.frontends.hf:HFAdapter",
+    "moe_lm": "edgemoe.frontends.moe_lm:MoELMAdapter",
 }
 
 

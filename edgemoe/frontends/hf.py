@@ -1,0 +1,558 @@
+"""Adapter for Mixture-of-Experts classes from Hugging Face ``transformers`` (family ``hf``).
+
+Captures Mixtral, Qwen2-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3 (causal LMs, task ``lm``: logits)
+and the SwitchTransformers encoder (task ``encoder``: last hidden state); where each class keeps
+its parts is in :mod:`edgemoe.frontends.hf_archs`. Routing is per token, so the model has one
+router per MoE layer shared by its one task.
+
+Partitions wrap the library's own modules, so their numerics are the library's:
+
+* segments: embedding, the rotary embedding module, each layer's norms and attention, and whole
+  dense (non-MoE) layers; the causal mask and position ids are built inside the segment from
+  the run-time sequence length, so one graph serves every batch size and sequence length;
+* gates: the MoE block's router module (its score function, normalisation, correction bias,
+  group-limited choice and routed scaling), plus for shared experts their per-token weight;
+* expert kernels: the expert's MLP on weights sliced from the stacked expert parameters.
+
+SwitchTransformers is captured as ``SwitchTransformersEncoderModel``: the encoder-decoder needs
+a second token input and cross-attention to the encoder output in every decoder block, which
+the bundle's one-input chain of segments does not carry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError, DependencyError, ModelError, TaskError
+from ..ir import (
+    DenseSegmentSpec,
+    ExpertSpec,
+    ModelIR,
+    MoELayerSpec,
+    ParamSpec,
+    RouterSpec,
+    TaskSpec,
+    TensorSpec,
+    validate_ir,
+)
+from .base import GraphPartition, ModelAdapter
+from .hf_archs import (
+    ARCHS,
+    UNSUPPORTED_CLASS_REASON,
+    ArchSpec,
+    attr,
+    complex_rope_cos_sin,
+    mla_attention_real_rope,
+    pick_experts,
+)
+
+BATCH_SEQ = {0: "batch", 1: "seq"}
+SAMPLE_SEQ = 16  # sequence length of sample inputs (calibration, export examples)
+
+
+def _causal_mask(pos: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (1, 1, seq, seq) as the library's eager mask: 0 where visible, dtype min elsewhere."""
+    hidden = pos[None, :] > pos[:, None]
+    if window is not None:
+        # The library's sliding window keeps key positions within `window - 1` behind the query.
+        hidden = hidden | (pos[:, None] - pos[None, :] >= window)
+    mask = torch.zeros_like(hidden, dtype=dtype).masked_fill(hidden, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+class _DecoderSegment(nn.Module):
+    """Layers ``start..stop-1`` in full, then the attention half of MoE layer ``stop``.
+
+    The first segment starts from token ids; later ones add the previous MoE output to the
+    residual stream first. The last segment ends after the last layer (the head holds the final
+    norm). Each layer is computed as the library's decoder layer computes it: residual +
+    attention(norm(x)), then residual + mlp(norm(x)).
+    """
+
+    def __init__(self, adapter: HFAdapter, start: int, stop: int, first: bool, last: bool):
+        super().__init__()
+        spec = adapter.spec
+        self.spec = spec
+        self.backbone = adapter.backbone
+        self.layers = nn.ModuleList(adapter.layers)
+        self.windows = adapter.windows
+        self.start, self.stop, self.first, self.last = start, stop, first, last
+
+    def _attend(self, layer: nn.Module, x: torch.Tensor, pos_emb, mask: torch.Tensor) -> torch.Tensor:
+        attn = attr(layer, self.spec.attn)
+        if self.spec.rope == "complex":
+            return mla_attention_real_rope(attn, x, pos_emb, mask)
+        return attn(hidden_states=x, position_embeddings=pos_emb, attention_mask=mask)[0]
+
+    def forward(self, *args: torch.Tensor):
+        spec = self.spec
+        h = attr(self.backbone, spec.embed)(args[0]) if self.first else args[0] + args[1]
+        pos = torch.arange(h.shape[1], device=h.device)
+        position_ids = pos[None]
+        rotary = attr(self.backbone, spec.rotary)
+        pos_emb = complex_rope_cos_sin(rotary, position_ids) if spec.rope == "complex" else rotary(h, position_ids)
+        masks: dict[int | None, torch.Tensor] = {}
+        for i in range(self.start, self.stop + (0 if self.last else 1)):
+            layer = self.layers[i]
+            window = self.windows[i]
+            if window not in masks:
+                masks[window] = _causal_mask(pos, window, h.dtype)
+            h = h + self._attend(layer, attr(layer, spec.attn_norm)(h), pos_emb, masks[window])
+            if i == self.stop:  # the MoE layer: its MLP input leaves the segment
+                return h, attr(layer, spec.mlp_norm)(h)
+            h = h + attr(layer, spec.mlp)(attr(layer, spec.mlp_norm)(h))
+        return h
+
+
+class _T5EncoderSegment(nn.Module):
+    """Blocks ``start..stop-1`` in full, then the self-attention sub-layer of MoE block ``stop``.
+
+    Block 0 computes the relative position bias that every block shares; each segment computes
+    it again with block 0's module (cheaper than carrying a (1, heads, seq, seq) tensor).
+    """
+
+    def __init__(self, adapter: HFAdapter, start: int, stop: int, first: bool, last: bool):
+        super().__init__()
+        self.spec = adapter.spec
+        self.backbone = adapter.backbone
+        self.blocks = nn.ModuleList(adapter.layers)
+        self.start, self.stop, self.first, self.last = start, stop, first, last
+
+    def forward(self, *args: torch.Tensor):
+        spec = self.spec
+        h = attr(self.backbone, spec.embed)(args[0]) if self.first else args[0] + args[1]
+        seq = h.shape[1]
+        bias = attr(self.blocks[0], spec.attn).SelfAttention.compute_bias(seq, seq)
+        # The encoder's attention mask for unpadded input is (1 - 1) * min = -0.0 everywhere, and adding
+        # -0.0 changes no score, so no mask is passed (the library adds it; the result is bit-identical).
+        for i in range(self.start, self.stop):
+            h = self.blocks[i](h, None, bias)[0]
+        if self.last:
+            return h
+        block = self.blocks[self.stop]
+        h = attr(block, spec.attn)(h, attention_mask=None, position_bias=bias)[0]
+        return h, attr(block, spec.mlp_norm)(h)
+
+
+class _Head(nn.Module):
+    """Final norm, then the LM head (or nothing: the task is the normalised hidden state)."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Module | None):
+        super().__init__()
+        self.norm, self.lm_head = norm, lm_head
+
+    def forward(self, h: torch.Tensor):
+        h = self.norm(h)
+        return h if self.lm_head is None else self.lm_head(h)
+
+
+class _Gate(nn.Module):
+    """The library's router of one MoE block, as (experts, scores[, shared_scores]) per token.
+
+    The k slots are put in expert order: the routers' ``topk(sorted=False)`` and ONNX TopK may
+    list the same choice in different orders, and slot order does not change the MoE output.
+    """
+
+    def __init__(self, spec: ArchSpec, block: nn.Module):
+        super().__init__()
+        self.spec = spec
+        self.router = attr(block, spec.router)
+        self.shared = spec.shared is not None
+        self.shared_gate = attr(block, spec.shared_gate) if spec.shared_gate else None
+
+    def forward(self, h: torch.Tensor):
+        b, s = h.shape[0], h.shape[1]
+        experts, scores = pick_experts(self.spec.pick, self.router(h))
+        experts, order = torch.sort(experts, dim=-1)
+        scores = scores.gather(-1, order)
+        out = (experts.reshape(b, s, -1), scores.reshape(b, s, -1))
+        if not self.shared:
+            return out
+        flat = h.reshape(-1, h.shape[-1])
+        weight = torch.ones_like(flat[:, :1]) if self.shared_gate is None else torch.sigmoid(self.shared_gate(flat))
+        return (*out, weight.reshape(b, s, -1))
+
+
+class _SwiGLUKernel(nn.Module):
+    """``(act(x @ w_gate) * (x @ w_up)) @ w_down`` with every weight a graph input."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.act = act
+
+    def forward(self, x, w_gate, w_up, w_down):
+        return (self.act(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+class _DenseActDenseKernel(nn.Module):
+    """``act(x @ w_in) @ w_out`` with every weight a graph input (T5-style expert)."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.act = act
+
+    def forward(self, x, w_in, w_out):
+        return self.act(x @ w_in) @ w_out
+
+
+def _arr(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().cpu().numpy().astype(np.float32))
+
+
+def _spec_for(model) -> ArchSpec:
+    """The arch spec of a transformers model, or a ModelError naming what is missing."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - the hf family cannot build a model without it
+        raise DependencyError("the hf adapter needs transformers (not installed): pip install 'edgemoe[hf]'") from None
+    cls = type(model).__name__
+    if not isinstance(model, PreTrainedModel):
+        raise ModelError(f"the hf adapter captures transformers models, got {cls}")
+    model_type = model.config.model_type
+    supported = ", ".join(f"{s.model_type} ({s.model_class})" for s in ARCHS.values())
+    spec = ARCHS.get(model_type)
+    if spec is None:
+        has_experts = any(name.endswith("experts") for name, _ in model.named_modules())
+        what = (
+            "a mixture-of-experts arch the hf adapter has no spec for (where its layers, router and experts live)"
+            if has_experts
+            else "not a mixture-of-experts model (no experts in any layer)"
+        )
+        raise ModelError(f"transformers {cls} (model_type '{model_type}') is {what}; supported: {supported}")
+    if cls != spec.model_class:
+        reason = UNSUPPORTED_CLASS_REASON.get(model_type, "other heads are not supported")
+        raise ModelError(
+            f"transformers {cls} is not supported: for model_type '{model_type}' the hf adapter captures "
+            f"{spec.model_class} ({reason})"
+        )
+    rope = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if spec.rotary and any(k in rope for k in ("dynamic", "longrope")):
+        raise ModelError(
+            f"{cls}: rope_type '{rope}' changes the rotary frequencies with the sequence length at run time, "
+            "which the exported segments do not reproduce; use a static rope type (default, linear, yarn)"
+        )
+    return spec
+
+
+class HFAdapter(ModelAdapter):
+    """Captures a transformers MoE model (see :data:`~edgemoe.frontends.hf_archs.ARCHS`) and cuts it into partitions.
+
+    The model is switched to eval mode and to the library's eager attention and experts, which
+    are what the partitions reproduce.
+
+    Raises:
+        ModelError: The class is not a supported transformers MoE class, or has no MoE layer.
+    """
+
+    family = "hf"
+
+    def __init__(self, model):
+        self.spec = spec = _spec_for(model)
+        self.model = model.eval()
+        if model.config._attn_implementation != "eager":
+            model.set_attn_implementation("eager")
+        if getattr(model.config, "_experts_implementation", "eager") not in (None, "eager"):
+            model.set_experts_implementation("eager")
+        self.config = model.config
+        self.backbone = attr(model, spec.backbone)
+        self.layers = list(attr(self.backbone, spec.layers))
+        self.moe_blocks = [
+            i for i, layer in enumerate(self.layers) if type(attr(layer, spec.mlp)).__name__ == spec.moe_block
+        ]
+        if not self.moe_blocks:
+            raise ModelError(
+                f"{type(model).__name__} '{getattr(model.config, 'name_or_path', '') or model.config.model_type}' "
+                f"has no MoE layer (no {spec.moe_block} in any of its {len(self.layers)} layers)"
+            )
+        self.windows = [self._window(i) for i in range(len(self.layers))]
+        self._ir = validate_ir(self._capture())
+
+    # -- capture -------------------------------------------------------------------------
+    def _window(self, layer: int) -> int | None:
+        cfg = self.config
+        if self.spec.window == "all":
+            return getattr(cfg, "sliding_window", None)
+        if self.spec.window == "layer_types" and getattr(cfg, "layer_types", None):
+            return cfg.sliding_window if cfg.layer_types[layer] == "sliding_attention" else None
+        return None
+
+    def _block(self, li: int) -> nn.Module:
+        return attr(self.layers[self.moe_blocks[li]], self.spec.mlp)
+
+    def _expert_spec(self, li: int) -> ExpertSpec:
+        spec, block = self.spec, self._block(li)
+        experts = attr(block, spec.experts)
+        act = str(getattr(self.config, spec.activation))
+        if spec.expert_layout == "stacked_swiglu":
+            flags = {
+                "is_transposed": False,
+                "is_concatenated": True,
+                "has_bias": False,
+                "has_gate": True,
+                "has_post_expert_norm": False,
+            }
+            odd = {k: getattr(experts, k) for k, v in flags.items() if getattr(experts, k, v) != v}
+            e, two_i, d = experts.gate_up_proj.shape
+            if odd or experts.down_proj.shape != (e, d, two_i // 2):
+                raise ModelError(
+                    f"{type(experts).__name__} of MoE layer {li}: expected stacked gate_up_proj (E, 2I, D) and "
+                    f"down_proj (E, D, I) without bias, got {tuple(experts.gate_up_proj.shape)} / "
+                    f"{tuple(experts.down_proj.shape)} {odd or ''}"
+                )
+            i = two_i // 2
+            params = (ParamSpec("w_gate", (d, i)), ParamSpec("w_up", (d, i)), ParamSpec("w_down", (i, d)))
+            return ExpertSpec(d_model=d, hidden=i, activation=act, params=params)
+        first = experts["expert_0"]
+        if first.wi.bias is not None or first.wo.bias is not None:
+            raise ModelError(f"{type(first).__name__} of MoE layer {li}: experts with biases are not supported")
+        f, d = first.wi.weight.shape
+        params = (ParamSpec("w_in", (d, f)), ParamSpec("w_out", (f, d)))
+        return ExpertSpec(d_model=d, hidden=f, activation=act, params=params)
+
+    def _shared_mlp(self, li: int) -> nn.Module | None:
+        if self.spec.shared is None:
+            return None
+        mlp = attr(self._block(li), self.spec.shared)
+        if mlp.gate_proj.out_features == 0:
+            return None
+        if any(p.bias is not None for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+            raise ModelError(f"shared expert of MoE layer {li}: biases are not supported")
+        return mlp
+
+    def _shared_spec(self, li: int) -> ExpertSpec | None:
+        mlp = self._shared_mlp(li)
+        if mlp is None:
+            return None
+        d, i = mlp.gate_proj.in_features, mlp.gate_proj.out_features
+        params = (ParamSpec("w_gate", (d, i)), ParamSpec("w_up", (d, i)), ParamSpec("w_down", (i, d)))
+        return ExpertSpec(d_model=d, hidden=i, activation=str(self.config.hidden_act), params=params)
+
+    def _capture(self) -> ModelIR:
+        spec, cfg = self.spec, self.config
+        d = cfg.hidden_size
+        ids = TensorSpec("input_ids", (None, None), "int64", high=cfg.vocab_size, sample_shape=(1, SAMPLE_SEQ))
+        hidden = TensorSpec("hidden", (None, None, d))
+        residual = TensorSpec("residual", (None, None, d))  # a graph's input and output names must differ
+        moe_in = TensorSpec("moe_input", (None, None, d))
+        moe_out = TensorSpec("moe_output", (None, None, d))
+        unit = "layers" if spec.trunk == "decoder" else "blocks"
+        bounds = [-1, *self.moe_blocks]
+        segments = []
+        for i in range(len(self.moe_blocks) + 1):
+            start, last = bounds[i] + 1, i == len(self.moe_blocks)
+            stop = len(self.layers) if last else self.moe_blocks[i]
+            desc = f"{unit} {start}..{stop - 1}" if stop > start else f"no full {unit}"
+            desc = ("embedding + " if i == 0 else "") + desc
+            desc += " (final norm in the head)" if last else f" + attention of {unit[:-1]} {stop}"
+            ins = (ids,) if i == 0 else (residual, moe_out)
+            outs = (hidden,) if last else (hidden, moe_in)
+            segments.append(DenseSegmentSpec(i, desc, ins, outs))
+        normalize = spec.normalize if isinstance(spec.normalize, bool) else bool(getattr(cfg, spec.normalize))
+        layers = []
+        for li, block_index in enumerate(self.moe_blocks):
+            router = attr(self._block(li), spec.router)
+            top_k = getattr(router, "top_k", 1)
+            shared = self._shared_spec(li)
+            layers.append(
+                MoELayerSpec(
+                    index=li,
+                    block=block_index,
+                    num_experts=router.num_experts,
+                    top_k=top_k,
+                    expert=self._expert_spec(li),
+                    routers=(RouterSpec(None, router.num_experts, top_k, score=spec.score, normalize=normalize),),
+                    shared_experts=0 if shared is None else 1,
+                    shared_expert=shared,
+                )
+            )
+        width = cfg.vocab_size if spec.lm_head else d
+        task = TaskSpec(
+            spec.task, TensorSpec(spec.task, (None, None, width)), kind="logits" if spec.lm_head else "hidden"
+        )
+        config = json.loads(cfg.to_json_string(use_diff=True))
+        config.update(arch=spec.model_type, model_class=type(self.model).__name__)
+        return ModelIR(
+            name=cfg.name_or_path or f"hf-{spec.model_type}",
+            family=self.family,
+            granularity="token",
+            input=ids,
+            tasks=(task,),
+            segments=tuple(segments),
+            moe_layers=tuple(layers),
+            params=sum(p.numel() for p in self.model.parameters()),
+            config=config,
+        )
+
+    @property
+    def ir(self) -> ModelIR:
+        return self._ir
+
+    def state_sha256(self) -> str:
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    # -- reference execution -------------------------------------------------------------
+    def _task(self, task: str) -> None:
+        if task != self.spec.task:
+            raise TaskError(f"unknown task '{task}' (model has: {self.spec.task})")
+
+    def _check_keep(self, keep: dict[int, tuple[int, ...]] | None) -> None:
+        """Token-routed models keep every expert; a narrower set has no defined meaning for their routers."""
+        for li, experts in (keep or {}).items():
+            n = self._ir.moe_layers[li].num_experts
+            if set(experts) != set(range(n)):
+                raise ConfigError(
+                    f"MoE layer {li}: the hf adapter routes over all {n} experts of a token-routed model, "
+                    f"it cannot restrict the router to {sorted(experts)}"
+                )
+
+    def _ids(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64))
+
+    @torch.no_grad()
+    def reference(self, x: np.ndarray, task: str, keep: dict[int, tuple[int, ...]] | None = None) -> np.ndarray:
+        self._task(task)
+        self._check_keep(keep)
+        out = self.model(input_ids=self._ids(x))
+        y = out.logits if self.spec.lm_head else out.last_hidden_state
+        return y.float().numpy()
+
+    @torch.no_grad()
+    def route(self, x: np.ndarray, task: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        self._task(task)
+        records: list[tuple[np.ndarray, np.ndarray]] = []
+
+        def record(_module, _inputs, out):
+            idx, scores = pick_experts(self.spec.pick, out)
+            records.append((idx.numpy().copy(), scores.float().numpy().copy()))
+
+        hooks = [
+            attr(self._block(li), self.spec.router).register_forward_hook(record) for li in range(len(self.moe_blocks))
+        ]
+        try:
+            self.model(input_ids=self._ids(x))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return records
+
+    # -- partitions ----------------------------------------------------------------------
+    def _example(self, spec: TensorSpec, batch: int = 2) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(0)
+        if spec.dtype == "int64":
+            return torch.randint(0, spec.high, (batch, SAMPLE_SEQ), generator=gen)
+        return torch.randn(batch, SAMPLE_SEQ, *spec.shape[2:], generator=gen)
+
+    def segment(self, index: int) -> GraphPartition:
+        spec = self._ir.segments[index]
+        bounds = [-1, *self.moe_blocks]
+        last = index == len(self.moe_blocks)
+        stop = len(self.layers) if last else self.moe_blocks[index]
+        cls = _DecoderSegment if self.spec.trunk == "decoder" else _T5EncoderSegment
+        module = cls(self, bounds[index] + 1, stop, first=index == 0, last=last)
+        names = tuple(s.name for s in spec.inputs), tuple(s.name for s in spec.outputs)
+        return GraphPartition(
+            name=f"segment_{index}",
+            kind="segment",
+            module=module,
+            example_inputs=tuple(self._example(s) for s in spec.inputs),
+            input_names=names[0],
+            output_names=names[1],
+            dynamic_axes={n: BATCH_SEQ for n in names[0] + names[1]},
+        )
+
+    def gate(self, layer: int, task: str, keep: tuple[int, ...]) -> GraphPartition:
+        self._task(task)
+        self._check_keep({layer: keep})
+        spec = self._ir.moe_layers[layer]
+        outputs = ("experts", "scores", "shared_scores") if spec.shared_experts else ("experts", "scores")
+        return GraphPartition(
+            name=f"gate_{task}_{layer}",
+            kind="gate",
+            module=_Gate(self.spec, self._block(layer)),
+            example_inputs=(self._example(self._ir.segments[layer].outputs[1]),),
+            input_names=("moe_input",),
+            output_names=outputs,
+            dynamic_axes={n: BATCH_SEQ for n in ("moe_input", *outputs)},
+            task=task,
+            layer=layer,
+        )
+
+    def head(self, task: str) -> GraphPartition:
+        self._task(task)
+        lm_head = attr(self.model, self.spec.lm_head) if self.spec.lm_head else None
+        return GraphPartition(
+            name=f"head_{task}",
+            kind="head",
+            module=_Head(attr(self.backbone, self.spec.final_norm), lm_head),
+            example_inputs=(self._example(self._ir.segments[-1].outputs[0]),),
+            input_names=("hidden",),
+            output_names=(task,),
+            dynamic_axes={"hidden": BATCH_SEQ, task: BATCH_SEQ},
+            task=task,
+        )
+
+    def _kernel(self, name: str, module: nn.Module, spec: ExpertSpec, layer: int) -> GraphPartition:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(5, spec.d_model, generator=gen)
+        # Weights at a realistic scale (1/sqrt(fan-in)), so the export check sees realistic values.
+        params = tuple(torch.randn(*p.shape, generator=gen) / p.shape[0] ** 0.5 for p in spec.params)
+        return GraphPartition(
+            name=name,
+            kind="expert_kernel",
+            module=module,
+            example_inputs=(x, *params),
+            input_names=("x", *(p.name for p in spec.params)),
+            output_names=("y",),
+            dynamic_axes={"x": {0: "tokens"}, "y": {0: "tokens"}},
+            layer=layer,
+        )
+
+    def expert_kernel(self, layer: int) -> GraphPartition:
+        spec = self._ir.moe_layers[layer].expert
+        experts = attr(self._block(layer), self.spec.experts)
+        if self.spec.expert_layout == "stacked_swiglu":
+            module: nn.Module = _SwiGLUKernel(experts.act_fn)
+        else:
+            module = _DenseActDenseKernel(experts["expert_0"].act)
+        name = f"expert_kernel_{self.spec.expert_layout}_{spec.activation}_{spec.d_model}x{spec.hidden}"
+        return self._kernel(name, module, spec, layer)
+
+    def expert_weights(self, layer: int, expert: int) -> dict[str, np.ndarray]:
+        experts = attr(self._block(layer), self.spec.experts)
+        if self.spec.expert_layout == "stacked_swiglu":
+            hidden = self._ir.moe_layers[layer].expert.hidden
+            gate_up = experts.gate_up_proj[expert]  # (2I, D): gate rows, then up rows (chunk(2) of the output)
+            return {
+                "w_gate": _arr(gate_up[:hidden].T),
+                "w_up": _arr(gate_up[hidden:].T),
+                "w_down": _arr(experts.down_proj[expert].T),
+            }
+        e = experts[f"expert_{expert}"]
+        return {"w_in": _arr(e.wi.weight.T), "w_out": _arr(e.wo.weight.T)}
+
+    def shared_kernel(self, layer: int) -> GraphPartition | None:
+        spec = self._ir.moe_layers[layer].shared_expert
+        mlp = self._shared_mlp(layer)
+        if spec is None or mlp is None:
+            return None
+        name = f"expert_kernel_stacked_swiglu_{spec.activation}_{spec.d_model}x{spec.hidden}"
+        return self._kernel(name, _SwiGLUKernel(mlp.act_fn), spec, layer)
+
+    def shared_expert_weights(self, layer: int, index: int) -> dict[str, np.ndarray]:
+        mlp = self._shared_mlp(layer)
+        if mlp is None or index != 0:
+            raise ModelError(f"MoE layer {layer} has no shared expert {index}")
+        return {
+            "w_gate": _arr(mlp.gate_proj.weight.T),
+            "w_up": _arr(mlp.up_proj.weight.T),
+            "w_down": _arr(mlp.down_proj.weight.T),
+        }

@@ -1,0 +1,148 @@
+"""The hf family as the model registry sees it: transformers MoE classes from small configs in code.
+
+A config is ``{"arch": <transformers model_type>, "name": ..., **config kwargs}`` plus two family
+keys: ``seed`` (torch seed before construction, default 0) and ``router_bias_std`` (standard
+deviation of random values put into routers' ``e_score_correction_bias``, default 0: the
+library's zeros). Models are built with random weights, float32, eager attention and eager
+experts. Causal LMs are built as ``<Arch>ForCausalLM``; ``switch_transformers`` as
+``SwitchTransformersEncoderModel`` (see :mod:`edgemoe.frontends.hf`). Whether the adapter can
+capture the class is decided there, so a config for any transformers arch builds here and
+unsupported ones fail at capture with a message naming what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ...errors import DependencyError, ModelError
+
+NAME = "hf"
+
+DESCRIPTIONS = {
+    "hf-mixtral-micro": "transformers Mixtral, dim 32, 3 layers, 4 experts top-2, sliding window 8 (random weights)",
+    "hf-qwen2-moe-micro": "transformers Qwen2-MoE, dim 32, 8 experts top-4 + gated shared expert, 1 dense layer",
+    "hf-olmoe-micro": "transformers OLMoE, dim 32, 3 layers, 8 experts top-2 (random weights)",
+    "hf-switch-micro": "transformers SwitchTransformers encoder, dim 32, 4 blocks (2 sparse), 4 experts top-1",
+    "hf-deepseek-v2-micro": "transformers DeepSeek-V2, MLA, 8 experts top-2 group-limited, 2 shared, 1 dense layer",
+    "hf-deepseek-v3-micro": "transformers DeepSeek-V3, MLA, sigmoid + bias routing, group-limited, 2 shared experts",
+}
+
+# Shipped checkpoints (none: the configs are built with seeded random weights).
+WEIGHTS: dict[str, str] = {}
+
+# Keys of a config that belong to the family, not to the transformers config class.
+_FAMILY_KEYS = {"arch": None, "name": None, "seed": 0, "router_bias_std": 0.0}
+
+# Archs built as something other than <Arch>ForCausalLM (model_type -> transformers class name).
+_MODEL_CLASS = {"switch_transformers": "SwitchTransformersEncoderModel"}
+
+
+def configs() -> dict[str, dict]:
+    """Every named config, with the family's defaults filled in (validated when built)."""
+    from .configs import CONFIGS
+
+    # No normalize() here: it imports transformers, and listing models should stay cheap.
+    return {name: {**_FAMILY_KEYS, **cfg} for name, cfg in CONFIGS.items()}
+
+
+def _require_transformers() -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise DependencyError(
+            f"the {NAME} model family needs transformers (not installed): pip install 'edgemoe[hf]'"
+        ) from None
+
+
+def _config_class(arch: str):
+    _require_transformers()
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
+
+    if arch not in CONFIG_MAPPING_NAMES:
+        raise ModelError(f"transformers has no model type '{arch}' (config field 'arch' of an {NAME} model)")
+    return CONFIG_MAPPING[arch]
+
+
+def _model_class(arch: str):
+    _require_transformers()
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = _MODEL_CLASS.get(arch) or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(arch)
+    if name is None:
+        raise ModelError(
+            f"transformers arch '{arch}' has no causal-LM class to build "
+            f"(the {NAME} family builds <Arch>ForCausalLM, or {', '.join(_MODEL_CLASS.values())})"
+        )
+    return getattr(transformers, name)
+
+
+def normalize(config: dict) -> dict:
+    """Validate a config dict and return it with the family's defaults filled in.
+
+    The transformers config class supplies the defaults of every other field.
+
+    Raises:
+        ModelError: Missing or unknown arch, unknown fields, or values the config class rejects.
+    """
+    arch = config.get("arch")
+    if not isinstance(arch, str):
+        raise ModelError(f"an {NAME} model config needs 'arch', a transformers model type such as 'mixtral'")
+    cls = _config_class(arch)
+    hf = {k: v for k, v in config.items() if k not in _FAMILY_KEYS}
+    fields = {f.name for f in dataclasses.fields(cls)} | set(getattr(cls, "attribute_map", {}))
+    unknown = sorted(set(hf) - fields)
+    if unknown:
+        raise ModelError(
+            f"unknown {cls.__name__} field(s) {', '.join(unknown)} for {NAME} arch '{arch}' "
+            f"(family keys: {', '.join(_FAMILY_KEYS)})"
+        )
+    out = {k: config.get(k, default) for k, default in _FAMILY_KEYS.items()}
+    out["name"] = out["name"] or f"{NAME}-{arch}-custom"
+    if not isinstance(out["seed"], int) or isinstance(out["seed"], bool):
+        raise ModelError(f"{NAME} config 'seed' must be an integer, got {out['seed']!r}")
+    if not isinstance(out["router_bias_std"], int | float) or out["router_bias_std"] < 0:
+        raise ModelError(f"{NAME} config 'router_bias_std' must be a number >= 0, got {out['router_bias_std']!r}")
+    _hf_config(arch, hf)  # fail here, not at build, on values the config class rejects
+    return {**out, **hf}
+
+
+def _hf_config(arch: str, kwargs: dict):
+    from huggingface_hub.errors import StrictDataclassError  # what transformers' strict config classes raise
+
+    try:
+        return _config_class(arch)(**kwargs, attn_implementation="eager", experts_implementation="eager")
+    except (TypeError, ValueError, StrictDataclassError) as exc:
+        first = str(exc).strip().splitlines()
+        raise ModelError(f"bad {NAME} config for arch '{arch}': {' '.join(s.strip() for s in first[:2])}") from None
+
+
+def build(config: dict):
+    """Build the transformers module (seeded random weights, float32, eval mode) from a config dict."""
+    import torch
+
+    full = normalize(config)
+    arch = full["arch"]
+    hf = {k: v for k, v in full.items() if k not in _FAMILY_KEYS}
+    cls = _model_class(arch)
+    cfg = _hf_config(arch, hf)
+    torch.manual_seed(full["seed"])
+    try:
+        with torch.device("cpu"):
+            model = cls(cfg).to(torch.float32).eval()
+    except (AttributeError, TypeError, ValueError, RuntimeError, IndexError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"transformers cannot build {cls.__name__} from this {NAME} config: {first}") from None
+    model.config.name_or_path = full["name"]  # the adapter names the captured model after it
+    if full["router_bias_std"]:
+        # The library initialises the score-correction bias to zeros; random values exercise the path
+        # where the bias changes which experts are chosen (but not their weights).
+        gen = torch.Generator().manual_seed(full["seed"] + 1)
+        biased = [m for m in model.modules() if isinstance(getattr(m, "e_score_correction_bias", None), torch.Tensor)]
+        if not biased:
+            raise ModelError(f"{NAME} config sets router_bias_std, but arch '{arch}' has no e_score_correction_bias")
+        with torch.no_grad():
+            for m in biased:
+                b = m.e_score_correction_bias
+                b.copy_(torch.randn(b.shape, generator=gen) * full["router_bias_std"])
+    return model
