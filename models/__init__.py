@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ModelError
 
-_FAMILIES = ("m3vit",)
+_FAMILIES = ("m3vit", "hf", "moe_lm")
 
 
 def family_module(name: str) -> ModuleType:
