@@ -119,21 +119,77 @@ def cli():
     default=None,
     help="Checkpoint to load (.safetensors, or a torch file loaded with weights_only=True).",
 )
+@click.option(
+    "--quant",
+    default="fp32",
+    show_default=True,
+    type=click.Choice(["fp32", "fp16", "int8", "int8-dynamic", "int4"]),
+    help="Quantization of trunk, heads and experts (gates stay fp32).",
+)
+@click.option(
+    "--group-size",
+    default=32,
+    show_default=True,
+    type=click.Choice(["32", "64", "128"]),
+    help="Group size of int4 / mixed-precision weights.",
+)
+@click.option(
+    "--calibrator",
+    default="minmax",
+    show_default=True,
+    type=click.Choice(["minmax", "percentile"]),
+    help="Activation range calibrator of int8.",
+)
+@click.option(
+    "--weight-budget",
+    default=None,
+    help="Mixed precision: byte budget of all expert weights (e.g. 6MB, 6MiB); the solver picks 2/4/8 bits per expert.",
+)
+@click.option("--avg-bits", default=None, type=float, help="Mixed precision: average bits per expert weight (e.g. 3).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 @_handle_errors
-def compile_cmd(model, output, target, device, tasks, prune, calib_samples, calib_seed, weights, as_json, quiet):
+def compile_cmd(
+    model,
+    output,
+    target,
+    device,
+    tasks,
+    prune,
+    calib_samples,
+    calib_seed,
+    weights,
+    quant,
+    group_size,
+    calibrator,
+    weight_budget,
+    avg_bits,
+    as_json,
+    quiet,
+):
     """Compile MODEL (a name from `edgemoe models`) into a bundle folder.
 
     Captures the model, profiles routing per task on calibration inputs, drops experts a task
     never uses, exports the trunk, per-task gates and heads and one kernel per expert shape,
     and writes expert weights as checked blobs. Nothing is left at OUTPUT if it fails.
+
+    With --quant / --weight-budget / --avg-bits the staged bundle is calibrated, quantized
+    (experts one blob at a time) and its accuracy against fp32 on held-out data is written
+    into the manifest (see `edgemoe inspect`).
     """
     from edgemoe.bundle.describe import describe_bundle
     from edgemoe.compiler import compile_model
     from edgemoe.config import CompileConfig
+    from edgemoe.quantization import QuantConfig, parse_bytes
     from edgemoe.report import render_bundle
 
+    qcfg = QuantConfig(
+        scheme=quant,
+        group_size=int(group_size),
+        calibrator=calibrator,
+        weight_budget=None if weight_budget is None else parse_bytes(weight_budget),
+        avg_bits=avg_bits,
+    )
     cfg = CompileConfig(
         model=model,
         target=target,
@@ -143,6 +199,7 @@ def compile_cmd(model, output, target, device, tasks, prune, calib_samples, cali
         calib_samples=calib_samples,
         calib_seed=calib_seed,
         weights=weights,
+        quant=qcfg,
     )
     progress = _Progress(quiet or as_json)
     compile_model(cfg, output, progress)
@@ -200,7 +257,12 @@ def inspect_cmd(what, check, as_json):
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--samples", default=2, show_default=True, type=int, help="Inputs in the verification batch.")
 @click.option("--seed", default=7, show_default=True, type=int, help="Seed of the inputs.")
-@click.option("--tolerance", default=1e-4, show_default=True, type=float, help="Max abs error that passes.")
+@click.option(
+    "--tolerance",
+    default=None,
+    type=float,
+    help="Max abs error that passes [default: 1e-4 for fp32 bundles; quantized bundles report it].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 @_handle_errors
@@ -218,7 +280,7 @@ def verify_cmd(bundle, samples, seed, tolerance, as_json, quiet):
     _emit(rep.to_json(), as_json, render_verify)
     if not rep.passed:
         bad = [t for t, r in rep.tasks.items() if not r.passed]
-        raise VerificationError(f"tasks {', '.join(bad)} exceed the tolerance {tolerance:g}")
+        raise VerificationError(f"tasks {', '.join(bad)} exceed the tolerance {rep.tolerance:g}")
 
 
 @cli.command("models")

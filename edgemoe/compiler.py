@@ -7,11 +7,14 @@ from pathlib import Path
 from .config import CompileConfig
 from .devices import get_device
 from .errors import ConfigError
+from .passes.calibrate_activations import AdapterCalibration, calibrate_activations
 from .passes.capture_model import capture_model
+from .passes.measure_accuracy import bundle_bytes, measure_accuracy
 from .passes.partition_model import partition_model
 from .passes.profile_routing import profile_routing
 from .passes.prune_experts import prune_experts
-from .passes.write_bundle import Progress, check_output_path, write_bundle
+from .passes.quantize_bundle import quantize_bundle
+from .passes.write_bundle import Progress, check_output_path, write_bundle, write_manifest
 
 
 def compile_model(cfg: CompileConfig, out: str | Path, progress: Progress = lambda _msg: None) -> dict:
@@ -29,6 +32,7 @@ def compile_model(cfg: CompileConfig, out: str | Path, progress: Progress = lamb
 
     out = Path(out)
     check_output_path(out)  # fail before minutes of work, not after
+    cfg.quant.validate()
     if cfg.calib_samples < 1:
         raise ConfigError(f"calibration needs at least one sample, got {cfg.calib_samples}")
     target = get_target(cfg.target)
@@ -40,4 +44,17 @@ def compile_model(cfg: CompileConfig, out: str | Path, progress: Progress = lamb
     profile = profile_routing(captured, cfg.calib_samples, cfg.calib_seed)
     expert_sets = prune_experts(captured, profile, cfg.prune)
     plan = partition_model(captured, expert_sets)
-    return write_bundle(out, cfg, captured, profile, plan, target, device, progress)
+
+    def quantize(staging: Path, manifest: dict) -> dict:
+        fp32_bytes = bundle_bytes(staging, manifest)
+        reader = AdapterCalibration(captured.adapter, cfg.calib_samples, cfg.calib_seed)
+        calib = calibrate_activations(staging, manifest, reader, progress=progress)
+        manifest = quantize_bundle(staging, manifest, cfg.quant, target, calib, profile, progress)
+        write_manifest(staging, manifest)
+        manifest["accuracy"] = measure_accuracy(
+            staging, manifest, captured.adapter, cfg.quant.eval_samples, fp32_bytes=fp32_bytes, progress=progress
+        )
+        return manifest
+
+    finalize = quantize if cfg.quant.active else None
+    return write_bundle(out, cfg, captured, profile, plan, target, device, progress, finalize)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .quantization import QuantConfig
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class CompileConfig:
         model_family: With ``model_config``: build this family from that config instead of
             resolving ``model`` (how ``verify`` rebuilds a bundle's source model).
         model_config: Full family config dict, or None.
+        quant: Quantization of the bundle (default: none, fp32).
     """
 
     model: str
@@ -35,3 +38,4 @@ class CompileConfig:
     opset: int = 17
     model_family: str | None = None
     model_config: dict | None = None
+    quant: QuantConfig = field(default_factory=QuantConfig)

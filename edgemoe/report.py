@@ -54,17 +54,19 @@ def render_verify(rep: dict) -> str:
                 f"{t['experts_loaded']}/{t['experts_total']}",
                 f"{human_bytes(t['expert_bytes_loaded'])} / {human_bytes(t['expert_bytes_total'])}",
                 f"{t['latency_ms']:.2f}",
+                f"{t['metric_name']} {t['metric']:.4g} (fp32 {t['metric_fp32']:.4g})",
                 "ok" if t["passed"] else "FAIL",
             ]
         )
-    head = (
-        f"{rep['model']} bundle {rep['bundle']}: {rep['samples']} sample inputs (seed {rep['seed']}), "
+    head = f"{rep['model']} bundle {rep['bundle']}: {rep['samples']} sample inputs (seed {rep['seed']}), " + (
         f"tolerance {rep['tolerance']:g}"
+        if rep["tolerance"] is not None
+        else f"{rep['quantization']} bundle: error reported, metric vs fp32 is the check"
     )
     body = table(
-        ["task", "output", "max|err|", "vs unpruned", "experts", "expert bytes loaded/total", "ms (b=1)", ""],
+        ["task", "output", "max|err|", "vs unpruned", "experts", "expert bytes loaded/total", "ms (b=1)", "metric", ""],
         rows,
-        "llrrrrrl",
+        "llrrrrrll",
     )
     return f"{head}\n{body}"
 
@@ -103,7 +105,7 @@ def render_bundle(d: dict) -> str:
         ),
         "",
         table(
-            ["MoE layer", "block", "experts", "top-k", "expert shape", "shipped", "bytes"],
+            ["MoE layer", "block", "experts", "top-k", "expert shape", "shipped", "bytes", "bits per shipped expert"],
             [
                 [
                     layer["index"],
@@ -113,10 +115,11 @@ def render_bundle(d: dict) -> str:
                     "x".join(map(str, layer["expert_shape"])),
                     len(layer["experts_in_bundle"]),
                     human_bytes(layer["expert_bytes_in_bundle"]),
+                    " ".join(str(e["bits"]) for e in layer["experts"]),
                 ]
                 for layer in d["moe_layers"]
             ],
-            "rrrrrrr",
+            "rrrrrrrl",
         ),
         "",
     ]
@@ -131,7 +134,35 @@ def render_bundle(d: dict) -> str:
             "lrrrl",
         )
     )
-    return "\n".join(out)
+    return "\n".join(out + _quant_lines(d))
+
+
+def _quant_lines(d: dict) -> list[str]:
+    """The quantization and accuracy part of ``inspect BUNDLE``."""
+    out: list[str] = []
+    q = d.get("quantization") or {}
+    if q.get("scheme", "fp32") != "fp32" or q.get("mixed_precision"):
+        mp = q.get("mixed_precision")
+        line = f"quantization: {q['scheme']} (dense partitions {q['dense_scheme']}, gates fp32), "
+        line += f"{q['avg_expert_bits']:.2f} bits per expert weight on average"
+        if mp:
+            line += f"; mixed precision solved in {mp['solve_seconds']:.2f} s"
+        out += ["", line]
+    acc = d.get("accuracy")
+    if acc:
+        ratio = ""
+        if acc["size_ratio"]:
+            ratio = f" = {acc['size_ratio']:.3f}x fp32 ({human_bytes(acc['bundle_bytes_fp32'])})"
+        rows = [
+            [t, a["metric_name"], f"{a['metric']:.4f}", f"{a['metric_fp32']:.4f}", f"{a['max_abs_error_vs_fp32']:.3g}"]
+            for t, a in acc["tasks"].items()
+        ]
+        out += [
+            "",
+            f"accuracy on {acc['samples']} held-out inputs; bundle {human_bytes(acc['bundle_bytes'])}{ratio}",
+            table(["task", "metric", "quantized", "fp32", "max|err| vs fp32"], rows, "llrrr"),
+        ]
+    return out
 
 
 def render_model(d: dict) -> str:

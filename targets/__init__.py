@@ -44,6 +44,21 @@ class Target(abc.ABC):
     def describe(self, cfg: CompileConfig) -> dict:
         """The manifest's ``target`` section (name, executor, versions, options)."""
 
+    # -- quantization (optional: a target that lacks a scheme says so at compile time) ----------
+    def quantize_graph(self, path: Path, scheme: str, feeds: list, quant) -> None:
+        """Quantize a dense partition file in place (``quant`` is the QuantConfig)."""
+        raise TargetError(f"target {self.name} does not support quantization scheme '{scheme}'")
+
+    def quantize_kernel(
+        self, src: Path, dst: Path, weights: tuple[str, ...], scheme: str, bits: int, group: int
+    ) -> Path:
+        """Write a quantized variant of an expert kernel taking quantized weight tensors."""
+        raise TargetError(f"target {self.name} does not support quantized expert kernels ('{scheme}')")
+
+    def probe_kernel(self, src: Path, weights: tuple[str, ...]) -> tuple[bytes, list[str]]:
+        """The fp32 kernel exposing the activation entering each weight (for calibration)."""
+        raise TargetError(f"target {self.name} cannot calibrate expert activations")
+
 
 _TARGETS: dict[str, str] = {
     "onnx": "edgemoe.targets.onnx:TARGET",

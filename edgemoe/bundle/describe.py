@@ -46,6 +46,10 @@ def describe_bundle(bundle: str | Path, check: bool = False) -> dict:
             "expert_shape": [layer["expert_shape"]["d_model"], layer["expert_shape"]["hidden"]],
             "experts_in_bundle": [e["index"] for e in layer["experts"]],
             "expert_bytes_in_bundle": sum(e["bytes"] for e in layer["experts"]),
+            "experts": [
+                {"index": e["index"], "bits": e.get("bits", 32), "bytes": e["bytes"], "scheme": e.get("scheme", "fp32")}
+                for e in layer["experts"]
+            ],
             "shared_experts": len(layer.get("shared", [])),
             "shared_expert_bytes": sum(e["bytes"] for e in layer.get("shared", [])),
         }
@@ -81,5 +85,7 @@ def describe_bundle(bundle: str | Path, check: bool = False) -> dict:
         "tasks": tasks,
         "totals": m["totals"],
         "bundle_bytes": bundle_bytes,
+        "quantization": m.get("quantization", {"scheme": "fp32"}),
+        "accuracy": m.get("accuracy"),
         "checked": check,
     }

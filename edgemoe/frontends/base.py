@@ -115,3 +115,36 @@ class ModelAdapter(abc.ABC):
     def shared_expert_weights(self, layer: int, index: int) -> dict[str, np.ndarray]:
         """Weights of shared expert ``index`` of ``layer``, keyed as its kernel's inputs."""
         raise NotImplementedError(f"{type(self).__name__} has no shared experts")
+
+    def evaluation_data(self, samples: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+        """Held-out inputs and, where the family has labelled data, per-task targets.
+
+        The default draws sample inputs disjoint from calibration (another seed) with no targets;
+        task metrics then compare against the fp32 framework model.
+        """
+        from ..bundle.format import sample_input
+
+        return sample_input(self.ir.input.to_json(), batch=samples, seed=seed + 7919), None
+
+    def task_metric(
+        self, task: str, prediction: np.ndarray, target: np.ndarray | None, reference: np.ndarray
+    ) -> tuple[str, float, bool]:
+        """A task's accuracy metric of ``prediction``.
+
+        Args:
+            task: Task name.
+            prediction: Model output on the evaluation inputs.
+            target: Labels from :meth:`evaluation_data`, or None.
+            reference: The fp32 framework model's output on the same inputs.
+
+        Returns:
+            (metric name, value, higher is better). Without labels: top-1 agreement with the fp32
+            model for token-level outputs (logits), else mean cosine similarity to it.
+        """
+        p = prediction.reshape(-1, prediction.shape[-1]).astype(np.float64)
+        r = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
+        if self.ir.granularity == "token" and prediction.shape[-1] > 1 and task == "lm":
+            return "top1_agreement", float((p.argmax(-1) == r.argmax(-1)).mean()), True
+        p, r = prediction.reshape(len(prediction), -1), reference.reshape(len(reference), -1)
+        cos = (p * r).sum(-1) / np.maximum(np.linalg.norm(p, axis=-1) * np.linalg.norm(r, axis=-1), 1e-30)
+        return "cosine_to_fp32", float(cos.mean()), True

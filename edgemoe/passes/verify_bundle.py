@@ -10,9 +10,10 @@ import numpy as np
 
 from ..bundle.format import read_manifest, sample_input
 from ..config import CompileConfig
-from ..errors import ModelError
+from ..errors import BundleError, ModelError
 from ..runtime import Session
 from .capture_model import capture_model
+from .measure_accuracy import measure_accuracy
 
 # fp32 bundles must reproduce the framework model to this max absolute error.
 DEFAULT_TOLERANCE = 1e-4
@@ -35,7 +36,12 @@ class TaskVerification:
         expert_bytes_loaded: Expert bytes the session read.
         expert_bytes_total: Expert bytes of the source model.
         latency_ms: Median latency of one batch-1 run after warm-up.
-        passed: ``max_abs_error <= tolerance``.
+        metric_name: The task metric (see the adapter's ``task_metric``).
+        metric: The bundle's metric on held-out evaluation data.
+        metric_fp32: The fp32 framework model's metric on the same data.
+        higher_is_better: Direction of the metric.
+        passed: ``max_abs_error <= tolerance`` (always true for a quantized bundle verified
+            without an explicit tolerance: its error is reported, its metric is the check).
     """
 
     task: str
@@ -50,6 +56,10 @@ class TaskVerification:
     expert_bytes_loaded: int
     expert_bytes_total: int
     latency_ms: float
+    metric_name: str
+    metric: float
+    metric_fp32: float
+    higher_is_better: bool
     passed: bool
 
 
@@ -61,7 +71,8 @@ class VerifyReport:
     model: str
     samples: int
     seed: int
-    tolerance: float
+    tolerance: float | None
+    quantization: str
     tasks: dict[str, TaskVerification]
 
     @property
@@ -77,6 +88,7 @@ class VerifyReport:
             "samples": self.samples,
             "seed": self.seed,
             "tolerance": self.tolerance,
+            "quantization": self.quantization,
             "passed": self.passed,
             "tasks": {name: asdict(t) for name, t in self.tasks.items()},
         }
@@ -86,9 +98,10 @@ def verify_bundle(
     bundle: str | Path,
     samples: int = 2,
     seed: int = 7,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     tasks: tuple[str, ...] = (),
     timing_runs: int = 5,
+    eval_samples: int = 8,
     progress=lambda _msg: None,
 ) -> VerifyReport:
     """Run sample inputs through the bundle and through the source model, per task.
@@ -97,9 +110,11 @@ def verify_bundle(
         bundle: Bundle folder.
         samples: Inputs in the verification batch.
         seed: Seed of the inputs.
-        tolerance: Max absolute error that passes.
+        tolerance: Max absolute error that passes (None: 1e-4 for fp32 bundles; not checked for
+            quantized bundles, whose metric against fp32 is reported instead).
         tasks: Tasks to check (empty: all in the bundle).
         timing_runs: Batch-1 runs timed for the latency median.
+        eval_samples: Held-out inputs for the task metric.
         progress: Called with one short message per step.
 
     Returns:
@@ -110,6 +125,8 @@ def verify_bundle(
     """
     manifest = read_manifest(bundle)
     source = manifest["model"]["source"]
+    if "family" not in source or "config" not in source:
+        raise BundleError("the bundle's manifest does not say how to rebuild its source model; recompile it")
     progress(f"rebuild source model {manifest['model']['name']}")
     captured = capture_model(
         CompileConfig(
@@ -125,6 +142,11 @@ def verify_bundle(
             f"the weights of {manifest['model']['name']} differ from those the bundle was compiled from; "
             "recompile the bundle or pass the same checkpoint"
         )
+    quantized = manifest.get("quantization", {}).get("avg_expert_bits") is not None
+    if tolerance is None and not quantized:
+        tolerance = DEFAULT_TOLERANCE
+    progress(f"task metrics on {eval_samples} held-out inputs")
+    accuracy = measure_accuracy(Path(bundle), manifest, captured.adapter, eval_samples)["tasks"]
     x = sample_input(manifest["input"], batch=samples, seed=seed)
     reports = {}
     for task in tasks or tuple(manifest["tasks"]):
@@ -150,7 +172,11 @@ def verify_bundle(
             expert_bytes_loaded=stats.expert_bytes_loaded,
             expert_bytes_total=stats.expert_bytes_total,
             latency_ms=statistics.median(times),
-            passed=bool(diff.max() <= tolerance),
+            metric_name=accuracy[task]["metric_name"],
+            metric=accuracy[task]["metric"],
+            metric_fp32=accuracy[task]["metric_fp32"],
+            higher_is_better=accuracy[task]["higher_is_better"],
+            passed=tolerance is None or bool(diff.max() <= tolerance),
         )
     return VerifyReport(
         bundle=str(bundle),
@@ -158,5 +184,6 @@ def verify_bundle(
         samples=samples,
         seed=seed,
         tolerance=tolerance,
+        quantization=manifest.get("quantization", {}).get("scheme", "fp32"),
         tasks=reports,
     )

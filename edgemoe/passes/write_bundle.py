@@ -8,6 +8,7 @@ bundle at the output path.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import shutil
 import uuid
@@ -60,6 +61,7 @@ def write_bundle(
     target,
     device: DeviceProfile,
     progress: Progress = lambda _msg: None,
+    finalize: Callable[[Path, dict], dict] | None = None,
 ) -> dict:
     """Emit graphs and expert blobs into a staging folder, write the manifest, rename into place.
 
@@ -72,6 +74,8 @@ def write_bundle(
         target: The :class:`~edgemoe.targets.Target` emitting graphs.
         device: Device profile the bundle is built for.
         progress: Called with a short message per step.
+        finalize: Later stages (quantization) run on the complete staged bundle before it is
+            renamed into place; they return the updated manifest, which is written again.
 
     Returns:
         The manifest written.
@@ -83,6 +87,9 @@ def write_bundle(
     staging.mkdir()
     try:
         manifest = _fill(staging, cfg, captured, profile, plan, target, device, progress)
+        if finalize is not None:
+            manifest = finalize(staging, manifest)
+            write_manifest(staging, manifest)
         _install(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -91,8 +98,6 @@ def write_bundle(
 
 
 def _fill(staging, cfg, captured, profile, plan, target, device, progress) -> dict:
-    import json
-
     ir, adapter = captured.ir, captured.adapter
     graphs: dict[str, dict] = {}
     parts = plan.graphs()
@@ -196,8 +201,13 @@ def _fill(staging, cfg, captured, profile, plan, target, device, progress) -> di
         },
     }
     progress("write manifest")
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+    write_manifest(staging, manifest)
     return manifest
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """Write ``manifest.json`` into a (staging) bundle folder."""
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def _preprocess(ir) -> dict:

@@ -74,6 +74,23 @@ class OnnxTarget(Target):
         self._check_numerics(part, path)
         return path
 
+    def quantize_graph(self, path: Path, scheme: str, feeds: list, quant) -> None:
+        from .quantize import quantize_dense_graph
+
+        quantize_dense_graph(path, scheme, feeds, quant.group_size, quant.calibrator, quant.percentile)
+
+    def quantize_kernel(
+        self, src: Path, dst: Path, weights: tuple[str, ...], scheme: str, bits: int, group: int
+    ) -> Path:
+        from .quantize import rewrite_expert_kernel
+
+        return rewrite_expert_kernel(src, dst, weights, scheme, bits, group)
+
+    def probe_kernel(self, src: Path, weights: tuple[str, ...]) -> tuple[bytes, list[str]]:
+        from .quantize import probe_kernel
+
+        return probe_kernel(src, weights)
+
     def _check_numerics(self, part: GraphPartition, path: Path) -> None:
         """Run the graph in onnxruntime and compare with the torch module on the example inputs."""
         import onnxruntime as ort

@@ -1,0 +1,205 @@
+"""Quantization: codecs (property-based), the mixed-precision solver, and every scheme through the runtime."""
+
+import json
+
+import numpy as np
+import pytest
+from helpers import read_manifest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from edgemoe.bundle import sample_input
+from edgemoe.compiler import compile_model
+from edgemoe.config import CompileConfig
+from edgemoe.errors import ConfigError
+from edgemoe.passes.plan_expert_bits import ExpertChoice, plan_expert_bits
+from edgemoe.passes.verify_bundle import verify_bundle
+from edgemoe.quantization import (
+    QuantConfig,
+    dequantize_int8_per_channel,
+    dequantize_nbits,
+    nbits_bytes,
+    parse_bytes,
+    quantize_int8_per_channel,
+    quantize_nbits,
+)
+from edgemoe.runtime import Session
+
+finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
+shapes = st.tuples(st.integers(1, 70), st.integers(1, 12))
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, shapes, elements=finite))
+def test_int8_round_trip_error_is_half_a_step(w):
+    q, scale = quantize_int8_per_channel(w)
+    assert q.dtype == np.int8 and scale.dtype == np.float32 and (np.abs(q) <= 127).all()
+    back = dequantize_int8_per_channel(q, scale)
+    assert (np.abs(back - w) <= scale * 0.5 + 1e-6 * np.abs(w) + 1e-30).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, shapes, elements=finite), st.sampled_from([2, 4, 8]), st.sampled_from([32, 64]))
+def test_nbits_round_trip_error_is_half_a_step(w, bits, group):
+    packed, scales = quantize_nbits(w, bits, group)
+    k, n = w.shape
+    assert packed.shape == (n, -(-k // group), group * bits // 8)
+    assert packed.nbytes + scales.nbytes == nbits_bytes(k, n, bits, group)
+    back = dequantize_nbits(packed, scales, k, bits, group)
+    assert back.shape == w.shape
+    step = np.repeat(scales.reshape(n, -1), group, axis=1)[:, :k].T
+    assert (np.abs(back - w) <= step * 0.5 + 1e-6 * np.abs(w) + 1e-30).all()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_nbits_edge_cases(bits):
+    zeros = np.zeros((40, 3), np.float32)
+    packed, scales = quantize_nbits(zeros, bits, 32)
+    assert (scales == 1).all()  # zero groups: any scale reproduces them exactly
+    assert (dequantize_nbits(packed, scales, 40, bits, 32) == 0).all()
+    const = np.full((64, 2), -3.5, np.float32)
+    packed, scales = quantize_nbits(const, bits, 32)
+    np.testing.assert_allclose(dequantize_nbits(packed, scales, 64, bits, 32), const, rtol=1e-6)
+    tiny = np.full((32, 1), 1e-30, np.float32)
+    packed, scales = quantize_nbits(tiny, bits, 32)
+    assert np.isfinite(dequantize_nbits(packed, scales, 32, bits, 32)).all()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_and_inf_name_the_tensor(bad):
+    w = np.ones((32, 4), np.float32)
+    w[3, 1] = bad
+    with pytest.raises(ConfigError, match="experts.3.w1"):
+        quantize_nbits(w, 4, 32, "experts.3.w1")
+    with pytest.raises(ConfigError, match="fc2"):
+        quantize_int8_per_channel(w, "fc2")
+
+
+def test_parse_bytes_and_config_validation():
+    assert parse_bytes("6MB") == 6_000_000 and parse_bytes("6MiB") == 6 << 20 and parse_bytes("1500") == 1500
+    with pytest.raises(ConfigError):
+        parse_bytes("six megs")
+    with pytest.raises(ConfigError):
+        QuantConfig(scheme="int3").validate()
+    with pytest.raises(ConfigError):
+        QuantConfig(weight_budget=10, avg_bits=3).validate()
+    with pytest.raises(ConfigError):
+        QuantConfig(avg_bits=1).validate()
+    with pytest.raises(ConfigError):
+        QuantConfig(group_size=48).validate()
+
+
+def _choices(n=96, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        err = {2: float(rng.uniform(0.05, 0.3)), 4: float(rng.uniform(0.004, 0.02)), 8: float(rng.uniform(1e-5, 1e-4))}
+        out.append(ExpertChoice((i // 16, i % 16), float(rng.exponential()), 147456,
+                                {b: nbits_bytes(192, 384, b, 32) * 2 for b in (2, 4, 8)}, err))
+    return out
+
+
+def test_solver_respects_budget_and_is_fast():
+    experts = _choices()
+    budget = sum(e.bytes[4] for e in experts)
+    plan = plan_expert_bits(experts, (2, 4, 8), budget_bytes=budget)
+    assert plan.total_bytes <= budget
+    assert plan.solve_seconds < 5  # 6 layers x 16 experts
+    uniform4 = sum(e.importance * e.error[4] for e in experts)
+    assert plan.objective <= uniform4 + 1e-12  # all-4-bit is feasible, so the optimum is no worse
+    avg = plan_expert_bits(experts, (2, 4, 8), avg_bits=3.0)
+    assert avg.avg_bits <= 3.0 + 1e-9
+    with pytest.raises(ConfigError, match="below"):
+        plan_expert_bits(experts, (2, 4, 8), budget_bytes=10)
+
+
+def test_solver_gives_important_experts_more_bits():
+    experts = _choices(32, seed=3)
+    plan = plan_expert_bits(experts, (2, 4, 8), avg_bits=3.0)
+    order = sorted(experts, key=lambda e: e.importance)
+    low = np.mean([plan.bits[e.key] for e in order[:8]])
+    high = np.mean([plan.bits[e.key] for e in order[-8:]])
+    assert high > low
+
+
+@pytest.fixture(scope="module")
+def quant_bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    out = {}
+    for name, q in {
+        "fp16": QuantConfig(scheme="fp16", eval_samples=4),
+        "int8": QuantConfig(scheme="int8", eval_samples=4),
+        "int8-dynamic": QuantConfig(scheme="int8-dynamic", eval_samples=4),
+        "int4": QuantConfig(scheme="int4", eval_samples=4),
+        "mixed": QuantConfig(avg_bits=3.0, eval_samples=4),
+    }.items():
+        compile_model(CompileConfig("m3vit-micro", quant=q, calib_samples=4), root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["fp16", "int8", "int8-dynamic", "int4", "mixed"])
+def test_each_scheme_runs_through_the_runtime(quant_bundles, bundle_factory, scheme):
+    bundle = quant_bundles[scheme]
+    m = read_manifest(bundle)
+    fp32 = read_manifest(bundle_factory("m3vit-micro"))
+    assert m["totals"]["expert_bytes_bundle"] < fp32["totals"]["expert_bytes_bundle"]
+    session = Session(bundle, "semseg")
+    x = sample_input(m["input"], batch=2, seed=1)
+    ref = Session(bundle_factory("m3vit-micro"), "semseg").run(x)
+    got = session.run(x)
+    cos = (got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref)
+    assert cos > {"fp16": 0.99999, "int8-dynamic": 0.999}.get(scheme, 0.98), cos
+    assert not np.array_equal(got, ref)  # it really ran quantized weights
+    acc = m["accuracy"]["tasks"]["semseg"]
+    assert acc["metric_name"] == "cosine_to_fp32" and acc["metric_fp32"] == pytest.approx(1.0)
+    assert m["accuracy"]["bundle_bytes"] < m["accuracy"]["bundle_bytes_fp32"]
+    for layer in m["moe_layers"]:
+        for e in layer["experts"]:
+            assert e["kernel"] in m["graphs"] and "bits" in e
+
+
+def test_bits_follow_the_scheme(quant_bundles):
+    bits = {name: {e["bits"] for layer in read_manifest(b)["moe_layers"] for e in layer["experts"]}
+            for name, b in quant_bundles.items()}
+    assert bits["fp16"] == {16} and bits["int8"] == {8} and bits["int8-dynamic"] == {8} and bits["int4"] == {4}
+    assert bits["mixed"] <= {2, 4, 8}
+    mp = read_manifest(quant_bundles["mixed"])["quantization"]
+    assert mp["avg_expert_bits"] <= 3.0 + 1e-9 and mp["mixed_precision"]["solve_seconds"] < 5
+
+
+def test_no_unreferenced_files_after_quantization(quant_bundles):
+    for bundle in quant_bundles.values():
+        m = read_manifest(bundle)
+        listed = {g["file"] for g in m["graphs"].values()}
+        listed |= {e["file"] for layer in m["moe_layers"] for e in layer["experts"]}
+        on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {"manifest.json"}
+        assert listed == on_disk
+
+
+def test_inspect_and_verify_report_bits_and_accuracy(quant_bundles, run_cli):
+    bundle = quant_bundles["mixed"]
+    res = run_cli("inspect", bundle, "--json", "--check")
+    assert res.exit_code == 0, res.stderr
+    d = json.loads(res.stdout)
+    assert d["bundle_bytes"] > 0 and d["accuracy"]["tasks"]["depth"]["metric_name"]
+    assert all("bits" in e for layer in d["moe_layers"] for e in layer["experts"])
+    rep = verify_bundle(bundle, samples=2, timing_runs=1, eval_samples=2)
+    assert rep.passed and rep.tolerance is None
+    t = rep.to_json()["tasks"]["semseg"]
+    assert {"metric", "metric_fp32", "metric_name"} <= set(t)
+    strict = run_cli("verify", bundle, "--tolerance", "1e-6", "-q")
+    assert strict.exit_code == 10
+
+
+def test_weight_budget_flag(run_cli, tmp_path, bundle_factory):
+    fp32_bytes = read_manifest(bundle_factory("m3vit-micro"))["totals"]["expert_bytes_bundle"]
+    budget = fp32_bytes // 6
+    res = run_cli("compile", "m3vit-micro", "--weight-budget", str(budget), "-o", tmp_path / "b", "--json")
+    assert res.exit_code == 0, res.stderr
+    m = read_manifest(tmp_path / "b")
+    assert m["quantization"]["mixed_precision"]["expert_bytes"] <= budget
+    bad = run_cli("compile", "m3vit-micro", "--weight-budget", "1KB", "-o", tmp_path / "c")
+    assert bad.exit_code == 4 and "below" in bad.stderr
+    assert not (tmp_path / "c").exists()
