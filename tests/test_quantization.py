@@ -70,7 +70,7 @@ def test_nbits_edge_cases(bits):
 def test_nan_and_inf_name_the_tensor(bad):
     w = np.ones((32, 4), np.float32)
     w[3, 1] = bad
-    with pytest.raises(ConfigError, match="experts.3.w1"):
+    with pytest.raises(ConfigError, match=r"experts\.3\.w1"):
         quantize_nbits(w, 4, 32, "experts.3.w1")
     with pytest.raises(ConfigError, match="fc2"):
         quantize_int8_per_channel(w, "fc2")
@@ -153,7 +153,7 @@ def test_each_scheme_runs_through_the_runtime(quant_bundles, bundle_factory, sch
     assert cos > {"fp16": 0.99999, "int8-dynamic": 0.999}.get(scheme, 0.98), cos
     assert not np.array_equal(got, ref)  # it really ran quantized weights
     acc = m["accuracy"]["tasks"]["semseg"]
-    assert acc["metric_name"] == "cosine_to_fp32" and acc["metric_fp32"] == pytest.approx(1.0)
+    assert acc["metric_name"] == "miou" and 0 <= acc["metric"] <= 1 and 0 <= acc["metric_fp32"] <= 1
     assert m["accuracy"]["bundle_bytes"] < m["accuracy"]["bundle_bytes_fp32"]
     for layer in m["moe_layers"]:
         for e in layer["experts"]:

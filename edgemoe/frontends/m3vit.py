@@ -290,3 +290,30 @@ class M3ViTAdapter(ModelAdapter):
             "w2": arr(e.fc2.weight.T),
             "b2": arr(e.fc2.bias),
         }
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluation_data(self, samples: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+        """Held-out procedural scenes (never drawn in training) with class and depth labels."""
+        if set(self.cfg.task_names) - {"semseg", "depth"}:
+            return super().evaluation_data(samples, seed)
+        from ..models.m3vit.scenes import HELD_OUT_START, make_batch
+
+        start = HELD_OUT_START + 10_000 + seed * 1_000
+        x, labels, depth = make_batch(range(start, start + samples), self.cfg.mean, self.cfg.std, *self.cfg.img_size)
+        return x, {"semseg": labels, "depth": depth}
+
+    def task_metric(
+        self, task: str, prediction: np.ndarray, target: np.ndarray | None, reference: np.ndarray
+    ) -> tuple[str, float, bool]:
+        """Task metric: mIoU for ``semseg``, RMSE for ``depth`` (as models/m3vit/evaluate.py computes them)."""
+        if target is None:
+            return super().task_metric(task, prediction, target, reference)
+        if task == "semseg":
+            n = prediction.shape[1]
+            pred = prediction.argmax(1)
+            conf = np.bincount((target * n + pred).ravel(), minlength=n * n).reshape(n, n)
+            tp = np.diag(conf).astype(np.float64)
+            union = conf.sum(0) + conf.sum(1) - tp
+            return "miou", float(np.nanmean(np.where(union > 0, tp / np.maximum(union, 1), np.nan))), True
+        pred = np.maximum(prediction[:, 0].astype(np.float64), 1e-3)
+        return "depth_rmse", float(np.sqrt(((pred - target) ** 2).mean())), False
