@@ -19,11 +19,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# Image models run on a held-out procedural scene and write input/<task>/ground-truth PNGs to $(BUNDLE)-demo/.
 demo: venv
 	$(BIN)/edgemoe compile $(MODEL) --device host --target onnx -o $(BUNDLE)
 	$(BIN)/edgemoe verify $(BUNDLE)
-	@for t in $$($(BIN)/python -c "import json,sys; print(' '.join(json.load(open('$(BUNDLE)/manifest.json'))['tasks']))"); do \
-		echo; $(BIN)/edgemoe run $(BUNDLE) --task $$t --repeat 5 --output $(BUNDLE)-$$t.npy || exit $$?; done
+	@img=$$($(BIN)/python -c "import json; m=json.load(open('$(BUNDLE)/manifest.json')); print('y' if (m['input'].get('preprocess') or {}).get('kind') == 'image' else '')"); \
+	if [ -n "$$img" ]; then $(BIN)/python -m edgemoe.models.m3vit.scenes --png $(BUNDLE)-demo/scene.png \
+		--labels-png $(BUNDLE)-demo/truth-semseg.png --depth-png $(BUNDLE)-demo/truth-depth.png || exit $$?; fi; \
+	for t in $$($(BIN)/python -c "import json,sys; print(' '.join(json.load(open('$(BUNDLE)/manifest.json'))['tasks']))"); do \
+		echo; $(BIN)/edgemoe run $(BUNDLE) --task $$t --repeat 5 --output $(BUNDLE)-$$t.npy \
+		$${img:+--input $(BUNDLE)-demo/scene.png --png $(BUNDLE)-demo} || exit $$?; done
 
 lint: venv
 	$(BIN)/ruff check .

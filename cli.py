@@ -222,14 +222,21 @@ def compile_cmd(
 )
 @click.option("--repeat", default=1, show_default=True, type=int, help="Timed runs; latency is their median.")
 @click.option("--threads", default=0, show_default=True, type=int, help="Executor threads (0: default).")
+@click.option(
+    "--png",
+    "png_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write input.png and <task>.png (class colours / greyscale) into this folder.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_handle_errors
-def run_cmd(bundle, task, input_path, output_path, repeat, threads, as_json):
+def run_cmd(bundle, task, input_path, output_path, repeat, threads, png_dir, as_json):
     """Run one task of BUNDLE, loading only the experts its tokens are routed to."""
     from edgemoe.report import render_run
     from edgemoe.runtime.run import run_bundle
 
-    _emit(run_bundle(bundle, task, input_path, output_path, repeat, threads), as_json, render_run)
+    _emit(run_bundle(bundle, task, input_path, output_path, repeat, threads, png_dir), as_json, render_run)
 
 
 @cli.command("inspect")
@@ -305,6 +312,82 @@ def devices_cmd(as_json):
     _emit(
         {"devices": [d.to_json() for d in device_profiles().values()]}, as_json, lambda d: render_devices(d["devices"])
     )
+
+
+@cli.command("moefy")
+@click.argument("source")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder for model.json (what `edgemoe compile` takes) and model.safetensors.",
+)
+@click.option("--experts", default=16, show_default=True, type=int, help="Experts per FFN.")
+@click.option("--top-k", "top_k", default=8, show_default=True, type=int, help="Experts per token.")
+@click.option(
+    "--router",
+    type=click.Choice(["centroid", "trained"]),
+    default="trained",
+    show_default=True,
+    help="centroid: from the clusters' weights; trained: fitted on calibration text.",
+)
+@click.option(
+    "--calib-texts",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Calibration sentences, one per line (default: English prose from Python's docs).",
+)
+@click.option("--heldout", default=300, show_default=True, type=int, help="Held-out sentences compared (0: none).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of clustering, router and text split.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@_handle_errors
+def moefy_cmd(source, output, experts, top_k, router, calib_texts, heldout, seed, as_json, quiet):
+    """Convert the dense BERT SOURCE (all-minilm-l6-v2, or bert-micro) into an MoE model.
+
+    Splits every FFN into balanced experts (MoEfication), builds a router per layer and
+    compares sentence embeddings with the dense model on held-out English sentences.
+    """
+    from edgemoe.passes.moefy_dense import MoefyConfig, default_texts, moefy_source, read_texts, render_moefy
+
+    calib, held = default_texts(heldout, seed)
+    texts = read_texts(calib_texts) if calib_texts else calib
+    cfg = MoefyConfig(num_experts=experts, top_k=top_k, router=router, calib_texts=tuple(texts), seed=seed)
+    report = moefy_source(source, output, cfg, held, progress=_Progress(quiet or as_json))
+    _emit(report, as_json, render_moefy)
+
+
+@cli.command("plan")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--device", default="host", show_default=True, help="Device profile name, or a .toml/.json file.")
+@click.option("--budget", default=None, help="Expert memory: NN% of routed expert bytes, or bytes [default: device].")
+@click.option(
+    "--policy", default="planned", show_default=True, type=click.Choice(["lru", "lfu", "planned"]), help="Eviction."
+)
+@click.option("--heldout", default=8, show_default=True, type=int, help="Held-out inputs to score the plan on.")
+@click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None, help="Write PNG plots here.")
+@click.option("--no-write", is_flag=True, help="Do not store the schedule in the bundle's manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_handle_errors
+def plan_cmd(bundle, device, budget, policy, heldout, plots_dir, no_write, as_json):
+    """Plan expert swapping of BUNDLE for a device and memory budget; score it against Belady's MIN.
+
+    Traces routing on the compile's calibration inputs (planning) and on held-out inputs (scoring),
+    replays them under LRU, LFU, the planned policy and Belady's MIN, measures each prefetch
+    predictor, and stores the schedule in the manifest.
+    """
+    from edgemoe.schedule.planner import plan_bundle, render_plan
+
+    keep = bool(plots_dir)
+    result = plan_bundle(bundle, device, budget, policy, heldout=heldout, write=not no_write, keep_timeline=keep)
+    if plots_dir:
+        from edgemoe.schedule.plots import write_plots
+
+        result["plots"] = [str(p) for p in write_plots(result, plots_dir)]
+    result = {k: v for k, v in result.items() if not k.startswith("_")}
+    _emit(result, as_json, render_plan)
 
 
 def main() -> None:

@@ -84,6 +84,8 @@ def render_run(res: dict) -> str:
     ]
     if res.get("output_file"):
         lines.append(f"output saved to {res['output_file']}")
+    if res.get("png_files"):
+        lines.append(f"pictures     {', '.join(res['png_files'])}")
     return "\n".join(lines)
 
 

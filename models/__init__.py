@@ -4,7 +4,8 @@ Installed as ``edgemoe.models``. A model is a family plus a config dict. Each fa
 its own folder with a ``family.py`` that exposes ``NAME``, ``DESCRIPTIONS``, ``WEIGHTS``,
 ``configs()``, ``normalize(config)`` and ``build(config)``; add a family by adding its module
 name to ``_FAMILIES``. ``edgemoe compile`` also accepts a JSON file
-``{"base": "<registered name>", ...overrides}`` or ``{"family": ..., ...full config}``.
+``{"base": "<registered name>", ...overrides}`` or ``{"family": ..., ...full config}``, either
+with an optional ``"weights"`` checkpoint path (relative to the JSON file) loaded after building.
 Importing this module does not import torch; building a model does.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 
 from ..errors import ModelError
 
-_FAMILIES = ("m3vit", "hf", "moe_lm")
+_FAMILIES = ("m3vit", "hf", "moe_lm", "bert_moe")
 
 
 def family_module(name: str) -> ModuleType:
@@ -58,6 +59,10 @@ class ModelEntry:
 def load_checkpoint(module, path: str) -> None:
     """Load weights safely: safetensors, or a torch file with ``weights_only=True``.
 
+    A safetensors file whose metadata says ``format = edgemoe-int8-rows`` holds its weight
+    matrices as int8 plus ``<name>:scale`` (fp32, one absmax scale per row of dim 0); they are
+    dequantized to fp32 here, so the loaded module is exactly the dequantized model.
+
     Raises:
         ModelError: The file is missing, unreadable or does not fit the model.
     """
@@ -68,9 +73,17 @@ def load_checkpoint(module, path: str) -> None:
         raise ModelError(f"checkpoint not found: {p}")
     try:
         if p.suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
             state = load_file(str(p))
+            with safe_open(str(p), framework="pt") as f:
+                fmt = (f.metadata() or {}).get("format")
+            if fmt == "edgemoe-int8-rows":
+                scales = {k.removesuffix(":scale"): state.pop(k) for k in [k for k in state if k.endswith(":scale")]}
+                for name, scale in scales.items():
+                    q = state[name]
+                    state[name] = q.float() * scale.float().reshape(-1, *([1] * (q.ndim - 1)))
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
         module.load_state_dict(state, strict=True)
@@ -111,6 +124,12 @@ def resolve_model(spec: str) -> ModelEntry:
         raise ModelError(f"cannot read model config {path}: {exc}") from None
     if not isinstance(raw, dict):
         raise ModelError(f"model config {path} must be a JSON object")
+    # Optional checkpoint to load over the built model; a relative path is relative to the config file.
+    weights = raw.pop("weights", None)
+    if weights is not None and not isinstance(weights, str):
+        raise ModelError(f"model config {path}: 'weights' must be a path string")
+    if weights:
+        weights = str((path.parent / weights).resolve())
     if "base" in raw:
         base = raw.pop("base")
         if base not in entries:
@@ -121,4 +140,4 @@ def resolve_model(spec: str) -> ModelEntry:
     else:
         raise ModelError(f"model config {path} needs a 'base' (registered model) or a 'family'")
     config = family_module(family).normalize(config)
-    return ModelEntry(config["name"], family, f"from {path}", config)
+    return ModelEntry(config["name"], family, f"from {path}", config, weights)

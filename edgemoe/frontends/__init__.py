@@ -15,6 +15,7 @@ _ADAPTERS: dict[str, str] = {
     "m3vit": "edgemoe.frontends.m3vit:M3ViTAdapter",
     "hf": "edgemoe.frontends.hf:HFAdapter",
     "moe_lm": "edgemoe.frontends.moe_lm:MoELMAdapter",
+    "bert_moe": "edgemoe.frontends.bert_moe:BertMoEAdapter",
 }
 
 

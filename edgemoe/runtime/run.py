@@ -20,6 +20,7 @@ def run_bundle(
     output_path: str | Path | None = None,
     repeat: int = 1,
     threads: int = 0,
+    png_dir: str | Path | None = None,
 ) -> dict:
     """Run a task of a bundle and report latency and what was loaded.
 
@@ -31,6 +32,7 @@ def run_bundle(
         repeat: Timed runs; the latency reported is their median (the first run, which
             loads experts, is included when ``repeat`` is 1).
         threads: Executor intra-op threads (0: default).
+        png_dir: Folder for ``input.png`` and ``<task>.png`` pictures (optional; see ``images``).
 
     Returns:
         The ``edgemoe run --json`` object.
@@ -51,6 +53,11 @@ def run_bundle(
             raise InputError(f"--output must be a .npy file, got {out}")
         out.parent.mkdir(parents=True, exist_ok=True)
         np.save(out, y)
+    pngs = None
+    if png_dir is not None:
+        from .images import write_pngs
+
+        pngs = write_pngs(png_dir, x, y, session.input_spec, session.task)
     return {
         "task": session.task,
         "input": str(input_path) if input_path is not None else "sample",
@@ -66,4 +73,5 @@ def run_bundle(
         "expert_bytes_task": stats.expert_bytes_task,
         "expert_bytes_total": stats.expert_bytes_total,
         "graph_bytes": stats.graph_bytes,
+        "png_files": pngs,
     }

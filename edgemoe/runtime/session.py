@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle.format import decode_expert, read_manifest, read_verified
-from ..errors import BundleError, InputError, TaskError
+from ..errors import BundleError, ConfigError, InputError, TaskError
 from .executors import Graph, get_executor
+from .expert_cache import ExpertCache
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,15 @@ class SessionStats:
         shared_expert_bytes: Bytes of always-resident shared experts.
         graph_bytes: Bytes of the graphs the task loaded (trunk, gates, head, kernels).
         runs: Calls to :meth:`Session.run`.
+        memory_budget: Byte budget for expert weights (0: unbounded).
+        cache_hits: Expert accesses that found the expert cached or loading.
+        cache_misses: Expert accesses that loaded it on demand.
+        evictions: Experts evicted to stay within the budget.
+        prefetch_issued: Background prefetch loads started.
+        prefetch_used: Prefetched experts accessed before eviction.
+        prefetch_accuracy: Fraction of accesses whose expert was loaded or loading when needed.
+        stall_ms: Time spent waiting for expert loads (all threads).
+        peak_expert_bytes: Most routed-expert bytes cached or in flight at once.
     """
 
     experts_loaded: int
@@ -44,6 +53,15 @@ class SessionStats:
     shared_expert_bytes: int
     graph_bytes: int
     runs: int
+    memory_budget: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    evictions: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetch_accuracy: float = 0.0
+    stall_ms: float = 0.0
+    peak_expert_bytes: int = 0
 
 
 class _RecordingGraph(Graph):
@@ -72,11 +90,22 @@ class Session:
         providers: Executor-specific accelerator preference (e.g. onnxruntime providers).
         recorder: Called with (graph name, inputs) on every graph call; the compiler uses it to
             collect calibration data for quantization.
+        memory_budget: Bytes for expert weights, shared experts included (None: unbounded, every
+            expert stays once loaded). Routed experts beyond it are evicted per ``policy``.
+        policy: Eviction policy: ``lru``, ``lfu`` or ``planned`` (the bundle's schedule, from
+            ``edgemoe plan``, or its calibration counts).
+        prefetch: Prefetch predictor: ``pregate`` (next layer's gate on this layer's MoE input),
+            ``affinity`` or ``static`` (tables from the bundle's schedule), ``plan`` (the
+            schedule's choice) or None.
+        storage_gbs: Throttle expert loads to this bandwidth in GB/s (e.g. a device profile's
+            ``load_gbs()``), to measure device-like load costs here; 0: unthrottled.
 
     Raises:
         BundleError: Not a bundle, or a garbled manifest.
         IntegrityError: A file is missing or fails its size / sha256 check.
         TaskError: The task is not in the bundle.
+        ConfigError: The budget cannot hold the shared experts plus the largest expert, or an
+            unknown policy / predictor (a budget below a layer's top-k working set warns).
     """
 
     def __init__(
@@ -86,6 +115,10 @@ class Session:
         threads: int = 0,
         providers: tuple[str, ...] = (),
         recorder: Callable[[str, tuple[np.ndarray, ...]], None] | None = None,
+        memory_budget: int | None = None,
+        policy: str = "lru",
+        prefetch: str | None = None,
+        storage_gbs: float = 0.0,
     ):
         self.root = Path(bundle)
         self.manifest = m = read_manifest(self.root)
@@ -124,11 +157,76 @@ class Session:
                     f"garbled manifest: task '{task}' keeps experts {sorted(missing)} of layer {li}, "
                     "which the bundle does not list"
                 )
-        self._experts: dict[tuple[int, int], dict[str, np.ndarray]] = {}
-        self._expert_bytes = 0
-        self._lock = threading.Lock()
         self._runs = 0
         self.last_routing: list[np.ndarray] = []
+        self._verified: dict[tuple[int, int], tuple[Path, tuple[int, int, int]]] = {}
+        self._setup_cache(memory_budget, policy, prefetch, storage_gbs)
+
+    def _setup_cache(self, budget: int | None, policy: str, prefetch: str | None, storage_gbs: float) -> None:
+        from ..schedule.planner import check_budget, expert_sizes
+        from ..schedule.policies import make_policy
+        from ..schedule.predict import PREDICTORS, Static, predictor_from_json
+
+        sizes = expert_sizes(self.manifest, self.task)
+        schedule = self.manifest.get("schedule", {}).get("tasks", {}).get(self.task)
+        prob = schedule["probability"] if schedule else self._count_probabilities()
+        capacity = sum(sizes.values()) if budget is None else check_budget(self.manifest, int(budget), self.task)
+        self.memory_budget = int(budget or 0)
+        self._cache = ExpertCache(capacity, sizes, make_policy(policy, prob), self._read_expert, storage_gbs)
+        self.prefetch = prefetch
+        self._predictor = None
+        # The plan's resident set: prefetches never evict it, so they do not trade hot experts for streamed ones.
+        self._resident = tuple(tuple(k) for k in schedule.get("resident", [])) if schedule else ()
+        if prefetch is None or prefetch == "pregate":
+            return
+        if prefetch == "plan":
+            if not schedule:
+                raise ConfigError("prefetch='plan' needs a schedule in the bundle: run `edgemoe plan` first")
+            self._predictor = predictor_from_json(schedule["prefetch"])
+        elif prefetch == "static" and not schedule:
+            order = [[int(e) for e in np.argsort(-np.asarray(p), kind="stable") if p[e] > 0] for p in prob]
+            self._predictor = Static(order, [int(layer["top_k"]) for layer in self.layers])
+        elif prefetch in PREDICTORS:
+            if not schedule:
+                raise ConfigError(f"prefetch='{prefetch}' needs a schedule in the bundle: run `edgemoe plan` first")
+            self._predictor = predictor_from_json(schedule.get("predictors", {}).get(prefetch, {"name": prefetch}))
+        else:
+            raise ConfigError(f"unknown prefetch predictor '{prefetch}' (known: {', '.join(PREDICTORS)}, plan)")
+        if self._predictor.name == "pregate":
+            self.prefetch, self._predictor = "pregate", None
+
+    def _count_probabilities(self) -> list[list[float]]:
+        """Without a schedule: per-expert use probability from the manifest's calibration token counts."""
+        out = []
+        for layer, counts in zip(self.layers, self._task.get("expert_counts", []), strict=False):
+            c = np.asarray(counts, dtype=np.float64)
+            out.append(np.minimum(1.0, c / max(c.sum(), 1.0) * int(layer["top_k"])).tolist())
+        return out or [[1.0] * int(layer["num_experts"]) for layer in self.layers]
+
+    def _read_expert(self, key: tuple[int, int]) -> dict[str, np.ndarray]:
+        """Read an expert blob, sha256-checked on its first load.
+
+        A reload after eviction skips the hash when the file's size, mtime and inode are still
+        those it had when it was checked (hashing on every swap would cost more than the read).
+        """
+        record = self._records[key[0]][key[1]]
+        known = self._verified.get(key)
+        if known is not None:
+            path, signature = known
+            try:
+                st = path.stat()
+                if (st.st_size, st.st_mtime_ns, st.st_ino) == signature:
+                    data = path.read_bytes()
+                    if len(data) == signature[0]:
+                        return decode_expert(data, record["tensors"])
+            except OSError:
+                pass  # fall through to the full check, which reports it
+        path = (self.root / record["file"]).resolve()
+        st = path.stat() if path.is_file() else None  # before the check: a later change alters the signature
+        weights = decode_expert(read_verified(self.root, record), record["tensors"])
+        if st is not None:
+            self._verified[key] = (path, (st.st_size, st.st_mtime_ns, st.st_ino))
+        return weights
 
     # -- loading ---------------------------------------------------------------------------
     @staticmethod
@@ -156,23 +254,12 @@ class Session:
         self._graph_bytes += int(record["bytes"])
         return graph if self._recorder is None else _RecordingGraph(graph, name, self._recorder)
 
-    def _expert(self, layer: int, expert: int) -> tuple[Graph, dict[str, np.ndarray]]:
-        """The expert's kernel and its weights, loading and checking the blob on first use."""
-        key = (layer, expert)
-        record = self._records[layer].get(expert)
-        weights = self._experts.get(key)
-        if weights is not None:
-            return self._kernels[record.get("kernel", self.layers[layer]["kernel"])], weights
+    def _kernel(self, layer: int, expert: int) -> Graph:
+        """The expert's kernel (checking the expert is one the task keeps)."""
         if expert not in self.kept[layer]:
             # The gate graph is masked to the kept set, so this means the bundle is inconsistent.
             raise BundleError(f"task '{self.task}' routed to expert {expert} of layer {layer}, outside its kept set")
-        with self._lock:
-            weights = self._experts.get(key)
-            if weights is None:
-                weights = decode_expert(read_verified(self.root, record), record["tensors"])
-                self._experts[key] = weights
-                self._expert_bytes += int(record["bytes"])
-        return self._kernels[record.get("kernel", self.layers[layer]["kernel"])], weights
+        return self._kernels[self._records[layer][expert].get("kernel", self.layers[layer]["kernel"])]
 
     # -- execution -------------------------------------------------------------------------
     def check_input(self, x: np.ndarray) -> np.ndarray:
@@ -210,12 +297,32 @@ class Session:
         idx, scores = idx.reshape(-1, k), scores.reshape(-1, k)
         self.last_routing.append(idx)
         out = np.zeros_like(flat)
-        for e in np.unique(idx):
+        experts = [int(e) for e in np.unique(idx)]
+        kernels = [self._kernel(layer, e) for e in experts]
+        keys = [(layer, e) for e in experts]
+        cache = self._cache
+        cache.begin_step(layer, keys)
+        ahead: list[tuple[int, int]] = []
+        if layer + 1 < len(self.layers):
+            if self.prefetch == "pregate":
+                # Pre-gating: the next layer's gate on this layer's MoE input names its experts one layer ahead.
+                ahead = [(layer + 1, int(e)) for e in np.unique(self.gates[layer + 1].run(h)[0])]
+            elif self._predictor is not None:
+                ahead = [(layer + 1, int(e)) for e in self._predictor.predict(layer, experts, None)]
+            cache.prefetch(ahead, protect=(*keys, *self._resident))
+        for j, (e, kernel, key) in enumerate(zip(experts, kernels, keys, strict=True)):
             tok, slot = np.nonzero(idx == e)
-            kernel, w = self._expert(layer, int(e))
-            # Kernel inputs: the tokens, then the expert's tensors by name (an expert is data).
-            (y,) = kernel.run(flat[tok], *(w[name] for name in kernel.input_names[1:]))
+            # Pinned while the kernel runs: eviction cannot free the weights under it.
+            w = cache.acquire(key)
+            try:
+                # Kernel inputs: the tokens, then the expert's tensors by name (an expert is data).
+                (y,) = kernel.run(flat[tok], *(w[name] for name in kernel.input_names[1:]))
+            finally:
+                cache.release(key)
             out[tok] += y * scores[tok, slot, None]
+            if ahead:
+                # The experts done so far may make room: stream the next layer's into their slots.
+                cache.prefetch(ahead, protect=(*keys[j + 1 :], *self._resident))
         if self.shared[layer]:
             # The gate's third output weighs each shared expert per token (ones where ungated).
             shared_scores = gate_out[2].reshape(flat.shape[0], -1)
@@ -247,7 +354,7 @@ class Session:
     def loaded_experts(self) -> dict[int, tuple[int, ...]]:
         """Experts loaded so far, per layer."""
         out: dict[int, list[int]] = {i: [] for i in range(len(self.layers))}
-        for layer, expert in sorted(self._experts):
+        for layer, expert in sorted(self._cache.data):
             out[layer].append(expert)
         return {k: tuple(v) for k, v in out.items()}
 
@@ -256,17 +363,36 @@ class Session:
         """Counters of what was loaded (see :class:`SessionStats`)."""
         totals = self.manifest["totals"]
         task_bytes = sum(int(self._records[li][e]["bytes"]) for li, kept in enumerate(self.kept) for e in kept)
+        cache, book = self._cache, self._cache.book
+        with cache._cond:
+            data = list(cache.data.values())
+            accesses = book.hits + book.misses
+            counters = {
+                "memory_budget": self.memory_budget,
+                "cache_hits": book.hits,
+                "cache_misses": book.misses,
+                "evictions": book.evictions,
+                "prefetch_issued": cache.prefetch_issued,
+                "prefetch_used": cache.prefetch_used,
+                "prefetch_accuracy": book.hits / accesses if accesses else 0.0,
+                "stall_ms": cache.stall_s * 1e3,
+                "peak_expert_bytes": book.peak,
+            }
         return SessionStats(
-            experts_loaded=len(self._experts),
+            experts_loaded=len(cache.ever),
             experts_task=sum(len(k) for k in self.kept),
             experts_bundle=int(totals["experts_bundle"]),
             experts_total=int(totals["experts_model"]),
-            expert_bytes_loaded=self._expert_bytes,
+            expert_bytes_loaded=book.bytes_loaded,
             expert_bytes_task=task_bytes,
             expert_bytes_total=int(totals["expert_bytes_model"]),
-            resident_expert_bytes=sum(sum(a.nbytes for a in w.values()) for w in self._experts.values())
-            + self._shared_bytes,
+            resident_expert_bytes=sum(sum(a.nbytes for a in w.values()) for w in data) + self._shared_bytes,
             shared_expert_bytes=self._shared_bytes,
             graph_bytes=self._graph_bytes,
             runs=self._runs,
+            **counters,
         )
+
+    def close(self) -> None:
+        """Stop the background prefetch loader (the session stays usable; prefetch restarts it)."""
+        self._cache.close()

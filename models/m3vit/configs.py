@@ -7,6 +7,8 @@ from .model import M3ViTConfig
 CONFIGS: dict[str, M3ViTConfig] = {
     # The Edge-MoE FPGA configuration (Sarkar et al., 2023): 128 patches + class token.
     "m3vit-tiny": M3ViTConfig(name="m3vit-tiny"),
+    # The same architecture with its seeded random initialisation (m3vit-tiny ships trained weights).
+    "m3vit-tiny-random": M3ViTConfig(name="m3vit-tiny-random"),
     "m3vit-small": M3ViTConfig(
         name="m3vit-small", dim=384, heads=6, mlp_hidden=1536, expert_hidden=768, num_experts=16, top_k=4
     ),

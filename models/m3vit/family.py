@@ -9,7 +9,8 @@ from ...errors import ModelError
 NAME = "m3vit"
 
 DESCRIPTIONS = {
-    "m3vit-tiny": "Edge-MoE FPGA config: 3x128x256, dim 192, 12 blocks, 16 experts, top-2",
+    "m3vit-tiny": "Edge-MoE FPGA config: 3x128x256, dim 192, 12 blocks, 16 experts, top-2, trained (scenes)",
+    "m3vit-tiny-random": "m3vit-tiny with seeded random weights (no checkpoint)",
     "m3vit-small": "dim 384, 6 heads, 12 blocks, 16 experts, top-4",
     "m3vit-micro": "tiny test model: 3x32x64, dim 32, 4 blocks, 8 experts, top-2",
     "m3vit-micro-cond": "m3vit-micro with task-conditioned gating",
@@ -18,7 +19,7 @@ DESCRIPTIONS = {
 }
 
 # Shipped checkpoints (file names beside this module), by config name.
-WEIGHTS: dict[str, str] = {}
+WEIGHTS: dict[str, str] = {"m3vit-tiny": "m3vit-tiny.safetensors"}
 
 
 def config_class():

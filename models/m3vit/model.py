@@ -136,6 +136,10 @@ class TaskGate(nn.Module):
         self.top_k = top_k
         self.num_experts = num_experts
         self.w_gate = nn.Linear(dim_in, num_experts, bias=False)
+        # Training only: when ``record`` is set, forward keeps ``(probs, idx)`` in ``recorded`` for the
+        # load-balancing loss. A plain attribute (no state, no graph change), off for inference/export.
+        self.record = False
+        self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
         allowed = torch.zeros(num_experts, dtype=torch.bool)
         allowed[list(window)] = True
         # Additive mask: -inf outside the window removes those experts from the softmax.
@@ -159,6 +163,8 @@ class TaskGate(nn.Module):
         probs = torch.softmax(self.w_gate(h) + self.window_bias, dim=-1)
         choose = probs if keep is None else probs.masked_fill(~keep, -1.0)
         _, idx = torch.topk(choose, self.top_k, dim=-1)
+        if self.record:
+            self.recorded = (probs, idx)
         return idx, torch.gather(probs, -1, idx)
 
 

@@ -1,0 +1,198 @@
+"""Expert swapping: cache policies vs Belady's MIN, prefetch predictors, and throttled runtime latency.
+
+For each model, a bundle is compiled into a temporary folder and traced with the runtime: the
+compile's calibration inputs give the plan (per-expert probabilities, affinity tables), held-out
+inputs give the trace it is scored on, so no plan is scored on the trace it was built from. The
+cache holds 25% or 50% of the bundle's routed expert bytes. Task-level m3vit-tiny is traced per
+run (one step per layer per image, as the runtime executes a batch); token-routed LMs per token
+(one step per layer per token, as decoding executes).
+
+* Hit rate: LRU, LFU and the trace-planned policy vs Belady's MIN on the same held-out trace
+  (cold cache; hits / expert accesses).
+* Prefetch accuracy: fraction of needed experts already loaded or loading when needed, with the
+  planned policy and each predictor at the same budget; "ahead" restricts it to the layers a
+  prefetch can target (all but each token's or image's first MoE layer); "recall" is the share
+  of the next layer's experts the predictor named.
+* Runtime latency, m3vit-tiny semseg, batch 1, held-out images, storage tier throttled to the
+  jetson-orin-nano-8gb profile (``load_gbs()``: sleep so a load of n bytes takes >= n / bandwidth):
+  all experts resident (warmed), 25% budget loading on demand (planned policy), and 25% budget
+  with prefetch (each predictor), following the schedule ``edgemoe plan`` stored in the bundle.
+  The configurations run interleaved, image by image (this machine is shared). "Stall hidden"
+  compares the added latency over all-resident: ``1 - (prefetch - resident) / (on-demand - resident)``.
+  Loads share one throttled channel (demand and prefetch queue for it).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from _common import machine, median, parse_args, table, write_results
+
+from edgemoe.bundle.format import read_manifest
+from edgemoe.compiler import compile_model
+from edgemoe.config import CompileConfig
+from edgemoe.devices import get_device
+from edgemoe.runtime import Session
+from edgemoe.schedule import ThrashWarning, plan_bundle, trace_inputs
+
+NAME = "bench_swap"
+DEVICE = "jetson-orin-nano-8gb"
+CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "m3vit" / "m3vit-tiny.safetensors"
+
+
+def compile_into(tmp: Path, model: str) -> Path:
+    out = tmp / model
+    if not out.exists():
+        t = time.perf_counter()
+        compile_model(CompileConfig(model=model), out)
+        print(f"compiled {model} in {time.perf_counter() - t:.0f}s")
+    return out
+
+
+def hit_rates(bundle: Path, budgets: tuple[str, ...], heldout: int) -> dict:
+    out = {}
+    for budget in budgets:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ThrashWarning)
+            r = plan_bundle(bundle, DEVICE, budget, "planned", heldout=heldout, write=False)
+        out[budget] = {k: r[k] for k in ("budget_bytes", "cache_bytes", "expert_bytes", "policies", "prefetch")}
+        b = r["policies"]["belady"]["hit_rate"]
+        print(
+            f"{bundle.name} {budget}: "
+            + ", ".join(f"{k} {v['hit_rate']:.3f}" for k, v in r["policies"].items())
+            + f" | planned/belady {r['policies']['planned']['hit_rate'] / b if b else float('nan'):.3f} | "
+            + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in r["prefetch"].items())
+        )
+    return out
+
+
+def latency(bundle: Path, task: str, runs: int, warmup: int) -> dict:
+    """Median batch-1 latency of three configurations on held-out images, loads throttled to the device."""
+    gbs = get_device(DEVICE).load_gbs()
+    _, held, _ = trace_inputs(bundle, heldout=runs + warmup)
+    # The runtime follows the stored plan: planned-policy probabilities and prefetch tables.
+    plan = plan_bundle(bundle, DEVICE, "25%", "planned", heldout=4, write=True)
+    budget = plan["budget_bytes"]
+    configs = {
+        "all resident": {"memory_budget": None, "prefetch": None},
+        "25% on demand": {"memory_budget": budget, "prefetch": None, "policy": "planned"},
+        "25% + prefetch (pregate)": {"memory_budget": budget, "prefetch": "pregate", "policy": "planned"},
+        "25% + prefetch (static)": {"memory_budget": budget, "prefetch": "static", "policy": "planned"},
+        "25% + prefetch (affinity)": {"memory_budget": budget, "prefetch": "affinity", "policy": "planned"},
+    }
+    sessions, before, times = {}, {}, {name: [] for name in configs}
+    for name, kw in configs.items():
+        s = sessions[name] = Session(bundle, task, storage_gbs=gbs, **kw)
+        if kw["memory_budget"] is None:
+            for i in range(len(held)):  # all resident: every expert any held-out image needs is loaded first
+                s.run(held[i : i + 1])
+        for i in range(warmup):
+            s.run(held[i : i + 1])
+        before[name] = s.stats
+    # Interleaved: each image runs under every configuration in turn, so load on this shared
+    # machine affects all of them alike.
+    for i in range(warmup, warmup + runs):
+        for name, s in sessions.items():
+            start = time.perf_counter()
+            s.run(held[i : i + 1])
+            times[name].append((time.perf_counter() - start) * 1e3)
+    out = {}
+    for name, kw in configs.items():
+        s, b, n = sessions[name], before[name], runs
+        st = s.stats
+        s.close()
+        accesses = st.cache_hits + st.cache_misses - b.cache_hits - b.cache_misses
+        out[name] = {
+            "latency_ms": median(times[name]),
+            "mean_ms": sum(times[name]) / n,
+            "stall_ms_per_run": (st.stall_ms - b.stall_ms) / n,
+            "misses_per_run": (st.cache_misses - b.cache_misses) / n,
+            "hit_rate": (st.cache_hits - b.cache_hits) / max(1, accesses),
+            "mb_loaded_per_run": (st.expert_bytes_loaded - b.expert_bytes_loaded) / n / 1e6,
+            "peak_expert_bytes": st.peak_expert_bytes,
+            "memory_budget": kw["memory_budget"] or 0,
+        }
+        print(f"{name}: {out[name]['latency_ms']:.1f} ms, stall {out[name]['stall_ms_per_run']:.1f} ms/run")
+    return {"device": DEVICE, "load_gbs": gbs, "task": task, "runs": runs, "configs": out}
+
+
+def main() -> None:
+    args = parse_args(__doc__, NAME)
+    quick = args.quick
+    vit = "m3vit-micro" if quick else ("m3vit-tiny" if CHECKPOINT.exists() else "m3vit-tiny-random")
+    lms = ["switch-lm-micro"] if quick else ["mixtral-lm-micro", "deepseek-lm-micro", "mixtral-lm-tiny"]
+    heldout = 2 if quick else 16
+    budgets = ("25%", "50%")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-swap-"))
+    data: dict = {"quick": quick, "machine": machine(), "device": DEVICE, "heldout": heldout, "models": {}}
+    for model in (vit, *lms):
+        data["models"][model] = hit_rates(compile_into(tmp, model), budgets, heldout)
+    data["latency"] = latency(compile_into(tmp, vit), "semseg", runs=3 if quick else 20, warmup=1 if quick else 2)
+    # The m3vit-tiny checkpoint may be retrained: record which weights these numbers are for.
+    data["weights_sha256"] = {m: read_manifest(tmp / m)["model"]["source"].get("state_sha256") for m in data["models"]}
+
+    rows = []
+    for model, per in data["models"].items():
+        for budget, r in per.items():
+            p, b = r["policies"], r["policies"]["belady"]["hit_rate"]
+            rows.append(
+                [model, budget]
+                + [f"{p[k]['hit_rate']:.3f}" for k in ("lru", "lfu", "planned", "belady")]
+                + [f"{p['planned']['hit_rate'] / b:.2f}" if b else "n/a"]
+            )
+    md = [
+        f"Held-out traces ({heldout} inputs per task; plans from calibration traces only), cold cache, "
+        f"{DEVICE} profile. Cache = budget share of routed expert bytes. {vit} weights sha256 "
+        f"{str(data['weights_sha256'][vit])[:12]}.",
+        "",
+        table(["model", "cache", "LRU", "LFU", "planned", "Belady MIN", "planned / Belady"], rows),
+        "",
+        "Prefetch accuracy (needed experts loaded or loading when needed; planned policy; "
+        "ahead = layers a prefetch can target; recall = share of next-layer experts named):",
+        "",
+    ]
+    rows = []
+    for model, per in data["models"].items():
+        for budget, r in per.items():
+            for name, q in r["prefetch"].items():
+                ahead = "-" if q["hit_rate_ahead"] is None else f"{q['hit_rate_ahead']:.3f}"
+                recall = "-" if q["recall"] is None else f"{q['recall']:.3f}"
+                rows.append([model, budget, name, f"{q['accuracy']:.3f}", ahead, recall])
+    md += [table(["model", "cache", "predictor", "accuracy", "accuracy (ahead)", "recall"], rows), ""]
+    lat = data["latency"]
+    res = lat["configs"]["all resident"]["latency_ms"]
+    ond = lat["configs"]["25% on demand"]["latency_ms"]
+    rows = []
+    for name, c in lat["configs"].items():
+        hidden = "-"
+        if "prefetch" in name and ond > res:
+            hidden = f"{1 - (c['latency_ms'] - res) / (ond - res):.2f}"
+        rows.append(
+            [
+                name,
+                f"{c['latency_ms']:.1f}",
+                f"{c['latency_ms'] / res:.2f}x",
+                f"{c['stall_ms_per_run']:.1f}",
+                f"{c['hit_rate']:.3f}",
+                f"{c['mb_loaded_per_run']:.1f}",
+                hidden,
+            ]
+        )
+    md += [
+        f"Runtime, {vit} {lat['task']}, batch 1, median of {lat['runs']} held-out images, expert loads throttled "
+        f"to {DEVICE} ({lat['load_gbs']:g} GB/s):",
+        "",
+        table(
+            ["configuration", "latency ms", "vs resident", "stall ms/run", "hit rate", "MB loaded/run", "stall hidden"],
+            rows,
+        ),
+    ]
+    title = "Expert swapping: policies vs Belady, prefetch, throttled latency"
+    write_results(args.out, NAME, title, data, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""The swap planner: from routing traces, a device and a budget to a schedule stored in the bundle.
+
+Per task the schedule holds the always-resident set (shared experts plus the hottest routed
+experts), the cache capacity, the eviction policy with its learned probabilities, the prefetch
+plan and, between tasks, what to unload and load on a switch. :func:`plan_bundle` also scores
+every policy and predictor on held-out traces against Belady's MIN on the same trace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..bundle.format import MANIFEST, read_manifest
+from ..devices import DeviceProfile, get_device
+from ..errors import ConfigError
+from .policies import POLICIES, Belady, Key, make_policy
+from .predict import PREDICTORS, make_predictor
+from .simulate import SimResult, simulate
+from .traces import Trace, bundle_traces
+
+# Experts used in at least this fraction of their layer's calibration steps are kept resident,
+# in at most this share of the cache (the rest streams: prefetches never evict the resident set).
+HOT = 0.9
+RESIDENT_SHARE = 0.5
+
+
+class ThrashWarning(UserWarning):
+    """The budget holds less than one layer's top-k working set: the cache will thrash."""
+
+
+def expert_sizes(manifest: dict, task: str | None = None) -> dict[Key, int]:
+    """Bytes of each routed expert in the bundle (of ``task``'s kept sets when given)."""
+    kept = None if task is None else [set(s) for s in manifest["tasks"][task]["experts"]]
+    return {
+        (li, int(e["index"])): int(e["bytes"])
+        for li, layer in enumerate(manifest["moe_layers"])
+        for e in layer["experts"]
+        if kept is None or e["index"] in kept[li]
+    }
+
+
+def shared_bytes(manifest: dict) -> int:
+    """Bytes of the always-resident shared experts."""
+    return sum(int(e["bytes"]) for layer in manifest["moe_layers"] for e in layer.get("shared", []))
+
+
+def parse_budget(text: str | int, manifest: dict) -> int:
+    """A budget in bytes from ``25%`` (of the bundle's routed expert bytes, shared experts on top) or a byte count.
+
+    Raises:
+        ConfigError: Not a percentage or a positive integer.
+    """
+    routed = sum(expert_sizes(manifest).values())
+    s = str(text).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", s)
+    if m:
+        pct = float(m.group(1))
+        if not 0 < pct <= 100:
+            raise ConfigError(f"budget percentage must be in (0, 100], got {s}")
+        return int(routed * pct / 100) + shared_bytes(manifest)
+    if re.fullmatch(r"\d+", s) and int(s) > 0:
+        return int(s)
+    raise ConfigError(f"budget must be a percentage of expert bytes (e.g. 25%) or a byte count, got '{s}'")
+
+
+def check_budget(manifest: dict, budget: int, task: str | None = None, resident: int = 0) -> int:
+    """Check a memory budget for routed + shared experts; returns the routed-expert cache capacity.
+
+    Raises:
+        ConfigError: The budget cannot hold the shared experts, the resident set and the largest expert.
+
+    Warns:
+        ThrashWarning: The cache is smaller than a layer's top-k working set.
+    """
+    sizes = expert_sizes(manifest, task)
+    shared = shared_bytes(manifest)
+    largest = max(sizes.values(), default=0)
+    if budget < shared + resident + largest:
+        raise ConfigError(
+            f"memory budget of {budget} bytes is below shared experts ({shared} B) + resident set ({resident} B) "
+            f"+ largest expert ({largest} B) = {shared + resident + largest} bytes"
+        )
+    capacity = budget - shared
+    for li, layer in enumerate(manifest["moe_layers"]):
+        layer_sizes = sorted((b for (lj, _), b in sizes.items() if lj == li), reverse=True)
+        working = sum(layer_sizes[: int(layer["top_k"])])
+        if capacity - resident < working:
+            warnings.warn(
+                f"memory budget leaves {capacity - resident} bytes for the expert cache, below layer {li}'s top-"
+                f"{layer['top_k']} working set of {working} bytes: every token will reload experts (thrashing)",
+                ThrashWarning,
+                stacklevel=2,
+            )
+            break
+    return capacity
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The plan stored under the manifest's ``schedule`` key.
+
+    Attributes:
+        device: Device profile name.
+        budget_bytes: Memory for expert weights (routed and shared).
+        shared_bytes: Bytes of shared experts (always resident).
+        cache_bytes: Capacity for routed experts (budget less shared experts).
+        policy: Eviction policy.
+        predictor: Prefetch predictor.
+        granularity: Trace granularity the plan was built on.
+        tasks: Per task: resident experts, per-expert probabilities, prefetch plan.
+        task_switch: Per ``"A->B"``: experts to unload and to load.
+    """
+
+    device: str
+    budget_bytes: int
+    shared_bytes: int
+    cache_bytes: int
+    policy: str
+    predictor: str
+    granularity: str
+    tasks: dict
+    task_switch: dict
+
+    def to_json(self) -> dict:
+        """Manifest form."""
+        return dict(self.__dict__)
+
+
+def _resident(prob: list[list[float]], sizes: dict[Key, int], room: int) -> list[Key]:
+    """Hottest experts (used in >= HOT of their layer's steps) that fit in ``room`` bytes."""
+    hot = sorted(((p, (li, e)) for li, ps in enumerate(prob) for e, p in enumerate(ps) if p >= HOT), reverse=True)
+    out, used = [], 0
+    for _, key in hot:
+        if key in sizes and used + sizes[key] <= room:
+            out.append(key)
+            used += sizes[key]
+    return sorted(out)
+
+
+def _combine(results: list[SimResult]) -> dict:
+    accesses = sum(r.accesses for r in results)
+    hits = sum(r.hits for r in results)
+    needed = [r.recall for r in results if r.recall == r.recall]
+    ahead = [(r.hit_rate_ahead, r.accesses_ahead) for r in results if r.accesses_ahead]
+    return {
+        "hit_rate": hits / accesses if accesses else 1.0,
+        "hits": hits,
+        "misses": sum(r.misses for r in results),
+        "accesses": accesses,
+        "bytes_moved": sum(r.bytes_moved for r in results),
+        "peak_bytes": max((r.peak_bytes for r in results), default=0),
+        "stall_s": sum(r.stall_s for r in results),
+        "time_s": sum(r.time_s for r in results),
+        "recall": sum(needed) / len(needed) if needed else None,
+        # hit rate over the layers a prefetch can target (all but each token's / run's first)
+        "hit_rate_ahead": sum(h * n for h, n in ahead) / sum(n for _, n in ahead) if ahead else None,
+    }
+
+
+def score_policies(
+    traces: dict[str, tuple[Trace, Trace]],
+    manifest: dict,
+    capacity: int,
+    profile: DeviceProfile,
+    policies: tuple[str, ...] = POLICIES,
+    predictors: tuple[str, ...] = PREDICTORS,
+    plan_policy: str = "planned",
+    keep_timeline: str | None = None,
+) -> tuple[dict, dict, dict[str, SimResult]]:
+    """Replay each task's held-out trace under every policy, Belady's MIN and every predictor.
+
+    Plans (probabilities, affinity tables) come from the calibration trace only.
+
+    Returns:
+        (per-policy summaries incl. ``belady``, per-predictor summaries with ``accuracy``,
+        the per-task results of ``keep_timeline`` policy when asked, for plots).
+    """
+    per_policy: dict[str, list[SimResult]] = {p: [] for p in (*policies, "belady")}
+    per_pred: dict[str, list[SimResult]] = {p: [] for p in predictors}
+    kept: dict[str, SimResult] = {}
+    for task, (calib, held) in traces.items():
+        sizes = expert_sizes(manifest, task)
+        prob = calib.probabilities()
+        for name in policies:
+            r = simulate(held, sizes, capacity, make_policy(name, prob), profile, keep_timeline=name == keep_timeline)
+            per_policy[name].append(r)
+            if name == keep_timeline:
+                kept[task] = r
+        steps = [held.keys(i) for i in range(len(held.steps))]
+        per_policy["belady"].append(simulate(held, sizes, capacity, Belady(steps), profile))
+        resident = _resident(prob, sizes, int(capacity * RESIDENT_SHARE))
+        for name in predictors:
+            pred = make_predictor(name, calib)
+            policy = make_policy(plan_policy, prob)
+            per_pred[name].append(simulate(held, sizes, capacity, policy, profile, pred, resident=resident))
+    policies_out = {name: _combine(rs) for name, rs in per_policy.items()}
+    preds_out = {}
+    for name, rs in per_pred.items():
+        c = _combine(rs)
+        preds_out[name] = {"accuracy": c["hit_rate"], **c}
+    return policies_out, preds_out, kept
+
+
+def plan_bundle(
+    bundle: str | Path,
+    device: str | DeviceProfile = "host",
+    budget: str | int | None = None,
+    policy: str = "planned",
+    predictor: str | None = None,
+    heldout: int = 8,
+    granularity: str | None = None,
+    write: bool = True,
+    keep_timeline: bool = False,
+) -> dict:
+    """Plan a bundle's expert swapping for a device and budget, score it, and store the schedule.
+
+    Args:
+        bundle: Bundle folder.
+        device: Device profile (name, file or object).
+        budget: ``NN%`` of routed expert bytes, bytes, or None for the device's weight memory.
+        policy: Eviction policy of the plan (``lru``, ``lfu``, ``planned``).
+        predictor: Prefetch predictor of the plan (None: the most accurate on held-out traces).
+        heldout: Held-out inputs to score on.
+        granularity: Trace granularity (default: per token for token-routed models, else per run).
+        write: Store the schedule in the manifest.
+        keep_timeline: Keep the plan policy's timeline and the traces for plots (``_timeline``, ``_traces``).
+
+    Returns:
+        ``{"budget_bytes", "cache_bytes", "policies", "prefetch", "peak_bytes", "schedule", ...}``.
+
+    Raises:
+        ConfigError: Bad budget or policy, or a budget too small for the largest expert.
+    """
+    if policy not in POLICIES:
+        raise ConfigError(f"unknown cache policy '{policy}' (known: {', '.join(POLICIES)})")
+    if predictor is not None and predictor not in PREDICTORS:
+        raise ConfigError(f"unknown prefetch predictor '{predictor}' (known: {', '.join(PREDICTORS)})")
+    manifest = read_manifest(bundle)
+    profile = device if isinstance(device, DeviceProfile) else get_device(device)
+    routed = sum(expert_sizes(manifest).values())
+    if budget is None:
+        budget_bytes = min(profile.weight_memory_bytes or routed, routed) + shared_bytes(manifest)
+    else:
+        budget_bytes = parse_budget(budget, manifest)
+    if profile.weight_memory_bytes and budget_bytes > profile.weight_memory_bytes:
+        raise ConfigError(
+            f"memory budget of {budget_bytes} bytes exceeds {profile.name}'s {profile.weight_memory_bytes} bytes "
+            "of weight memory"
+        )
+    capacity = check_budget(manifest, budget_bytes)
+    traces = bundle_traces(bundle, granularity, heldout)
+    policies, prefetch, kept = score_policies(
+        traces, manifest, capacity, profile, keep_timeline=policy if keep_timeline else None
+    )
+    best = predictor or max(prefetch, key=lambda p: (prefetch[p]["accuracy"], p == "pregate"))
+    tasks, residents = {}, {}
+    for task, (calib, _) in traces.items():
+        prob = calib.probabilities()
+        sizes = expert_sizes(manifest, task)
+        residents[task] = _resident(prob, sizes, int(capacity * RESIDENT_SHARE))
+        tasks[task] = {
+            "resident": [list(k) for k in residents[task]],
+            "resident_bytes": sum(sizes[k] for k in residents[task]),
+            "probability": [[round(p, 4) for p in ps] for ps in prob],
+            "prefetch": make_predictor(best, calib).to_json(),
+            "predictors": {name: make_predictor(name, calib).to_json() for name in PREDICTORS},
+        }
+    switch = {}
+    for a in traces:
+        for b in traces:
+            if a != b:
+                ra, rb = set(residents[a]), set(residents[b])
+                kept_a, kept_b = expert_sizes(manifest, a), expert_sizes(manifest, b)
+                switch[f"{a}->{b}"] = {
+                    "unload": [list(k) for k in sorted(ra - rb)],
+                    "load": [list(k) for k in sorted(rb - ra)],
+                    "keep": [list(k) for k in sorted(ra & rb)],
+                    # cached experts of A that B never routes to: free them first
+                    "drop_cached": [list(k) for k in sorted(set(kept_a) - set(kept_b))],
+                }
+    schedule = Schedule(
+        device=profile.name,
+        budget_bytes=budget_bytes,
+        shared_bytes=shared_bytes(manifest),
+        cache_bytes=capacity,
+        policy=policy,
+        predictor=best,
+        granularity=next(iter(traces.values()))[0].granularity if traces else "run",
+        tasks=tasks,
+        task_switch=switch,
+    )
+    if write:
+        write_schedule(bundle, schedule)
+    peak = max([p["peak_bytes"] for p in (*policies.values(), *prefetch.values())], default=0)
+    out = {
+        "bundle": str(bundle),
+        "device": profile.name,
+        "budget_bytes": budget_bytes,
+        "cache_bytes": capacity,
+        "expert_bytes": routed,
+        "shared_bytes": shared_bytes(manifest),
+        "policy": policy,
+        "predictor": best,
+        "policies": {k: v for k, v in policies.items() if k != "belady"},
+        "belady": policies["belady"],
+        "prefetch": prefetch,
+        "peak_bytes": peak + shared_bytes(manifest),
+        "schedule": schedule.to_json(),
+    }
+    out["policies"]["belady"] = policies["belady"]
+    if keep_timeline:
+        out["_timeline"], out["_traces"] = kept, traces
+    return out
+
+
+def write_schedule(bundle: str | Path, schedule: Schedule) -> None:
+    """Store ``schedule`` in the bundle's manifest (atomically: temp file, then rename).
+
+    The schedule is advisory (it changes no file the manifest checksums), so the bundle stays valid.
+    """
+    root = Path(bundle)
+    manifest = read_manifest(root)
+    manifest["schedule"] = schedule.to_json()
+    tmp = root / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, root / MANIFEST)
+
+
+def render_plan(result: dict) -> str:
+    """Human summary of a :func:`plan_bundle` result (``edgemoe plan``)."""
+    lines = [
+        f"{result['bundle']} on {result['device']}: budget {result['budget_bytes']} B "
+        f"(cache {result['cache_bytes']} B for {result['expert_bytes']} B of routed experts, "
+        f"{result['shared_bytes']} B shared), peak {result['peak_bytes']} B",
+        "held-out hit rate (plans from calibration traces only):",
+    ]
+    belady = result["policies"]["belady"]["hit_rate"]
+    for name, r in result["policies"].items():
+        rel = f"  ({r['hit_rate'] / belady:.2f} x Belady)" if belady and name != "belady" else ""
+        lines.append(f"  {name:8s} {r['hit_rate']:.3f}  misses {r['misses']:5d}  moved {r['bytes_moved']:>11d} B{rel}")
+    lines.append(f"prefetch with the '{result['policy']}' policy (accuracy: needed experts loaded or loading):")
+    for name, r in result["prefetch"].items():
+        recall = "-" if r["recall"] is None else f"{r['recall']:.3f}"
+        stall = r["stall_s"] * 1e3
+        lines.append(f"  {name:8s} accuracy {r['accuracy']:.3f}  predictor recall {recall}  stall {stall:.2f} ms")
+    lines.append(f"plan: policy {result['policy']}, prefetch {result['predictor']}")
+    return "\n".join(lines)

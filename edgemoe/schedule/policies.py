@@ -1,0 +1,231 @@
+"""Eviction policies and the expert-cache bookkeeping shared by the simulator and the runtime.
+
+An expert is keyed ``(layer, expert)``. :class:`CacheBook` tracks which experts are cached, their
+bytes, pins and in-flight loads against a byte capacity and asks a policy for victims; it holds
+no weights and does no I/O, so the simulator and the runtime make the very same decisions for the
+same access sequence (their misses agree exactly). Pure Python: the runtime imports it on devices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from ..errors import ConfigError
+
+Key = tuple[int, int]
+
+POLICIES = ("lru", "lfu", "planned")
+
+
+class Policy:
+    """Chooses what to evict. Subclasses override :meth:`victim` and may use the hooks.
+
+    The cache calls :meth:`begin_step` when a layer's routing is known, :meth:`touch` on every
+    access (hit or after a load) and :meth:`inserted` / :meth:`evicted` as entries come and go.
+    """
+
+    name = "policy"
+
+    def __init__(self) -> None:
+        self.clock = 0
+        self.last_use: dict[Key, int] = {}
+        self.layer = 0
+        self.step = 0
+        self.step_keys: frozenset[Key] = frozenset()
+        self.done: set[Key] = set()
+
+    def begin_step(self, step: int, layer: int, keys: Iterable[Key]) -> None:
+        """A new step (one layer of one token or batch) that will access ``keys``."""
+        self.step, self.layer, self.step_keys, self.done = step, layer, frozenset(keys), set()
+
+    def touch(self, key: Key) -> None:
+        """``key`` was accessed."""
+        self.clock += 1
+        self.last_use[key] = self.clock
+        self.done.add(key)
+
+    def inserted(self, key: Key) -> None:
+        """``key`` entered the cache."""
+        self.last_use.setdefault(key, self.clock)
+
+    def evicted(self, key: Key) -> None:
+        """``key`` left the cache."""
+
+    def victim(self, candidates: Sequence[Key]) -> Key:
+        """The candidate to evict (default: least recently used)."""
+        return min(candidates, key=lambda k: self.last_use.get(k, -1))
+
+
+class LRU(Policy):
+    """Evict the least recently used expert."""
+
+    name = "lru"
+
+
+class LFU(Policy):
+    """Evict the least frequently used expert (counts kept across evictions; ties: LRU)."""
+
+    name = "lfu"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count: dict[Key, int] = {}
+
+    def touch(self, key: Key) -> None:
+        super().touch(key)
+        self.count[key] = self.count.get(key, 0) + 1
+
+    def victim(self, candidates: Sequence[Key]) -> Key:
+        return min(candidates, key=lambda k: (self.count.get(k, 0), self.last_use.get(k, -1)))
+
+
+class Planned(Policy):
+    """Trace-planned eviction: evict the expert expected to be needed furthest in the future.
+
+    Learned from calibration traces only: ``prob[l][e]`` is the fraction of steps of layer ``l``
+    that used expert ``e``. Layers are visited cyclically, so an expert of layer ``l_e`` is next
+    reached in ``d = (l_e - l_now) mod L`` steps and, each visit being used with probability ``p``,
+    its expected next use lies ``d + L (1 - p) / p`` steps away: Belady's rule with the future
+    replaced by its expectation.
+
+    Args:
+        prob: Per layer, per expert, probability that a step of that layer uses the expert.
+    """
+
+    name = "planned"
+
+    def __init__(self, prob: Sequence[Sequence[float]]):
+        super().__init__()
+        self.prob = [list(map(float, p)) for p in prob]
+        self.layers = len(self.prob)
+
+    def expected_next_use(self, key: Key) -> float:
+        """Expected steps until ``key`` is used again (inf: never seen in calibration)."""
+        layer, expert = key
+        p = self.prob[layer][expert] if layer < self.layers and expert < len(self.prob[layer]) else 0.0
+        if p <= 0:
+            return math.inf
+        d = (layer - self.layer) % self.layers
+        if d == 0 and (key in self.done or key not in self.step_keys):
+            d = self.layers
+        if d == 0:
+            return 0.0
+        return d + self.layers * (1.0 - p) / p
+
+    def victim(self, candidates: Sequence[Key]) -> Key:
+        return max(candidates, key=lambda k: (self.expected_next_use(k), -self.last_use.get(k, -1)))
+
+
+class Belady(Policy):
+    """Belady's MIN: evict the expert whose next use is furthest away (needs the future: oracle only).
+
+    Args:
+        steps: The scored trace as a sequence of per-step key sets, in order.
+    """
+
+    name = "belady"
+
+    def __init__(self, steps: Sequence[Iterable[Key]]):
+        super().__init__()
+        self.uses: dict[Key, list[int]] = {}
+        for i, keys in enumerate(steps):
+            for k in keys:
+                self.uses.setdefault(k, []).append(i)
+        self.cursor: dict[Key, int] = {}
+
+    def next_use(self, key: Key) -> float:
+        """Step index of the next use of ``key`` (inf: never again)."""
+        uses = self.uses.get(key, [])
+        i = self.cursor.get(key, 0)
+        while i < len(uses) and (uses[i] < self.step or (uses[i] == self.step and key in self.done)):
+            i += 1
+        self.cursor[key] = i
+        return uses[i] if i < len(uses) else math.inf
+
+    def victim(self, candidates: Sequence[Key]) -> Key:
+        return max(candidates, key=lambda k: (self.next_use(k), -self.last_use.get(k, -1)))
+
+
+def make_policy(name: str, prob: Sequence[Sequence[float]] | None = None) -> Policy:
+    """A fresh policy by name (``lru``, ``lfu``, ``planned``; ``planned`` needs ``prob``).
+
+    Raises:
+        ConfigError: Unknown name, or ``planned`` without probabilities.
+    """
+    if name == "lru":
+        return LRU()
+    if name == "lfu":
+        return LFU()
+    if name == "planned":
+        if prob is None:
+            raise ConfigError("the planned policy needs per-expert probabilities from calibration traces")
+        return Planned(prob)
+    raise ConfigError(f"unknown cache policy '{name}' (known: {', '.join(POLICIES)})")
+
+
+class CacheBook:
+    """Which experts are cached or loading, within a byte capacity; no data, no locking.
+
+    Args:
+        capacity: Bytes the cached and in-flight experts may occupy together.
+        sizes: Bytes of each expert that may be cached.
+        policy: Eviction policy.
+
+    Raises:
+        ConfigError: The capacity cannot hold the largest expert.
+    """
+
+    def __init__(self, capacity: int, sizes: dict[Key, int], policy: Policy):
+        self.capacity, self.sizes, self.policy = int(capacity), dict(sizes), policy
+        largest = max(self.sizes.values(), default=0)
+        if self.capacity < largest:
+            raise ConfigError(f"expert cache of {self.capacity} bytes cannot hold the largest expert ({largest} bytes)")
+        self.cached: dict[Key, bool] = {}  # key -> ready (False while its load is in flight)
+        self.pins: dict[Key, int] = {}
+        self.used = 0
+        self.peak = 0
+        self.hits = self.misses = self.evictions = 0
+        self.bytes_loaded = 0
+
+    def evictable(self, keep: Iterable[Key] = ()) -> list[Key]:
+        """Ready, unpinned entries not in ``keep``."""
+        keep = set(keep)
+        return [k for k, ready in self.cached.items() if ready and not self.pins.get(k) and k not in keep]
+
+    def room_for(self, key: Key, keep: Iterable[Key] = ()) -> list[Key] | None:
+        """Victims to evict so that ``key`` fits (the policy's order), or None if pins prevent it."""
+        need = self.used + self.sizes[key] - self.capacity
+        victims: list[Key] = []
+        if need <= 0:
+            return victims
+        candidates = self.evictable(keep)
+        while need > 0:
+            if not candidates:
+                return None
+            v = self.policy.victim(candidates)
+            candidates.remove(v)
+            victims.append(v)
+            need -= self.sizes[v]
+        return victims
+
+    def evict(self, key: Key) -> None:
+        """Drop ``key``."""
+        del self.cached[key]
+        self.used -= self.sizes[key]
+        self.evictions += 1
+        self.policy.evicted(key)
+
+    def reserve(self, key: Key) -> None:
+        """Account for ``key`` as in flight (room must have been made)."""
+        self.cached[key] = False
+        self.used += self.sizes[key]
+        self.peak = max(self.peak, self.used)
+        if self.used > self.capacity:  # a bookkeeping bug, never a user error
+            raise AssertionError(f"expert cache over budget: {self.used} > {self.capacity}")
+        self.bytes_loaded += self.sizes[key]
+        self.policy.inserted(key)
+
+    def ready(self, key: Key) -> None:
+        """``key``'s load finished."""
+        self.cached[key] = True

@@ -1,0 +1,158 @@
+"""Prefetch predictors: which experts the next layer will need, known one layer ahead.
+
+Each predictor sees only what the runtime has when it issues a prefetch at layer ``l``: layer
+``l``'s routing and MoE input. Tables are learned from calibration traces only.
+
+* ``pregate`` (Pre-gated MoE): layer ``l+1``'s gate applied to layer ``l``'s MoE input.
+* ``affinity`` (ExFlow): P(expert at ``l+1`` | experts at ``l``) counted on calibration traces.
+* ``static`` (Edge-MoE style double buffering, task-level models): the task's most used experts
+  of layer ``l+1`` in calibration, in frequency order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import ConfigError
+from .traces import Trace
+
+PREDICTORS = ("pregate", "affinity", "static")
+
+
+class Predictor:
+    """Base class: ``predict(layer, experts, pregate)`` -> experts of layer ``layer + 1``."""
+
+    name = "predictor"
+
+    def predict(self, layer: int, experts: Sequence[int], pregate: Sequence[int] | None) -> tuple[int, ...]:
+        """Experts of layer ``layer + 1`` to prefetch, most likely first."""
+        raise NotImplementedError
+
+    def to_json(self) -> dict:
+        """Manifest form (what the runtime needs to rebuild it)."""
+        return {"name": self.name}
+
+
+class PreGate(Predictor):
+    """Layer ``l+1``'s own gate on layer ``l``'s MoE input (computed by the runtime or the trace)."""
+
+    name = "pregate"
+
+    def predict(self, layer, experts, pregate):
+        return tuple(pregate or ())
+
+
+def _width(counts: Sequence[float]) -> list[int]:
+    return [max(1, math.ceil(c - 1e-9)) for c in counts]
+
+
+class Affinity(Predictor):
+    """Inter-layer affinity: score experts of ``l+1`` by P(e' at l+1 | e at l) summed over layer ``l``'s experts.
+
+    Args:
+        table: Per layer ``l`` (all but the last), a matrix [experts of l][experts of l+1] of
+            conditional probabilities.
+        width: Per layer, how many experts a step uses on average (how many to predict).
+    """
+
+    name = "affinity"
+
+    def __init__(self, table: Sequence[Sequence[Sequence[float]]], width: Sequence[int]):
+        self.table = [np.asarray(t, dtype=np.float64) for t in table]
+        self.width = list(width)
+
+    @classmethod
+    def from_trace(cls, trace: Trace) -> Affinity:
+        """Count layer-to-layer co-occurrences within each unit of a calibration trace."""
+        n = trace.num_experts
+        counts = [np.zeros((n[li], n[li + 1])) for li in range(trace.num_layers - 1)]
+        for prev, s in zip(trace.steps, trace.steps[1:], strict=False):
+            if s.unit == prev.unit and s.layer == prev.layer + 1:
+                for e in prev.experts:
+                    counts[prev.layer][e, list(s.experts)] += 1
+        table = [c / np.maximum(c.sum(axis=1, keepdims=True), 1) for c in counts]
+        return cls(table, _width(_mean_width(trace)))
+
+    def predict(self, layer, experts, pregate):
+        if layer >= len(self.table) or not len(experts):
+            return ()
+        score = self.table[layer][list(experts)].sum(axis=0)
+        order = np.argsort(-score, kind="stable")
+        return tuple(int(e) for e in order[: self.width[layer + 1]] if score[e] > 0)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "table": [np.round(t, 4).tolist() for t in self.table], "width": self.width}
+
+
+class Static(Predictor):
+    """The task's most used experts of the next layer, from calibration (no run-time input).
+
+    Args:
+        order: Per layer, experts by descending calibration frequency.
+        width: Per layer, how many to prefetch.
+    """
+
+    name = "static"
+
+    def __init__(self, order: Sequence[Sequence[int]], width: Sequence[int]):
+        self.order = [list(o) for o in order]
+        self.width = list(width)
+
+    @classmethod
+    def from_trace(cls, trace: Trace) -> Static:
+        """Frequency order per layer from a calibration trace."""
+        prob = trace.probabilities()
+        order = [[int(e) for e in np.argsort(-np.asarray(p), kind="stable") if p[e] > 0] for p in prob]
+        return cls(order, _width(_mean_width(trace)))
+
+    def predict(self, layer, experts, pregate):
+        if layer + 1 >= len(self.order):
+            return ()
+        return tuple(self.order[layer + 1][: self.width[layer + 1]])
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "order": self.order, "width": self.width}
+
+
+def _mean_width(trace: Trace) -> list[float]:
+    total, visits = np.zeros(trace.num_layers), np.zeros(trace.num_layers)
+    for s in trace.steps:
+        total[s.layer] += len(s.experts)
+        visits[s.layer] += 1
+    return (total / np.maximum(visits, 1)).tolist()
+
+
+def make_predictor(name: str, calibration: Trace) -> Predictor:
+    """A predictor by name, learned from a calibration trace.
+
+    Raises:
+        ConfigError: Unknown name.
+    """
+    if name == "pregate":
+        return PreGate()
+    if name == "affinity":
+        return Affinity.from_trace(calibration)
+    if name == "static":
+        return Static.from_trace(calibration)
+    raise ConfigError(f"unknown prefetch predictor '{name}' (known: {', '.join(PREDICTORS)})")
+
+
+def predictor_from_json(data: dict) -> Predictor:
+    """Rebuild a predictor from its manifest form.
+
+    Raises:
+        ConfigError: Unknown or garbled entry.
+    """
+    try:
+        if data["name"] == "pregate":
+            return PreGate()
+        if data["name"] == "affinity":
+            return Affinity(data["table"], data["width"])
+        if data["name"] == "static":
+            return Static(data["order"], data["width"])
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"garbled prefetch plan in the manifest: {exc}") from None
+    raise ConfigError(f"unknown prefetch predictor '{data.get('name')}' in the manifest")

@@ -1,0 +1,243 @@
+"""Replay a routing trace against an expert cache, a policy, a prefetcher and a device profile.
+
+Time model: one loader channel moves experts at the profile's load bandwidth (slowest tier from
+storage to where experts run), serially; experts compute at the profile's throughput (2 FLOP per
+fp32 weight per token); the trunk's dense compute is left out. A step accesses its experts in
+ascending order, as the runtime does; a miss stalls until its load lands. Prefetches for layer
+``l+1`` are issued when layer ``l``'s routing is known and may evict only what that step does
+not need. The bookkeeping is :class:`~edgemoe.schedule.policies.CacheBook`, shared with the
+runtime, so predicted and measured misses agree for the same trace and policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ..devices import DeviceProfile
+from .policies import CacheBook, Key, Policy
+from .predict import Predictor
+from .traces import Trace
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """Outcome of one replay.
+
+    Attributes:
+        policy: Eviction policy name.
+        predictor: Prefetch predictor name, or "" without prefetch.
+        capacity_bytes: Cache capacity.
+        accesses: Expert accesses.
+        hits: Accesses that found the expert cached or loading (prefetched).
+        misses: Accesses that had to load the expert on demand.
+        hit_rate: ``hits / accesses``.
+        bytes_moved: Bytes loaded (on demand and prefetched).
+        evictions: Experts evicted.
+        peak_bytes: Most bytes cached or in flight at once (never above the capacity).
+        time_s: Simulated time of the trace.
+        compute_s: Expert compute time.
+        stall_s: Time compute waited for loads.
+        prefetch_issued: Prefetch loads issued.
+        prefetch_used: Prefetched experts accessed before being evicted.
+        recall: Fraction of predicted-step experts the predictor named (NaN without prefetch).
+        hit_rate_ahead: Hit rate over steps a prefetch could target (every layer but a unit's first).
+        accesses_ahead: Accesses in those steps.
+        timeline: (start s, end s, kind, layer, expert) per load / compute / stall.
+        memory: (time s, bytes cached or in flight) after every change.
+    """
+
+    policy: str
+    predictor: str
+    capacity_bytes: int
+    accesses: int
+    hits: int
+    misses: int
+    hit_rate: float
+    bytes_moved: int
+    evictions: int
+    peak_bytes: int
+    time_s: float
+    compute_s: float
+    stall_s: float
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    recall: float = float("nan")
+    hit_rate_ahead: float = float("nan")
+    accesses_ahead: int = 0
+    timeline: list = field(default_factory=list, repr=False)
+    memory: list = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict:
+        """JSON summary (no timeline)."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("timeline", "memory")}
+        return {k: (None if isinstance(v, float) and v != v else v) for k, v in out.items()}
+
+
+def simulate(
+    trace: Trace,
+    sizes: dict[Key, int],
+    capacity: int,
+    policy: Policy,
+    profile: DeviceProfile | None = None,
+    predictor: Predictor | None = None,
+    warm: Iterable[Key] = (),
+    keep_timeline: bool = False,
+    resident: Iterable[Key] = (),
+) -> SimResult:
+    """Replay ``trace``.
+
+    Args:
+        trace: Routing trace to replay.
+        sizes: Bytes of every expert that may be cached, by ``(layer, expert)``.
+        capacity: Cache capacity in bytes.
+        policy: Fresh eviction policy (it keeps state).
+        profile: Device for timing (None: loads and compute take no time; counts only).
+        predictor: Prefetch predictor, or None.
+        warm: Experts loaded before the trace starts (a plan's resident set), not counted.
+        keep_timeline: Record the timeline and memory samples (for plots).
+        resident: The plan's resident set: prefetches never evict it (demand misses may).
+
+    Returns:
+        The replay's counters, times and (optionally) timeline.
+    """
+    book = CacheBook(capacity, sizes, policy)
+    bw = profile.load_gbs() * 1e9 if profile and profile.load_gbs() > 0 else 0.0
+    flops = profile.compute_gflops * 1e9 if profile and profile.compute_gflops > 0 else 0.0
+    now = loader_free = stall = compute = 0.0
+    arrival: dict[Key, float] = {}
+    prefetched: set[Key] = set()
+    issued = used = 0
+    named = needed = 0
+    ahead_hits = ahead_accesses = 0
+    resident = tuple(resident)
+    timeline: list = []
+    memory: list = [(0.0, 0)]
+
+    def load(key: Key) -> float:
+        nonlocal loader_free
+        start = max(now, loader_free)
+        loader_free = start + (sizes[key] / bw if bw else 0.0)
+        if keep_timeline:
+            timeline.append((start, loader_free, "load", *key))
+        return loader_free
+
+    def settle() -> None:
+        for k, t in list(arrival.items()):
+            if t <= now:
+                book.ready(k)
+                del arrival[k]
+
+    def make_room(key: Key) -> bool:
+        nonlocal now
+        while True:
+            settle()
+            victims = book.room_for(key)
+            if victims is not None:
+                for v in victims:
+                    book.evict(v)
+                    prefetched.discard(v)
+                return True
+            if not arrival:
+                return False
+            now = max(now, min(arrival.values()))  # wait for an in-flight load to land
+
+    def prefetch(guess: tuple[int, ...], layer: int, keep: tuple[Key, ...]) -> None:
+        nonlocal issued
+        keep = keep + tuple((layer, e) for e in guess)  # nor what the same prediction brought in
+        for e in guess:
+            key = (layer, e)
+            if key not in sizes or key in book.cached:
+                continue
+            settle()
+            victims = book.room_for(key, keep=keep)
+            if victims is None:
+                break  # prefetches never wait
+            for v in victims:
+                book.evict(v)
+                prefetched.discard(v)
+            book.reserve(key)
+            arrival[key] = load(key)
+            prefetched.add(key)
+            issued += 1
+            memory.append((now, book.used))
+
+    for key in warm:
+        if key in sizes and key not in book.cached and make_room(key):
+            book.reserve(key)
+            book.ready(key)
+    book.bytes_loaded = 0
+    for i, step in enumerate(trace.steps):
+        keys = trace.keys(i)
+        policy.begin_step(i, step.layer, keys)
+        nxt = trace.steps[i + 1] if i + 1 < len(trace.steps) else None
+        guess: tuple[int, ...] = ()
+        if predictor is not None and nxt is not None and nxt.unit == step.unit and nxt.layer == step.layer + 1:
+            guess = predictor.predict(step.layer, step.experts, nxt.pregate)
+            named += len(set(guess) & set(nxt.experts))
+            needed += len(nxt.experts)
+
+        # Prefetch when the routing is known (sparing this step's experts), and again after each
+        # expert is done (its slot may then take one of the next layer's), as the runtime does.
+        if guess:
+            prefetch(guess, nxt.layer, keys + resident)
+        prev = trace.steps[i - 1] if i else None
+        ahead = prev is not None and prev.unit == step.unit and prev.layer + 1 == step.layer
+        for j, (key, tokens) in enumerate(zip(keys, step.tokens, strict=True)):
+            settle()
+            ahead_accesses += ahead
+            if key in book.cached:
+                book.hits += 1
+                ahead_hits += ahead
+                if key in arrival:  # still loading: wait for it
+                    if keep_timeline:
+                        timeline.append((now, arrival[key], "stall", *key))
+                    stall += arrival[key] - now
+                    now = arrival[key]
+                    settle()
+                if key in prefetched:
+                    used += 1
+                    prefetched.discard(key)
+            else:
+                book.misses += 1
+                make_room(key)
+                book.reserve(key)
+                memory.append((now, book.used))
+                done = load(key)
+                if keep_timeline:
+                    timeline.append((now, done, "stall", *key))
+                stall += done - now
+                now = done
+                book.ready(key)
+            policy.touch(key)
+            dt = tokens * sizes[key] / 2 / flops if flops else 0.0  # 2 FLOP per fp32 weight (4 bytes)
+            if keep_timeline:
+                timeline.append((now, now + dt, "compute", *key))
+            now += dt
+            compute += dt
+            memory.append((now, book.used))
+            if guess:  # the experts done so far may make room, as in the runtime
+                prefetch(guess, nxt.layer, keys[j + 1 :] + resident)
+    accesses = book.hits + book.misses
+    return SimResult(
+        policy=policy.name,
+        predictor=predictor.name if predictor else "",
+        capacity_bytes=int(capacity),
+        accesses=accesses,
+        hits=book.hits,
+        misses=book.misses,
+        hit_rate=book.hits / accesses if accesses else 1.0,
+        bytes_moved=book.bytes_loaded,
+        evictions=book.evictions,
+        peak_bytes=book.peak,
+        time_s=now,
+        compute_s=compute,
+        stall_s=stall,
+        prefetch_issued=issued,
+        prefetch_used=used,
+        recall=named / needed if needed else float("nan"),
+        hit_rate_ahead=ahead_hits / ahead_accesses if ahead_accesses else float("nan"),
+        accesses_ahead=ahead_accesses,
+        timeline=timeline,
+        memory=memory,
+    )

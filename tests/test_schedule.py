@@ -1,0 +1,285 @@
+"""Swap schedule: device profiles, traces, policies vs Belady, simulator vs runtime, expert cache, `edgemoe plan`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from edgemoe.bundle.format import read_manifest, sample_input
+from edgemoe.devices import device_profiles, get_device, load_profiles
+from edgemoe.errors import ConfigError
+from edgemoe.runtime import Session
+from edgemoe.schedule import (
+    POLICIES,
+    Belady,
+    ThrashWarning,
+    make_policy,
+    make_predictor,
+    record_trace,
+    simulate,
+)
+from edgemoe.schedule.planner import check_budget, expert_sizes, parse_budget
+
+NAMED = (
+    "host",
+    "jetson-orin-nano-8gb",
+    "jetson-agx-orin-64gb",
+    "jetson-xavier-nx",
+    "raspberry-pi-5",
+    "zcu104",
+    "zcu102",
+)
+
+
+@pytest.fixture
+def bundle(bundle_factory, tmp_path):
+    """A private copy of the m3vit-micro bundle (plan rewrites its manifest)."""
+    dst = tmp_path / "m3vit-micro"
+    shutil.copytree(bundle_factory("m3vit-micro"), dst)
+    return dst
+
+
+def _inputs(bundle, n, seed=3):
+    return sample_input(read_manifest(bundle)["input"], batch=n, seed=seed)
+
+
+# -- device profiles ---------------------------------------------------------------------------
+def test_named_profiles_have_tiers_with_sources():
+    profiles = device_profiles()
+    for name in NAMED:
+        p = profiles[name]
+        assert p.weight_memory_bytes > 0 and p.storage_gbs > 0 and p.compute_gflops > 0, name
+        assert 0 < p.load_gbs() <= p.storage_gbs
+        for key in ("weight_memory_bytes", "storage_gbs", "compute_gflops"):
+            assert p.tier_sources.get(key), f"{name}: no source for {key}"
+    assert profiles["zcu104"].onchip_gbs > 0 and profiles["jetson-orin-nano-8gb"].onchip_gbs == 0
+
+
+def test_user_profiles_from_toml_and_json(tmp_path):
+    toml = tmp_path / "boards.toml"
+    toml.write_text("[my-board]\nmemory_bytes = 4294967296\nstorage_gbs = 0.5\ncompute_gflops = 100.0\n")
+    p = load_profiles(toml)["my-board"]
+    assert p.storage_gbs == 0.5 and p.weight_memory_bytes == 4294967296 and "user-defined" in p.source
+    js = tmp_path / "board.json"
+    js.write_text(json.dumps({"b": {"memory_bytes": 1 << 30, "onchip_gbs": 4.0, "storage_gbs": 1.0}}))
+    assert get_device(str(js)).load_gbs() == 1.0
+    js.write_text(json.dumps({"b": {"memory_bytes": 1 << 30, "flux": 1}}))
+    with pytest.raises(ConfigError, match="unknown fields"):
+        load_profiles(js)
+    js.write_text(json.dumps({"b": {"memory_bytes": -1}}))
+    with pytest.raises(ConfigError, match="memory_bytes"):
+        load_profiles(js)
+
+
+# -- budget checks -----------------------------------------------------------------------------
+def test_budget_checks(bundle):
+    m = read_manifest(bundle)
+    sizes = expert_sizes(m)
+    largest = max(sizes.values())
+    with pytest.raises(ConfigError, match=f"largest expert \\({largest} B\\)"):
+        check_budget(m, largest - 1)
+    with pytest.raises(ConfigError, match="largest expert"):
+        Session(bundle, "semseg", memory_budget=largest - 1)
+    with pytest.warns(ThrashWarning, match="working set"):
+        check_budget(m, largest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_budget(m, 2 * largest) == 2 * largest
+    assert parse_budget("50%", m) == sum(sizes.values()) // 2
+    with pytest.raises(ConfigError, match="percentage"):
+        parse_budget("lots", m)
+
+
+# -- simulator ---------------------------------------------------------------------------------
+def test_belady_bounds_every_policy_and_memory_stays_in_budget(bundle):
+    m = read_manifest(bundle)
+    sizes = expert_sizes(m, "semseg")
+    calib = record_trace(bundle, "semseg", _inputs(bundle, 4, seed=1), "run")
+    held = record_trace(bundle, "semseg", _inputs(bundle, 6, seed=2), "run")
+    assert held.steps and all(s.experts == tuple(sorted(s.experts)) for s in held.steps)
+    prob = calib.probabilities()
+    steps = [held.keys(i) for i in range(len(held.steps))]
+    for frac in (0.25, 0.5):
+        cap = int(sum(sizes.values()) * frac)
+        best = simulate(held, sizes, cap, Belady(steps))
+        for name in POLICIES:
+            r = simulate(
+                held, sizes, cap, make_policy(name, prob), get_device("jetson-orin-nano-8gb"), keep_timeline=True
+            )
+            assert r.hits <= best.hits, (name, frac)
+            assert r.accesses == best.accesses == sum(len(s.experts) for s in held.steps)
+            assert max(b for _, b in r.memory) <= cap and r.peak_bytes <= cap
+            assert r.time_s >= r.stall_s > 0 and r.bytes_moved == r.misses * max(sizes.values())
+        full = simulate(held, sizes, sum(sizes.values()), make_policy("lru"))
+        assert full.misses == len({k for ks in steps for k in ks})  # only compulsory misses
+
+
+def test_predictors_on_token_trace(bundle_factory):
+    lm = bundle_factory("switch-lm-micro")
+    spec = read_manifest(lm)["input"]
+    calib = record_trace(lm, "lm", sample_input(spec, batch=3, seed=1), "token")
+    held = record_trace(lm, "lm", sample_input(spec, batch=3, seed=2), "token")
+    sizes = expert_sizes(read_manifest(lm), "lm")
+    assert held.granularity == "token" and all(len(s.experts) == 1 for s in held.steps)  # top-1
+    for name in ("pregate", "affinity", "static"):
+        r = simulate(
+            held,
+            sizes,
+            sum(sizes.values()) // 4,
+            make_policy("planned", calib.probabilities()),
+            None,
+            make_predictor(name, calib),
+        )
+        assert 0 <= r.recall <= 1 and r.prefetch_issued > 0 and r.peak_bytes <= sum(sizes.values()) // 4
+
+
+# -- runtime expert cache ----------------------------------------------------------------------
+@pytest.mark.parametrize("policy", POLICIES)
+def test_simulator_and_runtime_agree_on_misses(bundle, policy):
+    m = read_manifest(bundle)
+    sizes = expert_sizes(m, "semseg")
+    x = _inputs(bundle, 5)
+    trace = record_trace(bundle, "semseg", x, "run")
+    budget = 3 * max(sizes.values())
+    session = Session(bundle, "semseg", memory_budget=budget, policy=policy)
+    for i in range(len(x)):
+        session.run(x[i : i + 1])
+    prob = session._cache.policy.prob if policy == "planned" else None
+    sim = simulate(trace, sizes, budget, make_policy(policy, prob))
+    st = session.stats
+    assert st.cache_misses == sim.misses > 0 and st.cache_hits == sim.hits
+    assert st.evictions == sim.evictions and st.expert_bytes_loaded == sim.bytes_moved
+    assert st.peak_expert_bytes <= budget
+
+
+def test_outputs_identical_across_budgets_and_prefetch(bundle):
+    x = _inputs(bundle, 3)
+    want = Session(bundle, "depth").run(x)
+    largest = max(expert_sizes(read_manifest(bundle)).values())
+    for budget, prefetch in ((None, "pregate"), (2 * largest, None), (2 * largest, "pregate"), (largest, "static")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ThrashWarning)
+            s = Session(bundle, "depth", memory_budget=budget, prefetch=prefetch)
+        np.testing.assert_array_equal(s.run(x), want)
+        np.testing.assert_array_equal(s.run(x), want)
+        st = s.stats
+        if prefetch:
+            assert st.prefetch_issued > 0
+        if budget:
+            assert st.peak_expert_bytes <= budget and st.evictions > 0
+        s.close()
+
+
+def test_concurrent_runs_under_tiny_budget(bundle):
+    xs = [_inputs(bundle, 1, seed=s) for s in range(8)]
+    ref = Session(bundle, "semseg")
+    want = [ref.run(x) for x in xs]
+    largest = max(expert_sizes(read_manifest(bundle)).values())
+    with pytest.warns(ThrashWarning):
+        session = Session(bundle, "semseg", memory_budget=largest, prefetch="pregate")
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(session.run, x) for x in xs * 2]
+        got = [f.result(timeout=60) for f in futures]  # a deadlock fails here instead of hanging
+    for g, w in zip(got, want * 2, strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert session.stats.peak_expert_bytes <= largest
+    session.close()
+
+
+def test_storage_throttle_costs_bytes_over_bandwidth(bundle):
+    x = _inputs(bundle, 1)
+    gbs = 0.002  # 2 MB/s: a 6 KB expert takes >= 3 ms
+    s = Session(bundle, "semseg", storage_gbs=gbs)
+    start = time.perf_counter()
+    s.run(x)
+    elapsed = time.perf_counter() - start
+    st = s.stats
+    assert st.stall_ms / 1e3 >= st.expert_bytes_loaded / (gbs * 1e9) * 0.99
+    assert elapsed >= st.expert_bytes_loaded / (gbs * 1e9) * 0.99
+
+
+# -- planner and CLI ---------------------------------------------------------------------------
+def test_plan_cli_json_plots_and_manifest(bundle, run_cli, tmp_path):
+    res = run_cli(
+        "plan",
+        bundle,
+        "--device",
+        "jetson-orin-nano-8gb",
+        "--budget",
+        "50%",
+        "--heldout",
+        "4",
+        "--json",
+        "--plots",
+        tmp_path / "plots",
+    )
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["budget_bytes"] == parse_budget("50%", read_manifest(bundle))
+    assert set(out["policies"]) == {"lru", "lfu", "planned", "belady"}
+    for r in out["policies"].values():
+        assert 0 <= r["hit_rate"] <= out["policies"]["belady"]["hit_rate"] <= 1
+    assert set(out["prefetch"]) == {"pregate", "affinity", "static"}
+    assert all(0 <= r["accuracy"] <= 1 for r in out["prefetch"].values())
+    assert 0 < out["peak_bytes"] <= out["budget_bytes"]
+    for name in ("memory.png", "usage.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+    sched = read_manifest(bundle)["schedule"]
+    assert sched["budget_bytes"] == out["budget_bytes"] and set(sched["tasks"]) == {"semseg", "depth"}
+    assert set(sched["task_switch"]) == {"semseg->depth", "depth->semseg"}
+    assert run_cli("inspect", bundle, "--check").exit_code == 0  # the rewritten manifest is still a valid bundle
+    # The runtime follows the stored plan: planned policy probabilities and the chosen predictor.
+    x = _inputs(bundle, 2)
+    want = Session(bundle, "semseg").run(x)
+    for prefetch in ("plan", "pregate", "affinity", "static"):
+        s = Session(bundle, "semseg", memory_budget=out["budget_bytes"], policy="planned", prefetch=prefetch)
+        assert s._cache.policy.prob == sched["tasks"]["semseg"]["probability"]
+        np.testing.assert_array_equal(s.run(x), want)
+        assert s.stats.prefetch_issued > 0 and s.stats.peak_expert_bytes <= out["budget_bytes"]
+        s.close()
+
+
+def test_plan_cli_errors(bundle, run_cli):
+    res = run_cli("plan", bundle, "--budget", "10")
+    assert res.exit_code == ConfigError.exit_code and "largest expert" in res.stderr
+    res = run_cli("plan", bundle, "--device", "no-such-board")
+    assert res.exit_code != 0 and "unknown device" in res.stderr
+
+
+def test_reload_after_eviction_rechecks_a_changed_blob(bundle):
+    from edgemoe.errors import IntegrityError
+
+    x = _inputs(bundle, 1)
+    largest = max(expert_sizes(read_manifest(bundle)).values())
+    with pytest.warns(ThrashWarning):
+        s = Session(bundle, "semseg", memory_budget=largest)
+    s.run(x)
+    s.run(x)  # reloads skip the hash while the files are unchanged
+    assert s.stats.cache_misses > s.stats.experts_loaded
+    for blob in (bundle / "experts").glob("L*_E*.bin"):
+        data = bytearray(blob.read_bytes())
+        data[0] ^= 0xFF
+        time.sleep(0.01)
+        blob.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="sha256"):
+        s.run(x)
+
+
+def test_failed_prefetch_reports_the_integrity_error(bundle):
+    from edgemoe.errors import IntegrityError
+
+    x = _inputs(bundle, 1)
+    s = Session(
+        bundle, "semseg", memory_budget=4 * max(expert_sizes(read_manifest(bundle)).values()), prefetch="pregate"
+    )
+    for blob in (bundle / "experts").glob("L1_E*.bin"):  # layer 1: only ever prefetched or loaded after layer 0
+        blob.write_bytes(b"\0" * blob.stat().st_size)
+    with pytest.raises(IntegrityError, match="sha256"):
+        s.run(x)
+    s.close()
