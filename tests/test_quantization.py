@@ -203,3 +203,13 @@ def test_weight_budget_flag(run_cli, tmp_path, bundle_factory):
     bad = run_cli("compile", "m3vit-micro", "--weight-budget", "1KB", "-o", tmp_path / "c")
     assert bad.exit_code == 4 and "below" in bad.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_percentile_calibrator(tmp_path):
+    q = QuantConfig(scheme="int8", calibrator="percentile", percentile=99.9, eval_samples=2)
+    m = compile_model(CompileConfig("m3vit-micro", quant=q, calib_samples=2), tmp_path / "b")
+    assert m["quantization"]["calibrator"] == "percentile" and m["quantization"]["dense_calibrator"] == "minmax"
+    rec = m["moe_layers"][0]["experts"][0]
+    assert {"w1.act_scale", "w1.act_zp", "w2.act_scale"} <= {t["name"] for t in rec["tensors"]}
+    x = sample_input(m["input"], batch=1, seed=0)
+    assert np.isfinite(Session(tmp_path / "b", "depth").run(x)).all()

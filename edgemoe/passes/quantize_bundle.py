@@ -206,6 +206,7 @@ def quantize_bundle(
         "dense_scheme": dense,
         "group_size": quant.group_size,
         "calibrator": quant.calibrator,
+        "dense_calibrator": "minmax",
         "gates": "fp32",
         "mixed_precision": None
         if plan is None

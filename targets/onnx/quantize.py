@@ -175,13 +175,15 @@ class _Reader:
     """onnxruntime CalibrationDataReader over recorded feeds."""
 
     def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self._feeds = feeds
         self._it = iter(feeds)
 
     def get_next(self):
         return next(self._it, None)
 
-    def rewind(self):  # pragma: no cover - onnxruntime may call it
-        pass
+    def rewind(self):
+        # The histogram calibrators read the data twice (ranges, then histograms).
+        self._it = iter(self._feeds)
 
 
 def quantize_dense_graph(
@@ -229,10 +231,11 @@ def _quantize_dense(path: Path, tmp: Path, scheme: str, feeds, group: int, calib
 
         if not feeds:
             raise TargetError(f"target onnx: no calibration data recorded for {path.name}")
-        method = CalibrationMethod.Percentile if calibrator == "percentile" else CalibrationMethod.MinMax
+        # Dense partitions are calibrated with MinMax: onnxruntime 1.32's histogram calibrators
+        # (percentile, entropy) collect nothing on these graphs ("Histogram has not been collected").
+        # The percentile calibrator applies to expert activations, which edgemoe calibrates itself.
+        method = CalibrationMethod.MinMax
         extra = {"WeightSymmetric": True, "ActivationSymmetric": False}
-        if calibrator == "percentile":
-            extra["CalibPercentile"] = percentile
         quantize_static(
             str(path),
             str(tmp),
