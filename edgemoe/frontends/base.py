@@ -8,6 +8,7 @@ plus one registry line in :mod:`edgemoe.frontends`.
 from __future__ import annotations
 
 import abc
+import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -56,9 +57,16 @@ class ModelAdapter(abc.ABC):
     def ir(self) -> ModelIR:
         """The captured model description."""
 
-    @abc.abstractmethod
     def state_sha256(self) -> str:
-        """Digest of the model's weights, so a bundle can be matched to its source later."""
+        """Digest of the model's weights, so a bundle can be matched to its source later.
+
+        The default hashes ``self.model``'s torch state dict (names and bytes, in name order).
+        """
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()
 
     @abc.abstractmethod
     def reference(self, x: np.ndarray, task: str, keep: dict[int, tuple[int, ...]] | None = None) -> np.ndarray:

@@ -9,8 +9,6 @@ scores of one; the FFN's output bias is applied once, in the next segment.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 from torch import nn
@@ -143,13 +141,6 @@ class BertMoEAdapter(ModelAdapter):
     @property
     def ir(self) -> ModelIR:
         return self._ir
-
-    def state_sha256(self) -> str:
-        h = hashlib.sha256()
-        for name, tensor in sorted(self.model.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
-        return h.hexdigest()
 
     # -- reference execution -------------------------------------------------------------
     def _check_task(self, task: str) -> None:

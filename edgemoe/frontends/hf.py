@@ -21,7 +21,6 @@ the bundle's one-input chain of segments does not carry.
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
@@ -391,13 +390,6 @@ class HFAdapter(ModelAdapter):
     @property
     def ir(self) -> ModelIR:
         return self._ir
-
-    def state_sha256(self) -> str:
-        h = hashlib.sha256()
-        for name, tensor in sorted(self.model.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
-        return h.hexdigest()
 
     # -- reference execution -------------------------------------------------------------
     def _task(self, task: str) -> None:

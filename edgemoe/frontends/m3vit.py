@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 from torch import nn
@@ -160,13 +158,6 @@ class M3ViTAdapter(ModelAdapter):
     @property
     def ir(self) -> ModelIR:
         return self._ir
-
-    def state_sha256(self) -> str:
-        h = hashlib.sha256()
-        for name, tensor in sorted(self.model.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
-        return h.hexdigest()
 
     # -- reference execution -------------------------------------------------------------
     def _task(self, task: str) -> int:

@@ -7,8 +7,6 @@ sequence length (dynamic axes 0 and 1).
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 from torch import nn
@@ -183,13 +181,6 @@ class MoELMAdapter(ModelAdapter):
     @property
     def ir(self) -> ModelIR:
         return self._ir
-
-    def state_sha256(self) -> str:
-        h = hashlib.sha256()
-        for name, tensor in sorted(self.model.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
-        return h.hexdigest()
 
     # -- reference execution -------------------------------------------------------------
     def _check_task(self, task: str) -> None:
