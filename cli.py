@@ -7,11 +7,13 @@ them, so ``edgemoe run`` and ``edgemoe inspect BUNDLE`` work where only the runt
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -67,6 +69,26 @@ class _Progress:
             click.echo(f"[{time.perf_counter() - self.start:6.1f}s] {msg}", err=True)
 
 
+@contextlib.contextmanager
+def _budget_warnings(notes: list[str]):
+    """Print memory-budget warnings (ThrashWarning) as ``warning: ...`` on stderr and collect them for --json."""
+    from edgemoe.schedule.planner import ThrashWarning
+
+    show = warnings.showwarning
+
+    def echo(message, category, *args, **kwargs):
+        if issubclass(category, ThrashWarning):
+            notes.append(str(message))
+            click.echo(f"warning: {message}", err=True)
+        else:
+            show(message, category, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ThrashWarning)
+        warnings.showwarning = echo
+        yield
+
+
 def _emit(obj: dict, as_json: bool, render) -> None:
     click.echo(json.dumps(obj, indent=1) if as_json else render(obj))
 
@@ -111,6 +133,13 @@ def cli():
     show_default=True,
     help="Drop experts a task never selects on calibration data (task-level models).",
 )
+@click.option(
+    "--prune-below",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    help="Also drop experts below this share of a task's routed tokens on calibration data (e.g. 0.01).",
+)
 @click.option("--calib-samples", default=8, show_default=True, type=int, help="Calibration inputs per task.")
 @click.option("--calib-seed", default=1234, show_default=True, type=int, help="Seed of the calibration inputs.")
 @click.option(
@@ -146,6 +175,11 @@ def cli():
     help="Mixed precision: byte budget of all expert weights (e.g. 6MB, 6MiB); the solver picks 2/4/8 bits per expert.",
 )
 @click.option("--avg-bits", default=None, type=float, help="Mixed precision: average bits per expert weight (e.g. 3).")
+@click.option(
+    "--memory-budget",
+    default=None,
+    help="Expert memory on the device: NN% of routed expert bytes or a size (6MB); checked, and a swap plan stored.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 @_handle_errors
@@ -156,6 +190,7 @@ def compile_cmd(
     device,
     tasks,
     prune,
+    prune_below,
     calib_samples,
     calib_seed,
     weights,
@@ -164,6 +199,7 @@ def compile_cmd(
     calibrator,
     weight_budget,
     avg_bits,
+    memory_budget,
     as_json,
     quiet,
 ):
@@ -176,6 +212,10 @@ def compile_cmd(
     With --quant / --weight-budget / --avg-bits the staged bundle is calibrated, quantized
     (experts one blob at a time) and its accuracy against fp32 on held-out data is written
     into the manifest (see `edgemoe inspect`).
+
+    With --memory-budget the budget is checked against the bundle's experts as at session start
+    (an error below shared + resident + largest expert; a warning, also in --json, below a
+    layer's top-k working set) and a swap schedule for --device is stored (as `edgemoe plan`).
     """
     from edgemoe.bundle.describe import describe_bundle
     from edgemoe.compiler import compile_model
@@ -196,15 +236,22 @@ def compile_cmd(
         device=device,
         tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
         prune=prune,
+        prune_below=prune_below,
         calib_samples=calib_samples,
         calib_seed=calib_seed,
         weights=weights,
         quant=qcfg,
+        memory_budget=memory_budget,
     )
     progress = _Progress(quiet or as_json)
-    compile_model(cfg, output, progress)
+    notes: list[str] = []
+    with _budget_warnings(notes):
+        compile_model(cfg, output, progress)
     progress(f"bundle written to {output}")
-    _emit(describe_bundle(output), as_json, render_bundle)
+    summary = describe_bundle(output)
+    if memory_budget is not None:
+        summary["warnings"] = notes
+    _emit(summary, as_json, render_bundle)
 
 
 @cli.command("run")
@@ -362,7 +409,9 @@ def moefy_cmd(source, output, experts, top_k, router, calib_texts, heldout, seed
 @cli.command("plan")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--device", default="host", show_default=True, help="Device profile name, or a .toml/.json file.")
-@click.option("--budget", default=None, help="Expert memory: NN% of routed expert bytes, or bytes [default: device].")
+@click.option(
+    "--budget", default=None, help="Expert memory: NN% of routed expert bytes, or a size (6MB) [default: device]."
+)
 @click.option(
     "--policy", default="planned", show_default=True, type=click.Choice(["lru", "lfu", "planned"]), help="Eviction."
 )
@@ -381,7 +430,10 @@ def plan_cmd(bundle, device, budget, policy, heldout, plots_dir, no_write, as_js
     from edgemoe.schedule.planner import plan_bundle, render_plan
 
     keep = bool(plots_dir)
-    result = plan_bundle(bundle, device, budget, policy, heldout=heldout, write=not no_write, keep_timeline=keep)
+    notes: list[str] = []
+    with _budget_warnings(notes):
+        result = plan_bundle(bundle, device, budget, policy, heldout=heldout, write=not no_write, keep_timeline=keep)
+    result["warnings"] = notes
     if plots_dir:
         from edgemoe.schedule.plots import write_plots
 

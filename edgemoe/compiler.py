@@ -11,6 +11,7 @@ from .passes.calibrate_activations import AdapterCalibration, calibrate_activati
 from .passes.capture_model import capture_model
 from .passes.measure_accuracy import bundle_bytes, measure_accuracy
 from .passes.partition_model import partition_model
+from .passes.plan_schedule import check_budget_text, plan_schedule
 from .passes.profile_routing import profile_routing
 from .passes.prune_experts import prune_experts
 from .passes.quantize_bundle import quantize_bundle
@@ -35,6 +36,8 @@ def compile_model(cfg: CompileConfig, out: str | Path, progress: Progress = lamb
     cfg.quant.validate()
     if cfg.calib_samples < 1:
         raise ConfigError(f"calibration needs at least one sample, got {cfg.calib_samples}")
+    if cfg.memory_budget is not None:
+        check_budget_text(cfg.memory_budget)
     target = get_target(cfg.target)
     device = get_device(cfg.device)
     target.check_device(device)
@@ -42,7 +45,7 @@ def compile_model(cfg: CompileConfig, out: str | Path, progress: Progress = lamb
     captured = capture_model(cfg)
     progress(f"profile routing on {cfg.calib_samples} calibration inputs x {len(captured.tasks)} tasks")
     profile = profile_routing(captured, cfg.calib_samples, cfg.calib_seed)
-    expert_sets = prune_experts(captured, profile, cfg.prune)
+    expert_sets = prune_experts(captured, profile, cfg.prune, cfg.prune_below)
     plan = partition_model(captured, expert_sets)
 
     def quantize(staging: Path, manifest: dict) -> dict:
@@ -56,5 +59,12 @@ def compile_model(cfg: CompileConfig, out: str | Path, progress: Progress = lamb
         )
         return manifest
 
-    finalize = quantize if cfg.quant.active else None
-    return write_bundle(out, cfg, captured, profile, plan, target, device, progress, finalize)
+    def finalize(staging: Path, manifest: dict) -> dict:
+        if cfg.quant.active:
+            manifest = quantize(staging, manifest)
+        if cfg.memory_budget is not None:  # on final expert bytes, before the bundle is installed
+            manifest = plan_schedule(staging, manifest, cfg.memory_budget, device, progress)
+        return manifest
+
+    active = cfg.quant.active or cfg.memory_budget is not None
+    return write_bundle(out, cfg, captured, profile, plan, target, device, progress, finalize if active else None)

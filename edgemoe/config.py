@@ -17,6 +17,8 @@ class CompileConfig:
         device: Device profile name (``edgemoe devices`` lists them).
         tasks: Tasks to build; empty means every task of the model.
         prune: Drop experts a task never selects on calibration data (task-level models).
+        prune_below: With ``prune``: also drop experts that get less than this share of the task's
+            routed (token, slot) assignments on calibration data (0: only never-selected ones).
         calib_samples: Calibration inputs per task for routing profiles.
         calib_seed: Seed of the calibration inputs.
         weights: Optional checkpoint (safetensors, or a torch file loaded with weights_only).
@@ -25,6 +27,9 @@ class CompileConfig:
             resolving ``model`` (how ``verify`` rebuilds a bundle's source model).
         model_config: Full family config dict, or None.
         quant: Quantization of the bundle (default: none, fp32).
+        memory_budget: Expert memory to plan swapping for on ``device``: ``NN%`` of routed expert
+            bytes or a byte size (``6MB``, ``100000``); the budget is checked as at session start
+            and a swap schedule is stored in the manifest. None: no check, no schedule.
     """
 
     model: str
@@ -32,6 +37,7 @@ class CompileConfig:
     device: str = "host"
     tasks: tuple[str, ...] = ()
     prune: bool = True
+    prune_below: float = 0.0
     calib_samples: int = 8
     calib_seed: int = 1234
     weights: str | None = None
@@ -39,3 +45,4 @@ class CompileConfig:
     model_family: str | None = None
     model_config: dict | None = None
     quant: QuantConfig = field(default_factory=QuantConfig)
+    memory_budget: str | None = None

@@ -18,6 +18,33 @@ def test_manifest_follows_the_schema(bundle_factory, model):
     jsonschema.validate(read_manifest(bundle_factory(model)), schema)
 
 
+def test_manifest_with_a_schedule_follows_the_schema(bundle_factory):
+    from edgemoe.schedule import plan_bundle
+
+    schema = json.loads(SCHEMA.read_text())
+    bundle = bundle_factory("m3vit-micro-windows")
+    m = read_manifest(bundle)
+    assert "schedule" not in m  # validated without one above
+    m["schedule"] = plan_bundle(bundle, "jetson-orin-nano-8gb", "25%", heldout=2, write=False)["schedule"]
+    jsonschema.validate(m, schema)
+    garbles = {
+        "key": lambda s: s["tasks"]["depth"]["resident"].append([1]),
+        "policy": lambda s: s.update(policy="fifo"),
+        "switch name": lambda s: s["task_switch"].update(semseg=s["task_switch"]["semseg->depth"]),
+        "switch list": lambda s: s["task_switch"]["semseg->depth"].pop("drop_cached"),
+        "cost": lambda s: s["task_switch"]["depth->semseg"]["cost"].update(load_bytes=-1),
+        "predictor": lambda s: s["tasks"]["semseg"]["predictors"]["affinity"].pop("table"),
+        "probability": lambda s: s["tasks"]["semseg"]["probability"][0].append(1.5),
+        "missing": lambda s: s.pop("cache_bytes"),
+    }
+    for name, garble in garbles.items():
+        bad = json.loads(json.dumps(m))
+        garble(bad["schedule"])
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+            pytest.fail(f"garbled schedule ({name}) validates")
+
+
 def test_every_file_is_listed_with_size_and_digest(bundle_factory):
     bundle = bundle_factory("m3vit-micro")
     m = read_manifest(bundle)

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from edgemoe.bundle import sample_input
 from edgemoe.compiler import compile_model
 from edgemoe.config import CompileConfig
+from edgemoe.errors import ConfigError
 from edgemoe.frontends.m3vit import M3ViTAdapter
 from edgemoe.passes.verify_bundle import verify_bundle
 from edgemoe.runtime import Session
@@ -100,3 +101,20 @@ def test_verify_reports_pruning_cost_separately(tmp_path):
         assert r.max_abs_error <= 1e-4
     if kept < 2 * 16:  # something was pruned: the unpruned comparison must see it
         assert max(r.max_abs_error_unpruned for r in rep.tasks.values()) > 1e-4
+
+
+def test_prune_below_drops_rarely_used_experts(tmp_path):
+    """Experts under the share threshold leave the task's set; the masked bundle stays exact."""
+    full = compile_model(CompileConfig("m3vit-micro", calib_samples=4), tmp_path / "all")
+    counts = np.asarray(full["tasks"]["semseg"]["expert_counts"][0], dtype=np.float64)
+    share = counts / counts.sum()
+    cut = float(np.sort(share[share > 0])[1]) + 1e-9  # drops the two least used experts
+    thin = compile_model(CompileConfig("m3vit-micro", calib_samples=4, prune_below=cut), tmp_path / "thin")
+    kept = thin["tasks"]["semseg"]["experts"][0]
+    assert kept == [e for e in range(len(share)) if share[e] >= cut]
+    assert len(kept) < len(full["tasks"]["semseg"]["experts"][0])
+    for r in verify_bundle(tmp_path / "thin", samples=2, timing_runs=1).tasks.values():
+        assert r.max_abs_error <= 1e-4
+    with pytest.raises(ConfigError, match="no expert"):
+        compile_model(CompileConfig("m3vit-micro", calib_samples=4, prune_below=0.99), tmp_path / "none")
+    assert not (tmp_path / "none").exists()

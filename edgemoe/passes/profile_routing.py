@@ -42,9 +42,11 @@ class RoutingProfile:
     seed: int
     traces: dict[str, tuple[LayerTrace, ...]] = field(default_factory=dict)
 
-    def activated(self, task: str, layer: int, num_experts: int) -> tuple[int, ...]:
-        """Experts the task selected at least once in ``layer``."""
-        return tuple(int(e) for e in np.flatnonzero(self.traces[task][layer].counts(num_experts)))
+    def activated(self, task: str, layer: int, num_experts: int, min_share: float = 0.0) -> tuple[int, ...]:
+        """Experts the task selected in ``layer``: at least once, and in >= ``min_share`` of its assignments."""
+        counts = self.traces[task][layer].counts(num_experts)
+        keep = (counts > 0) & (counts >= min_share * max(int(counts.sum()), 1))
+        return tuple(int(e) for e in np.flatnonzero(keep))
 
 
 def profile_routing(captured: CapturedModel, samples: int, seed: int, batch: int = 8) -> RoutingProfile:

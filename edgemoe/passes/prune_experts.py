@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import ConfigError
 from .capture_model import CapturedModel
 from .profile_routing import RoutingProfile
 
@@ -25,23 +26,31 @@ class ExpertSets:
         return tuple(sorted({e for sets in self.kept.values() for e in sets[layer]}))
 
 
-def prune_experts(captured: CapturedModel, profile: RoutingProfile, prune: bool) -> ExpertSets:
+def prune_experts(
+    captured: CapturedModel, profile: RoutingProfile, prune: bool, min_share: float = 0.0
+) -> ExpertSets:
     """Keep, per task and layer, the experts its gate can reach and (if pruning) actually chose.
 
     Experts outside a task's window can never be chosen, so they are dropped even without
     pruning. With pruning, an expert the task never selected on calibration data is dropped
-    too, and the task's gate is masked to the kept set. Token-level models (one router for
+    too, and the task's gate is masked to the kept set. ``min_share`` also drops experts that got
+    fewer than that share of the task's (token, slot) assignments: a trained model's gates leak a
+    few tokens to other tasks' experts, and keeping an expert for 0.1 % of tokens costs its whole
+    blob (the accuracy report measures what dropping them costs). Token-level models (one router for
     every input) are never pruned: unseen experts there are rare, not unused.
 
     Args:
         captured: The captured model.
         profile: Routing traces on calibration data.
         prune: Whether to drop experts unused on calibration data.
+        min_share: With ``prune``: also drop experts below this share of the task's assignments.
 
     Returns:
         The per-task expert sets.
     """
     ir = captured.ir
+    if not 0.0 <= min_share < 1.0:
+        raise ConfigError(f"prune share must be in [0, 1), got {min_share}")
     do_prune = prune and ir.granularity == "task"
     kept = {}
     for task in captured.tasks:
@@ -50,7 +59,11 @@ def prune_experts(captured: CapturedModel, profile: RoutingProfile, prune: bool)
             window = layer.router_for(task).window or tuple(range(layer.num_experts))
             experts = set(window)
             if do_prune:
-                experts &= set(profile.activated(task, layer.index, layer.num_experts))
+                experts &= set(profile.activated(task, layer.index, layer.num_experts, min_share))
+                if not experts:
+                    raise ConfigError(
+                        f"pruning leaves task '{task}' no expert in MoE layer {layer.index}; lower --prune-below"
+                    )
             sets.append(tuple(sorted(experts)))
         kept[task] = tuple(sets)
     return ExpertSets(kept=kept, pruned=do_prune)

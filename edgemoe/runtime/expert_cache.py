@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import BundleError
 from ..schedule.policies import CacheBook, Key, Policy
+from ..schedule.switch import SwitchMoves, plan_switch
 
 
 class ExpertCache:
@@ -176,9 +177,67 @@ class ExpertCache:
                 self._prefetched.add(key)
                 self.prefetch_issued += 1
                 self._queue.put(key)
-            if self._loader is None and self.prefetch_issued:
-                self._loader = threading.Thread(target=self._run_loader, name="edgemoe-prefetch", daemon=True)
-                self._loader.start()
+            if self.prefetch_issued:
+                self._start_loader()
+
+    def _start_loader(self) -> None:
+        """Start the background loader if it is not running (caller holds ``_cond``)."""
+        if self._loader is None:
+            self._loader = threading.Thread(target=self._run_loader, name="edgemoe-prefetch", daemon=True)
+            self._loader.start()
+
+    def switch(
+        self,
+        sizes: dict[Key, int],
+        resident: Iterable[Key] = (),
+        entry: dict | None = None,
+        prob: list[list[float]] | None = None,
+        capacity: int | None = None,
+        wait: bool = True,
+    ) -> SwitchMoves:
+        """Retarget the cache to a new task by the schedule's plan (see :func:`~edgemoe.schedule.switch.plan_switch`).
+
+        Loads in flight land first, so the moves depend on the cache's contents, not on timing
+        (as in the simulator). Pinned experts are never freed.
+
+        Args:
+            sizes: Bytes of each expert the new task keeps.
+            resident: The new task's resident set.
+            entry: The schedule's ``"A->B"`` plan, or None.
+            prob: The new task's use probabilities (for the planned policy).
+            capacity: New byte capacity (None: unchanged); never below the current one.
+            wait: Load the resident set before returning; else queue it on the background loader
+                (an access to one of its experts waits for that load, as for a prefetch).
+
+        Returns:
+            The experts freed, loaded and left in place.
+        """
+        with self._cond:
+            while self._events:
+                self._cond.wait()
+            if capacity is not None:
+                self.book.capacity = max(self.book.capacity, int(capacity))
+            moves = plan_switch(self.book, sizes, tuple(resident), entry, prob)
+            for key in moves.evicted:
+                self.data.pop(key, None)
+                self._prefetched.discard(key)
+            for key in moves.loaded:
+                self._events[key] = threading.Event()
+            if not wait and moves.loaded:
+                for key in moves.loaded:
+                    self._queue.put(key)
+                self._start_loader()
+        if wait:
+            pending = list(moves.loaded)
+            try:
+                while pending:
+                    weights = self._read(pending[0])
+                    self._finish(pending.pop(0), weights)
+            except BaseException:
+                for key in pending:  # the failed load and those after it: drop their reservations
+                    self._finish(key, None)
+                raise
+        return moves
 
     def _run_loader(self) -> None:
         while (key := self._queue.get()) is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ class SessionStats:
         prefetch_accuracy: Fraction of accesses whose expert was loaded or loading when needed.
         stall_ms: Time spent waiting for expert loads (all threads).
         peak_expert_bytes: Most routed-expert bytes cached or in flight at once.
+        task_switches: Calls to :meth:`Session.switch_task` that changed the task.
+        switch_bytes_unloaded: Expert bytes those switches freed.
+        switch_bytes_loaded: Expert bytes those switches loaded (also in ``expert_bytes_loaded``).
+        switch_ms: Wall time of those switches.
     """
 
     experts_loaded: int
@@ -62,6 +67,42 @@ class SessionStats:
     prefetch_accuracy: float = 0.0
     stall_ms: float = 0.0
     peak_expert_bytes: int = 0
+    task_switches: int = 0
+    switch_bytes_unloaded: int = 0
+    switch_bytes_loaded: int = 0
+    switch_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class SwitchStats:
+    """What one :meth:`Session.switch_task` moved.
+
+    Attributes:
+        source: Task switched from.
+        target: Task switched to.
+        experts_unloaded: Experts freed (the new task never uses them, or the plan unloads them for room).
+        experts_loaded: Experts of the new task's resident set loaded.
+        experts_skipped: Experts the new task never uses left cached (held by a kernel or loading).
+        bytes_unloaded: Bytes freed.
+        bytes_loaded: Bytes loaded (queued in the background when the switch did not wait).
+        time_ms: Wall time of the switch (graphs and experts), after runs in flight finished.
+        experts_ms: The part of it spent on experts (waiting for loads in flight, freeing,
+            loading the resident set when waited for): what the simulator predicts as ``load_s``.
+        unloaded: The experts freed, as ``(layer, expert)``.
+        loaded: The experts loaded, as ``(layer, expert)``.
+    """
+
+    source: str
+    target: str
+    experts_unloaded: int
+    experts_loaded: int
+    experts_skipped: int
+    bytes_unloaded: int
+    bytes_loaded: int
+    time_ms: float
+    experts_ms: float = 0.0
+    unloaded: tuple[tuple[int, int], ...] = ()
+    loaded: tuple[tuple[int, int], ...] = ()
 
 
 class _RecordingGraph(Graph):
@@ -104,8 +145,9 @@ class Session:
         BundleError: Not a bundle, or a garbled manifest.
         IntegrityError: A file is missing or fails its size / sha256 check.
         TaskError: The task is not in the bundle.
-        ConfigError: The budget cannot hold the shared experts plus the largest expert, or an
-            unknown policy / predictor (a budget below a layer's top-k working set warns).
+        ConfigError: The budget cannot hold the shared experts, the schedule's resident set and
+            the largest expert, or an unknown policy / predictor (a budget below a layer's top-k
+            working set warns).
     """
 
     def __init__(
@@ -149,56 +191,81 @@ class Session:
             [(kernels[e["kernel"]], self._shared_weights(e)) for e in layer.get("shared", [])] for layer in self.layers
         ]
         self._records = [{e["index"]: e for e in layer["experts"]} for layer in self.layers]
-        self.kept = [frozenset(s) for s in self._task["experts"]]
-        for li, kept in enumerate(self.kept):
-            missing = kept - set(self._records[li])
+        self.kept = self._kept_sets(task, self._task)
+        self._runs = 0
+        self.last_routing: list[np.ndarray] = []
+        self._verified: dict[tuple[int, int], tuple[Path, tuple[int, int, int]]] = {}
+        # Runs in flight vs a task switch: a switch waits for them, runs wait for a switch.
+        self._gate = threading.Condition()
+        self._active = 0
+        self._switching = False
+        self.last_switch: SwitchStats | None = None
+        self._switch_totals = [0, 0, 0, 0.0]  # switches, bytes unloaded, bytes loaded, ms
+        self._setup_cache(memory_budget, policy, prefetch, storage_gbs)
+
+    def _kept_sets(self, task: str, record: dict) -> list[frozenset[int]]:
+        kept = [frozenset(s) for s in record["experts"]]
+        for li, keep in enumerate(kept):
+            missing = keep - set(self._records[li])
             if missing:
                 raise BundleError(
                     f"garbled manifest: task '{task}' keeps experts {sorted(missing)} of layer {li}, "
                     "which the bundle does not list"
                 )
-        self._runs = 0
-        self.last_routing: list[np.ndarray] = []
-        self._verified: dict[tuple[int, int], tuple[Path, tuple[int, int, int]]] = {}
-        self._setup_cache(memory_budget, policy, prefetch, storage_gbs)
+        return kept
+
+    def _task_schedule(self, task: str) -> dict | None:
+        """The bundle schedule's plan for ``task`` (None without a schedule)."""
+        return self.manifest.get("schedule", {}).get("tasks", {}).get(task)
+
+    def _check_budget(self, budget: int, task: str, schedule: dict | None) -> int:
+        """The shared budget check (as ``edgemoe compile --memory-budget``), with the plan's resident set."""
+        from ..schedule.planner import check_budget
+
+        return check_budget(self.manifest, budget, task, int(schedule["resident_bytes"]) if schedule else 0)
 
     def _setup_cache(self, budget: int | None, policy: str, prefetch: str | None, storage_gbs: float) -> None:
-        from ..schedule.planner import check_budget, expert_sizes
+        from ..schedule.planner import expert_sizes
         from ..schedule.policies import make_policy
-        from ..schedule.predict import PREDICTORS, Static, predictor_from_json
 
         sizes = expert_sizes(self.manifest, self.task)
-        schedule = self.manifest.get("schedule", {}).get("tasks", {}).get(self.task)
-        prob = schedule["probability"] if schedule else self._count_probabilities()
-        capacity = sum(sizes.values()) if budget is None else check_budget(self.manifest, int(budget), self.task)
+        schedule = self._task_schedule(self.task)
+        prob = schedule["probability"] if schedule else self._count_probabilities(self._task)
+        capacity = sum(sizes.values()) if budget is None else self._check_budget(int(budget), self.task, schedule)
         self.memory_budget = int(budget or 0)
         self._cache = ExpertCache(capacity, sizes, make_policy(policy, prob), self._read_expert, storage_gbs)
-        self.prefetch = prefetch
-        self._predictor = None
+        self._prefetch_request = prefetch
+        self.prefetch, self._predictor = self._make_predictor(prefetch, schedule, prob)
         # The plan's resident set: prefetches never evict it, so they do not trade hot experts for streamed ones.
         self._resident = tuple(tuple(k) for k in schedule.get("resident", [])) if schedule else ()
+
+    def _make_predictor(self, prefetch: str | None, schedule: dict | None, prob: list[list[float]]):
+        """(prefetch mode, predictor or None) for a task's schedule."""
+        from ..schedule.predict import PREDICTORS, Static, predictor_from_json
+
         if prefetch is None or prefetch == "pregate":
-            return
+            return prefetch, None
         if prefetch == "plan":
             if not schedule:
                 raise ConfigError("prefetch='plan' needs a schedule in the bundle: run `edgemoe plan` first")
-            self._predictor = predictor_from_json(schedule["prefetch"])
+            predictor = predictor_from_json(schedule["prefetch"])
         elif prefetch == "static" and not schedule:
             order = [[int(e) for e in np.argsort(-np.asarray(p), kind="stable") if p[e] > 0] for p in prob]
-            self._predictor = Static(order, [int(layer["top_k"]) for layer in self.layers])
+            predictor = Static(order, [int(layer["top_k"]) for layer in self.layers])
         elif prefetch in PREDICTORS:
             if not schedule:
                 raise ConfigError(f"prefetch='{prefetch}' needs a schedule in the bundle: run `edgemoe plan` first")
-            self._predictor = predictor_from_json(schedule.get("predictors", {}).get(prefetch, {"name": prefetch}))
+            predictor = predictor_from_json(schedule.get("predictors", {}).get(prefetch, {"name": prefetch}))
         else:
             raise ConfigError(f"unknown prefetch predictor '{prefetch}' (known: {', '.join(PREDICTORS)}, plan)")
-        if self._predictor.name == "pregate":
-            self.prefetch, self._predictor = "pregate", None
+        if predictor.name == "pregate":
+            return "pregate", None
+        return prefetch, predictor
 
-    def _count_probabilities(self) -> list[list[float]]:
+    def _count_probabilities(self, record: dict) -> list[list[float]]:
         """Without a schedule: per-expert use probability from the manifest's calibration token counts."""
         out = []
-        for layer, counts in zip(self.layers, self._task.get("expert_counts", []), strict=False):
+        for layer, counts in zip(self.layers, record.get("expert_counts", []), strict=False):
             c = np.asarray(counts, dtype=np.float64)
             out.append(np.minimum(1.0, c / max(c.sum(), 1.0) * int(layer["top_k"])).tolist())
         return out or [[1.0] * int(layer["num_experts"]) for layer in self.layers]
@@ -332,17 +399,133 @@ class Session:
         return out.reshape(shape)
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Run the task on an input batch and return the head's output."""
+        """Run the task on an input batch and return the head's output (waits while a task switch runs)."""
         x = self.check_input(x)
-        self.last_routing = []
-        outs = self.segments[0].run(x)
-        for layer in range(len(self.layers)):
-            # Segments hand on (hidden, moe_input, *carried): carried tensors (e.g. masks) pass through.
-            hidden, moe_in, *carried = outs
-            outs = self.segments[layer + 1].run(hidden, self._moe(layer, moe_in), *carried)
-        (y,) = self.head.run(*outs)
-        self._runs += 1
-        return y
+        with self._gate:
+            while self._switching:
+                self._gate.wait()
+            self._active += 1
+        try:
+            self.last_routing = []
+            outs = self.segments[0].run(x)
+            for layer in range(len(self.layers)):
+                # Segments hand on (hidden, moe_input, *carried): carried tensors (e.g. masks) pass through.
+                hidden, moe_in, *carried = outs
+                outs = self.segments[layer + 1].run(hidden, self._moe(layer, moe_in), *carried)
+            (y,) = self.head.run(*outs)
+            self._runs += 1
+            return y
+        finally:
+            with self._gate:
+                self._active -= 1
+                self._gate.notify_all()
+
+    def switch_task(self, task: str, wait: bool = True) -> SwitchStats:
+        """Switch this live session to another task of the bundle, keeping its expert cache.
+
+        Follows the bundle schedule's ``"A->B"`` plan (``edgemoe plan`` or ``compile
+        --memory-budget``; without one, the same steps with no resident set): frees the cached
+        experts the new task never routes to (never one a kernel holds), then loads the new
+        task's resident set, freeing the old task's resident experts first when it needs room.
+        Experts both tasks use stay cached. The new task's gates and head replace the old ones.
+        Runs in flight finish on the old task first; runs called meanwhile wait for the switch.
+        Outputs afterwards are those of a fresh ``Session(bundle, task)``.
+
+        Args:
+            task: Task to switch to (the current one: nothing happens).
+            wait: Load the resident set before returning; else in the background (a run waits
+                only for the experts it needs).
+
+        Returns:
+            What the switch moved; also kept as :attr:`last_switch` and summed in :attr:`stats`.
+
+        Raises:
+            TaskError: The task is not in the bundle.
+            ConfigError: The memory budget cannot hold the new task's resident set plus its
+                largest expert, or its schedule lacks the prefetch plan asked for (the session
+                stays on its task).
+            IntegrityError: A graph of the new task fails its check (the session stays on its
+                task), or, with ``wait``, an expert of its resident set does.
+        """
+        tasks = self.manifest["tasks"]
+        if task not in tasks:
+            raise TaskError(f"unknown task '{task}' (bundle has: {', '.join(tasks)})")
+        with self._gate:
+            while self._switching:
+                self._gate.wait()
+            self._switching = True
+            while self._active:
+                self._gate.wait()
+        try:
+            return self._switch(task, wait)
+        finally:
+            with self._gate:
+                self._switching = False
+                self._gate.notify_all()
+
+    def _switch(self, task: str, wait: bool) -> SwitchStats:
+        from ..schedule.planner import expert_sizes
+        from ..schedule.switch import switch_entry
+
+        start = time.perf_counter()
+        source = self.task
+        if task == source:
+            return SwitchStats(source, task, 0, 0, 0, 0, 0, 0.0)
+        # Everything that can fail before the session changes: budget, prefetch plan, graphs.
+        record = self.manifest["tasks"][task]
+        schedule = self._task_schedule(task)
+        prob = schedule["probability"] if schedule else self._count_probabilities(record)
+        if self.memory_budget:
+            self._check_budget(self.memory_budget, task, schedule)
+        prefetch, predictor = self._make_predictor(self._prefetch_request, schedule, prob)
+        kept = self._kept_sets(task, record)
+        graph_bytes = self._graph_bytes
+        try:
+            gates = [self._load_graph(name) for name in record["gates"]]
+            head = self._load_graph(record["head"])
+            kernels = {
+                name: self._kernels[name] if name in self._kernels else self._load_graph(name)
+                for name in self._kernel_names(self.manifest, record["experts"])
+            }
+        finally:
+            self._graph_bytes = graph_bytes
+        self.task, self._task, self.kept = task, record, kept
+        self.gates, self.head, self._kernels = gates, head, kernels
+        self.prefetch, self._predictor = prefetch, predictor
+        self._resident = tuple(tuple(k) for k in schedule.get("resident", [])) if schedule else ()
+        graphs = self.manifest["graphs"]
+        self._graph_bytes = sum(int(graphs[n]["bytes"]) for n in (*self.manifest["segments"], *record["gates"]))
+        self._graph_bytes += int(graphs[record["head"]]["bytes"]) + sum(int(graphs[n]["bytes"]) for n in kernels)
+        sizes = expert_sizes(self.manifest, task)
+        experts_start = time.perf_counter()
+        moves = self._cache.switch(
+            sizes,
+            self._resident,
+            switch_entry(self.manifest.get("schedule"), source, task),
+            prob,
+            capacity=None if self.memory_budget else sum(sizes.values()),  # unbounded: the new task's experts all fit
+            wait=wait,
+        )
+        out = SwitchStats(
+            source=source,
+            target=task,
+            experts_unloaded=len(moves.evicted),
+            experts_loaded=len(moves.loaded),
+            experts_skipped=len(moves.skipped),
+            bytes_unloaded=moves.bytes_unloaded,
+            bytes_loaded=moves.bytes_loaded,
+            time_ms=(time.perf_counter() - start) * 1e3,
+            experts_ms=(time.perf_counter() - experts_start) * 1e3,
+            unloaded=moves.evicted,
+            loaded=moves.loaded,
+        )
+        self.last_switch = out
+        totals = self._switch_totals
+        totals[0] += 1
+        totals[1] += out.bytes_unloaded
+        totals[2] += out.bytes_loaded
+        totals[3] += out.time_ms
+        return out
 
     def timed_run(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         """:meth:`run`, also returning the wall time in milliseconds."""
@@ -378,6 +561,13 @@ class Session:
                 "stall_ms": cache.stall_s * 1e3,
                 "peak_expert_bytes": book.peak,
             }
+        switches, unloaded, loaded, switch_ms = self._switch_totals
+        counters.update(
+            task_switches=switches,
+            switch_bytes_unloaded=unloaded,
+            switch_bytes_loaded=loaded,
+            switch_ms=switch_ms,
+        )
         return SessionStats(
             experts_loaded=len(cache.ever),
             experts_task=sum(len(k) for k in self.kept),

@@ -7,7 +7,8 @@ source model (compiler extra) to draw the compile's calibration inputs.
 from .planner import Schedule, ThrashWarning, check_budget, parse_budget, plan_bundle, write_schedule
 from .policies import LFU, LRU, POLICIES, Belady, CacheBook, Planned, Policy, make_policy
 from .predict import PREDICTORS, Affinity, Predictor, PreGate, Static, make_predictor, predictor_from_json
-from .simulate import SimResult, simulate
+from .simulate import SimResult, SwitchResult, simulate, simulate_switch
+from .switch import SwitchMoves, plan_switch, switch_entry
 from .traces import Step, Trace, bundle_traces, record_trace, trace_inputs
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "SimResult",
     "Static",
     "Step",
+    "SwitchMoves",
+    "SwitchResult",
     "ThrashWarning",
     "Trace",
     "bundle_traces",
@@ -34,9 +37,12 @@ __all__ = [
     "make_predictor",
     "parse_budget",
     "plan_bundle",
+    "plan_switch",
     "predictor_from_json",
     "record_trace",
     "simulate",
+    "simulate_switch",
+    "switch_entry",
     "trace_inputs",
     "write_schedule",
 ]

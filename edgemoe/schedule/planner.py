@@ -18,9 +18,10 @@ from pathlib import Path
 from ..bundle.format import MANIFEST, read_manifest
 from ..devices import DeviceProfile, get_device
 from ..errors import ConfigError
-from .policies import POLICIES, Belady, Key, make_policy
-from .predict import PREDICTORS, make_predictor
-from .simulate import SimResult, simulate
+from ..quantization import parse_bytes
+from .policies import POLICIES, Belady, CacheBook, Key, make_policy
+from .predict import PREDICTORS, make_predictor, predictor_from_json
+from .simulate import SimResult, SwitchResult, simulate, simulate_switch
 from .traces import Trace, bundle_traces
 
 # Experts used in at least this fraction of their layer's calibration steps are kept resident,
@@ -50,22 +51,28 @@ def shared_bytes(manifest: dict) -> int:
 
 
 def parse_budget(text: str | int, manifest: dict) -> int:
-    """A budget in bytes from ``25%`` (of the bundle's routed expert bytes, shared experts on top) or a byte count.
+    """A budget in bytes from ``25%`` (of the bundle's routed expert bytes, shared experts on top) or a size.
+
+    Sizes are bytes (``100000``) or take a unit (``6MB``, ``6MiB``, as ``--weight-budget``).
 
     Raises:
-        ConfigError: Not a percentage or a positive integer.
+        ConfigError: Not a percentage in (0, 100] or a positive size.
     """
-    routed = sum(expert_sizes(manifest).values())
     s = str(text).strip()
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", s)
     if m:
         pct = float(m.group(1))
         if not 0 < pct <= 100:
             raise ConfigError(f"budget percentage must be in (0, 100], got {s}")
-        return int(routed * pct / 100) + shared_bytes(manifest)
-    if re.fullmatch(r"\d+", s) and int(s) > 0:
-        return int(s)
-    raise ConfigError(f"budget must be a percentage of expert bytes (e.g. 25%) or a byte count, got '{s}'")
+        return int(sum(expert_sizes(manifest).values()) * pct / 100) + shared_bytes(manifest)
+    if re.fullmatch(r"\d+(?:\.\d+)?\s*(?:[kmg]i?)?b?", s.lower()):
+        try:
+            return parse_bytes(s)
+        except ConfigError:
+            pass
+    raise ConfigError(
+        f"budget must be a percentage of expert bytes (e.g. 25%) or a size (e.g. 100000, 6MB, 6MiB), got '{s}'"
+    )
 
 
 def check_budget(manifest: dict, budget: int, task: str | None = None, resident: int = 0) -> int:
@@ -113,7 +120,8 @@ class Schedule:
         predictor: Prefetch predictor.
         granularity: Trace granularity the plan was built on.
         tasks: Per task: resident experts, per-expert probabilities, prefetch plan.
-        task_switch: Per ``"A->B"``: experts to unload and to load.
+        task_switch: Per ``"A->B"``: experts to unload, load, keep and drop from the cache, and the
+            simulator's predicted ``cost`` (bytes, seconds on the device) from A's held-out trace.
     """
 
     device: str
@@ -129,6 +137,11 @@ class Schedule:
     def to_json(self) -> dict:
         """Manifest form."""
         return dict(self.__dict__)
+
+
+def resident_room(capacity: int, sizes: dict[Key, int]) -> int:
+    """Bytes a task's resident set may take: RESIDENT_SHARE of the cache, leaving room for its largest expert."""
+    return max(0, min(int(capacity * RESIDENT_SHARE), capacity - max(sizes.values(), default=0)))
 
 
 def _resident(prob: list[list[float]], sizes: dict[Key, int], room: int) -> list[Key]:
@@ -193,7 +206,7 @@ def score_policies(
                 kept[task] = r
         steps = [held.keys(i) for i in range(len(held.steps))]
         per_policy["belady"].append(simulate(held, sizes, capacity, Belady(steps), profile))
-        resident = _resident(prob, sizes, int(capacity * RESIDENT_SHARE))
+        resident = _resident(prob, sizes, resident_room(capacity, sizes))
         for name in predictors:
             pred = make_predictor(name, calib)
             policy = make_policy(plan_policy, prob)
@@ -204,6 +217,41 @@ def score_policies(
         c = _combine(rs)
         preds_out[name] = {"accuracy": c["hit_rate"], **c}
     return policies_out, preds_out, kept
+
+
+def predict_switch(
+    held: Trace,
+    manifest: dict,
+    capacity: int,
+    profile: DeviceProfile,
+    policy: str,
+    tasks: dict,
+    predictor: str,
+    source: str,
+    target: str,
+    entry: dict,
+) -> SwitchResult:
+    """Simulate ``source``'s held-out trace under the plan (policy, prefetch, resident set), then the switch.
+
+    Returns:
+        The :class:`~edgemoe.schedule.simulate.SwitchResult`: bytes freed and loaded, load time.
+    """
+    plan_a, plan_b = tasks[source], tasks[target]
+    sizes = expert_sizes(manifest, source)
+    book = CacheBook(capacity, sizes, make_policy(policy, plan_a["probability"]))
+    resident = [tuple(k) for k in plan_a["resident"]]
+    pred = predictor_from_json(plan_a["predictors"].get(predictor, {"name": predictor}))
+    simulate(held, sizes, capacity, book.policy, profile, pred, resident=resident, book=book)
+    return simulate_switch(
+        book,
+        expert_sizes(manifest, target),
+        [tuple(k) for k in plan_b["resident"]],
+        entry,
+        plan_b["probability"],
+        profile,
+        source,
+        target,
+    )
 
 
 def plan_bundle(
@@ -262,7 +310,7 @@ def plan_bundle(
     for task, (calib, _) in traces.items():
         prob = calib.probabilities()
         sizes = expert_sizes(manifest, task)
-        residents[task] = _resident(prob, sizes, int(capacity * RESIDENT_SHARE))
+        residents[task] = _resident(prob, sizes, resident_room(capacity, sizes))
         tasks[task] = {
             "resident": [list(k) for k in residents[task]],
             "resident_bytes": sum(sizes[k] for k in residents[task]),
@@ -283,6 +331,9 @@ def plan_bundle(
                     # cached experts of A that B never routes to: free them first
                     "drop_cached": [list(k) for k in sorted(set(kept_a) - set(kept_b))],
                 }
+                switch[f"{a}->{b}"]["cost"] = predict_switch(
+                    traces[a][1], manifest, capacity, profile, policy, tasks, best, a, b, switch[f"{a}->{b}"]
+                ).summary()
     schedule = Schedule(
         device=profile.name,
         budget_bytes=budget_bytes,
@@ -349,4 +400,11 @@ def render_plan(result: dict) -> str:
         stall = r["stall_s"] * 1e3
         lines.append(f"  {name:8s} accuracy {r['accuracy']:.3f}  predictor recall {recall}  stall {stall:.2f} ms")
     lines.append(f"plan: policy {result['policy']}, prefetch {result['predictor']}")
+    for name, entry in result["schedule"]["task_switch"].items():
+        cost = entry.get("cost")
+        if cost:
+            lines.append(
+                f"task switch {name}: unload {cost['unload_bytes']} B, load {cost['load_bytes']} B "
+                f"({cost['load_s'] * 1e3:.3f} ms)"
+            )
     return "\n".join(lines)

@@ -56,6 +56,9 @@ class Policy:
         """The candidate to evict (default: least recently used)."""
         return min(candidates, key=lambda k: self.last_use.get(k, -1))
 
+    def new_task(self, prob: Sequence[Sequence[float]] | None) -> None:
+        """The session switched task; ``prob`` are the new task's use probabilities (recency stays)."""
+
 
 class LRU(Policy):
     """Evict the least recently used expert."""
@@ -115,6 +118,12 @@ class Planned(Policy):
 
     def victim(self, candidates: Sequence[Key]) -> Key:
         return max(candidates, key=lambda k: (self.expected_next_use(k), -self.last_use.get(k, -1)))
+
+    def new_task(self, prob: Sequence[Sequence[float]] | None) -> None:
+        # The old task's experts the new one never uses get p = 0: evicted first.
+        if prob is not None:
+            self.prob = [list(map(float, p)) for p in prob]
+            self.layers = len(self.prob)
 
 
 class Belady(Policy):
@@ -193,13 +202,24 @@ class CacheBook:
         keep = set(keep)
         return [k for k, ready in self.cached.items() if ready and not self.pins.get(k) and k not in keep]
 
-    def room_for(self, key: Key, keep: Iterable[Key] = ()) -> list[Key] | None:
-        """Victims to evict so that ``key`` fits (the policy's order), or None if pins prevent it."""
+    def room_for(self, key: Key, keep: Iterable[Key] = (), prefer: Sequence[Key] = ()) -> list[Key] | None:
+        """Victims to evict so that ``key`` fits, or None if pins prevent it.
+
+        Evictable entries of ``prefer`` go first, in that order (a task switch's unload list),
+        then the policy's choices.
+        """
         need = self.used + self.sizes[key] - self.capacity
         victims: list[Key] = []
         if need <= 0:
             return victims
         candidates = self.evictable(keep)
+        for v in prefer:
+            if need <= 0:
+                break
+            if v in candidates:
+                candidates.remove(v)
+                victims.append(v)
+                need -= self.sizes[v]
         while need > 0:
             if not candidates:
                 return None

@@ -11,12 +11,13 @@ runtime, so predicted and measured misses agree for the same trace and policy.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..devices import DeviceProfile
 from .policies import CacheBook, Key, Policy
 from .predict import Predictor
+from .switch import SwitchMoves, plan_switch
 from .traces import Trace
 
 
@@ -84,6 +85,7 @@ def simulate(
     warm: Iterable[Key] = (),
     keep_timeline: bool = False,
     resident: Iterable[Key] = (),
+    book: CacheBook | None = None,
 ) -> SimResult:
     """Replay ``trace``.
 
@@ -97,11 +99,14 @@ def simulate(
         warm: Experts loaded before the trace starts (a plan's resident set), not counted.
         keep_timeline: Record the timeline and memory samples (for plots).
         resident: The plan's resident set: prefetches never evict it (demand misses may).
+        book: Continue on this cache (built with ``capacity``, ``sizes`` and ``policy``) instead
+            of an empty one, e.g. to replay a task switch after the trace; its counters then
+            accumulate over the replays. The replay ends with every load landed.
 
     Returns:
         The replay's counters, times and (optionally) timeline.
     """
-    book = CacheBook(capacity, sizes, policy)
+    book = CacheBook(capacity, sizes, policy) if book is None else book
     bw = profile.load_gbs() * 1e9 if profile and profile.load_gbs() > 0 else 0.0
     flops = profile.compute_gflops * 1e9 if profile and profile.compute_gflops > 0 else 0.0
     now = loader_free = stall = compute = 0.0
@@ -162,11 +167,12 @@ def simulate(
             issued += 1
             memory.append((now, book.used))
 
+    loaded_before = book.bytes_loaded
     for key in warm:
         if key in sizes and key not in book.cached and make_room(key):
             book.reserve(key)
             book.ready(key)
-    book.bytes_loaded = 0
+    book.bytes_loaded = loaded_before
     for i, step in enumerate(trace.steps):
         keys = trace.keys(i)
         policy.begin_step(i, step.layer, keys)
@@ -218,6 +224,8 @@ def simulate(
             memory.append((now, book.used))
             if guess:  # the experts done so far may make room, as in the runtime
                 prefetch(guess, nxt.layer, keys[j + 1 :] + resident)
+    for key in arrival:  # prefetches still in flight land (times unchanged: nothing waits for them)
+        book.ready(key)
     accesses = book.hits + book.misses
     return SimResult(
         policy=policy.name,
@@ -241,3 +249,56 @@ def simulate(
         timeline=timeline,
         memory=memory,
     )
+
+
+@dataclass(frozen=True)
+class SwitchResult:
+    """Predicted cost of a task switch on a cache.
+
+    Attributes:
+        source: Task switched from.
+        target: Task switched to.
+        moves: Experts freed, loaded and left in place (the runtime makes the same moves).
+        time_s: Time of the switch's loads, serially over the profile's load channel (evictions
+            are free; 0 without a profile).
+    """
+
+    source: str
+    target: str
+    moves: SwitchMoves
+    time_s: float
+
+    def summary(self) -> dict:
+        """JSON summary (the manifest's ``task_switch`` ``cost``)."""
+        m = self.moves
+        return {
+            "experts_unloaded": len(m.evicted),
+            "experts_loaded": len(m.loaded),
+            "unload_bytes": m.bytes_unloaded,
+            "load_bytes": m.bytes_loaded,
+            "load_s": self.time_s,
+        }
+
+
+def simulate_switch(
+    book: CacheBook,
+    sizes: dict[Key, int],
+    resident: Sequence[Key] = (),
+    entry: dict | None = None,
+    prob: Sequence[Sequence[float]] | None = None,
+    profile: DeviceProfile | None = None,
+    source: str = "",
+    target: str = "",
+) -> SwitchResult:
+    """Replay a task switch on a cache left by :func:`simulate` (arguments as :func:`plan_switch`).
+
+    Loads land at once in the book (the runtime waits for them before the new task runs).
+
+    Returns:
+        The moves and their predicted time on ``profile``.
+    """
+    moves = plan_switch(book, sizes, resident, entry, prob)
+    for key in moves.loaded:
+        book.ready(key)
+    bw = profile.load_gbs() * 1e9 if profile and profile.load_gbs() > 0 else 0.0
+    return SwitchResult(source, target, moves, moves.bytes_loaded / bw if bw else 0.0)
