@@ -1,7 +1,9 @@
 """Frontends: capture a model into the IR through a family adapter.
 
 To add a family, write one module with a :class:`~edgemoe.frontends.base.ModelAdapter`
-subclass and add it to ``_ADAPTERS``.
+subclass (:class:`~edgemoe.frontends.base.NativeAdapter` for edgemoe's own model classes) and
+add it to ``_ADAPTERS``; :mod:`edgemoe.frontends.partitions` builds the partitions around the
+family's torch modules.
 """
 
 from __future__ import annotations

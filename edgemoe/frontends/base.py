@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import TaskError
+from ..ir import ModelIR, validate_ir
+
 if TYPE_CHECKING:
     import torch
-
-    from ..ir import ModelIR
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,17 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def ir(self) -> ModelIR:
         """The captured model description."""
+
+    def task_index(self, task: str) -> int:
+        """Index of ``task`` among the model's tasks (:attr:`ir`'s, in order).
+
+        Raises:
+            TaskError: The model has no such task.
+        """
+        names = [t.name for t in self.ir.tasks]
+        if task not in names:
+            raise TaskError(f"unknown task '{task}' (model has: {', '.join(names)})")
+        return names.index(task)
 
     def state_sha256(self) -> str:
         """Digest of the model's weights, so a bundle can be matched to its source later.
@@ -156,3 +168,23 @@ class ModelAdapter(abc.ABC):
         p, r = prediction.reshape(len(prediction), -1), reference.reshape(len(reference), -1)
         cos = (p * r).sum(-1) / np.maximum(np.linalg.norm(p, axis=-1) * np.linalg.norm(r, axis=-1), 1e-30)
         return "cosine_to_fp32", float(cos.mean()), True
+
+
+class NativeAdapter(ModelAdapter):
+    """Base of the adapters of edgemoe's own model classes (``models/``): torch modules with a ``cfg``.
+
+    The constructor puts the model in eval mode and captures it once with :meth:`_capture`.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self._ir = validate_ir(self._capture())
+
+    @abc.abstractmethod
+    def _capture(self) -> ModelIR:
+        """Describe ``self.model`` (the constructor validates the description)."""
+
+    @property
+    def ir(self) -> ModelIR:
+        return self._ir

@@ -14,9 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import ConfigError, TaskError
 from ..ir import (
-    DenseSegmentSpec,
     ExpertSpec,
     ModelIR,
     MoELayerSpec,
@@ -24,14 +22,15 @@ from ..ir import (
     RouterSpec,
     TaskSpec,
     TensorSpec,
-    validate_ir,
 )
 from ..models.bert_moe import BertMoE
 from ..models.bert_moe.model import mean_pool
-from .base import GraphPartition, ModelAdapter
+from . import partitions
+from .base import GraphPartition, NativeAdapter
 
 TASK = "embedding"
-TOKENS = {0: "batch", 1: "tokens"}
+# Graphs take any batch size and number of tokens; examples are traced with 2 sentences of 7 tokens.
+TRACING = partitions.Tracing({0: "batch", 1: "tokens"}, seq=7)
 
 
 class _Segment(nn.Module):
@@ -64,8 +63,7 @@ class _Gate(nn.Module):
     def __init__(self, model: BertMoE, layer: int, keep: tuple[int, ...]):
         super().__init__()
         self.moe = model.layers[layer].moe
-        mask = torch.zeros(self.moe.num_experts, dtype=torch.bool)
-        mask[list(keep)] = True
+        mask = partitions.keep_mask(self.moe.num_experts, keep)
         self.register_buffer("keep", None if bool(mask.all()) else mask)
 
     def forward(self, h: torch.Tensor):
@@ -86,33 +84,23 @@ class _ExpertKernel(nn.Module):
         return F.gelu(x @ w1 + b1) @ w2
 
 
-class BertMoEAdapter(ModelAdapter):
+class BertMoEAdapter(NativeAdapter):
     """Captures a :class:`~edgemoe.models.bert_moe.BertMoE` and cuts it into partitions."""
 
     family = "bert_moe"
-
-    def __init__(self, model: BertMoE):
-        self.model = model.eval()
-        self.cfg = model.cfg
-        self._ir = validate_ir(self._capture())
 
     # -- capture -------------------------------------------------------------------------
     def _capture(self) -> ModelIR:
         cfg = self.cfg
         d, h = cfg.hidden_size, cfg.expert_hidden
         ids = TensorSpec("input_ids", (None, None), dtype="int64", high=cfg.vocab_size, sample_shape=(1, 16))
-        hidden = TensorSpec("hidden", (None, None, d))
-        residual = TensorSpec("residual", (None, None, d))  # a graph input may not share an output's name
-        moe_in = TensorSpec("moe_input", (None, None, d))
-        moe_out = TensorSpec("moe_output", (None, None, d))
         features = TensorSpec("features", (None, None, d))
-        segments = []
-        for i in range(cfg.num_layers + 1):
-            ins = (ids,) if i == 0 else (residual, moe_out)
-            outs = (features,) if i == cfg.num_layers else (hidden, moe_in)
-            desc = "embeddings" if i == 0 else f"finish MoE FFN of block {i - 1}"
-            desc += " (final token states)" if i == cfg.num_layers else f" + attention of block {i}"
-            segments.append(DenseSegmentSpec(i, desc, ins, outs))
+        descriptions = [
+            ("embeddings" if i == 0 else f"finish MoE FFN of block {i - 1}")
+            + (" (final token states)" if i == cfg.num_layers else f" + attention of block {i}")
+            for i in range(cfg.num_layers + 1)
+        ]
+        segments = partitions.trunk_segments(ids, features, (None, None, d), descriptions)
         expert = ExpertSpec(
             d_model=d,
             hidden=h,
@@ -132,39 +120,24 @@ class BertMoEAdapter(ModelAdapter):
             granularity="token",
             input=ids,
             tasks=(TaskSpec(TASK, TensorSpec(TASK, (None, d)), kind="embedding"),),
-            segments=tuple(segments),
+            segments=segments,
             moe_layers=layers,
             params=sum(p.numel() for p in self.model.parameters()),
             config=dict(vars(cfg)),
         )
 
-    @property
-    def ir(self) -> ModelIR:
-        return self._ir
-
     # -- reference execution -------------------------------------------------------------
-    def _check_task(self, task: str) -> None:
-        if task != TASK:
-            raise TaskError(f"unknown task '{task}' (model has: {TASK})")
-
     def _ids(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x).astype(np.int64, copy=False))
 
     @torch.no_grad()
     def reference(self, x: np.ndarray, task: str, keep: dict[int, tuple[int, ...]] | None = None) -> np.ndarray:
-        self._check_task(task)
-        masks = None
-        if keep is not None:
-            masks = {}
-            for li, experts in keep.items():
-                mask = torch.zeros(self.cfg.num_experts, dtype=torch.bool)
-                mask[list(experts)] = True
-                masks[li] = mask
-        return self.model(self._ids(x), keep=masks).numpy()
+        self.task_index(task)
+        return self.model(self._ids(x), keep=partitions.keep_masks(keep, self.cfg.num_experts)).numpy()
 
     @torch.no_grad()
     def route(self, x: np.ndarray, task: str) -> list[tuple[np.ndarray, np.ndarray]]:
-        self._check_task(task)
+        self.task_index(task)
         records = []
         h = self.model.embeddings(self._ids(x))
         for layer in self.model.layers:
@@ -175,77 +148,30 @@ class BertMoEAdapter(ModelAdapter):
         return records
 
     # -- partitions ----------------------------------------------------------------------
-    def _example(self, spec: TensorSpec, batch: int = 2, tokens: int = 7) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(0)
-        if spec.dtype == "int64":
-            return torch.randint(0, spec.high or 2, (batch, tokens), generator=gen)
-        # LayerNorm'd-scale states, as the trunk produces them.
-        return torch.randn(batch, tokens, *spec.shape[2:], generator=gen)
-
     def segment(self, index: int) -> GraphPartition:
-        spec = self._ir.segments[index]
-        names = tuple(s.name for s in spec.inputs), tuple(s.name for s in spec.outputs)
-        return GraphPartition(
-            name=f"segment_{index}",
-            kind="segment",
-            module=_Segment(self.model, index),
-            example_inputs=tuple(self._example(s) for s in spec.inputs),
-            input_names=names[0],
-            output_names=names[1],
-            dynamic_axes={n: TOKENS for n in names[0] + names[1]},
-        )
+        return partitions.segment_partition(self._ir.segments[index], _Segment(self.model, index), TRACING)
 
     def gate(self, layer: int, task: str, keep: tuple[int, ...]) -> GraphPartition:
-        self._check_task(task)
-        spec = self._ir.moe_layers[layer]
-        if len(keep) < spec.top_k:
-            raise ConfigError(f"layer {layer}: kept set {keep} is smaller than top-k {spec.top_k}")
-        return GraphPartition(
-            name=f"gate_{task}_{layer}",
-            kind="gate",
-            module=_Gate(self.model, layer, keep),
-            example_inputs=(self._example(self._ir.segments[layer].outputs[1]),),
-            input_names=("moe_input",),
-            output_names=("experts", "scores"),
-            dynamic_axes={"moe_input": TOKENS, "experts": TOKENS, "scores": TOKENS},
-            task=task,
-            layer=layer,
-        )
+        self.task_index(task)
+        partitions.check_kept(layer, keep, self._ir.moe_layers[layer].top_k)
+        module = _Gate(self.model, layer, keep)
+        return partitions.gate_partition(task, layer, module, self._ir.segments[layer].outputs[1], TRACING)
 
     def head(self, task: str) -> GraphPartition:
-        self._check_task(task)
-        return GraphPartition(
-            name=f"head_{task}",
-            kind="head",
-            module=_Head(),
-            example_inputs=(self._example(self._ir.segments[-1].outputs[0]),),
-            input_names=("features",),
-            output_names=(task,),
-            dynamic_axes={"features": TOKENS, task: {0: "batch"}},
-            task=task,
-        )
+        self.task_index(task)
+        # One embedding per sentence: the output has no token axis.
+        features = self._ir.segments[-1].outputs[0]
+        return partitions.head_partition(task, _Head(), features, TRACING, output_axes={0: "batch"})
 
     def expert_kernel(self, layer: int) -> GraphPartition:
         spec = self._ir.moe_layers[layer].expert
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(5, spec.d_model, generator=gen)
-        # Weights at a realistic scale (1/sqrt(fan-in)), so the export check sees realistic values.
-        params = tuple(torch.randn(*p.shape, generator=gen) / p.shape[0] ** 0.5 for p in spec.params)
-        return GraphPartition(
-            name=f"expert_kernel_gelu_nob2_{spec.d_model}x{spec.hidden}",
-            kind="expert_kernel",
-            module=_ExpertKernel(),
-            example_inputs=(x, *params),
-            input_names=("x", *(p.name for p in spec.params)),
-            output_names=("y",),
-            dynamic_axes={"x": {0: "tokens"}, "y": {0: "tokens"}},
-            layer=layer,
-        )
+        name = f"expert_kernel_gelu_nob2_{spec.d_model}x{spec.hidden}"
+        return partitions.kernel_partition(name, _ExpertKernel(), spec, layer)
 
     def expert_weights(self, layer: int, expert: int) -> dict[str, np.ndarray]:
         moe = self.model.layers[layer].moe
-
-        def arr(t: torch.Tensor) -> np.ndarray:
-            return np.ascontiguousarray(t.detach().cpu().numpy().astype(np.float32))
-
-        return {"w1": arr(moe.w1[expert]), "b1": arr(moe.b1[expert]), "w2": arr(moe.w2[expert])}
+        return {
+            "w1": partitions.float32_array(moe.w1[expert]),
+            "b1": partitions.float32_array(moe.b1[expert]),
+            "w2": partitions.float32_array(moe.w2[expert]),
+        }

@@ -27,9 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, DependencyError, ModelError, TaskError
+from ..errors import ConfigError, DependencyError, ModelError
 from ..ir import (
-    DenseSegmentSpec,
     ExpertSpec,
     ModelIR,
     MoELayerSpec,
@@ -39,6 +38,7 @@ from ..ir import (
     TensorSpec,
     validate_ir,
 )
+from . import partitions
 from .base import GraphPartition, ModelAdapter
 from .hf_archs import (
     ARCHS,
@@ -50,8 +50,8 @@ from .hf_archs import (
     pick_experts,
 )
 
-BATCH_SEQ = {0: "batch", 1: "seq"}
 SAMPLE_SEQ = 16  # sequence length of sample inputs (calibration, export examples)
+TRACING = partitions.Tracing({0: "batch", 1: "seq"}, seq=SAMPLE_SEQ)
 
 
 def _causal_mask(pos: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
@@ -177,17 +177,6 @@ class _Gate(nn.Module):
         return (*out, weight.reshape(b, s, -1))
 
 
-class _SwiGLUKernel(nn.Module):
-    """``(act(x @ w_gate) * (x @ w_up)) @ w_down`` with every weight a graph input."""
-
-    def __init__(self, act: nn.Module):
-        super().__init__()
-        self.act = act
-
-    def forward(self, x, w_gate, w_up, w_down):
-        return (self.act(x @ w_gate) * (x @ w_up)) @ w_down
-
-
 class _DenseActDenseKernel(nn.Module):
     """``act(x @ w_in) @ w_out`` with every weight a graph input (T5-style expert)."""
 
@@ -197,10 +186,6 @@ class _DenseActDenseKernel(nn.Module):
 
     def forward(self, x, w_in, w_out):
         return self.act(x @ w_in) @ w_out
-
-
-def _arr(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().cpu().numpy().astype(np.float32))
 
 
 def _spec_for(model) -> ArchSpec:
@@ -335,22 +320,11 @@ class HFAdapter(ModelAdapter):
         spec, cfg = self.spec, self.config
         d = cfg.hidden_size
         ids = TensorSpec("input_ids", (None, None), "int64", high=cfg.vocab_size, sample_shape=(1, SAMPLE_SEQ))
-        hidden = TensorSpec("hidden", (None, None, d))
-        residual = TensorSpec("residual", (None, None, d))  # a graph's input and output names must differ
-        moe_in = TensorSpec("moe_input", (None, None, d))
-        moe_out = TensorSpec("moe_output", (None, None, d))
         unit = "layers" if spec.trunk == "decoder" else "blocks"
-        bounds = [-1, *self.moe_blocks]
-        segments = []
-        for i in range(len(self.moe_blocks) + 1):
-            start, last = bounds[i] + 1, i == len(self.moe_blocks)
-            stop = len(self.layers) if last else self.moe_blocks[i]
-            desc = f"{unit} {start}..{stop - 1}" if stop > start else f"no full {unit}"
-            desc = ("embedding + " if i == 0 else "") + desc
-            desc += " (final norm in the head)" if last else f" + attention of {unit[:-1]} {stop}"
-            ins = (ids,) if i == 0 else (residual, moe_out)
-            outs = (hidden,) if last else (hidden, moe_in)
-            segments.append(DenseSegmentSpec(i, desc, ins, outs))
+        descriptions = partitions.span_descriptions(
+            self.moe_blocks, len(self.layers), unit, embed="embedding + ", end=" (final norm in the head)"
+        )
+        segments = partitions.trunk_segments(ids, TensorSpec("hidden", (None, None, d)), (None, None, d), descriptions)
         normalize = spec.normalize if isinstance(spec.normalize, bool) else bool(getattr(cfg, spec.normalize))
         layers = []
         for li, block_index in enumerate(self.moe_blocks):
@@ -381,7 +355,7 @@ class HFAdapter(ModelAdapter):
             granularity="token",
             input=ids,
             tasks=(task,),
-            segments=tuple(segments),
+            segments=segments,
             moe_layers=tuple(layers),
             params=sum(p.numel() for p in self.model.parameters()),
             config=config,
@@ -392,10 +366,6 @@ class HFAdapter(ModelAdapter):
         return self._ir
 
     # -- reference execution -------------------------------------------------------------
-    def _task(self, task: str) -> None:
-        if task != self.spec.task:
-            raise TaskError(f"unknown task '{task}' (model has: {self.spec.task})")
-
     def _check_keep(self, keep: dict[int, tuple[int, ...]] | None) -> None:
         """Token-routed models keep every expert; a narrower set has no defined meaning for their routers."""
         for li, experts in (keep or {}).items():
@@ -411,7 +381,7 @@ class HFAdapter(ModelAdapter):
 
     @torch.no_grad()
     def reference(self, x: np.ndarray, task: str, keep: dict[int, tuple[int, ...]] | None = None) -> np.ndarray:
-        self._task(task)
+        self.task_index(task)
         self._check_keep(keep)
         out = self.model(input_ids=self._ids(x))
         y = out.logits if self.spec.lm_head else out.last_hidden_state
@@ -419,104 +389,44 @@ class HFAdapter(ModelAdapter):
 
     @torch.no_grad()
     def route(self, x: np.ndarray, task: str) -> list[tuple[np.ndarray, np.ndarray]]:
-        self._task(task)
-        records: list[tuple[np.ndarray, np.ndarray]] = []
-
-        def record(_module, _inputs, out):
-            idx, scores = pick_experts(self.spec.pick, out)
-            records.append((idx.numpy().copy(), scores.float().numpy().copy()))
-
-        hooks = [
-            attr(self._block(li), self.spec.router).register_forward_hook(record) for li in range(len(self.moe_blocks))
-        ]
-        try:
-            self.model(input_ids=self._ids(x))
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return records
-
-    # -- partitions ----------------------------------------------------------------------
-    def _example(self, spec: TensorSpec, batch: int = 2) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(0)
-        if spec.dtype == "int64":
-            return torch.randint(0, spec.high, (batch, SAMPLE_SEQ), generator=gen)
-        return torch.randn(batch, SAMPLE_SEQ, *spec.shape[2:], generator=gen)
-
-    def segment(self, index: int) -> GraphPartition:
-        spec = self._ir.segments[index]
-        bounds = [-1, *self.moe_blocks]
-        last = index == len(self.moe_blocks)
-        stop = len(self.layers) if last else self.moe_blocks[index]
-        cls = _DecoderSegment if self.spec.trunk == "decoder" else _T5EncoderSegment
-        module = cls(self, bounds[index] + 1, stop, first=index == 0, last=last)
-        names = tuple(s.name for s in spec.inputs), tuple(s.name for s in spec.outputs)
-        return GraphPartition(
-            name=f"segment_{index}",
-            kind="segment",
-            module=module,
-            example_inputs=tuple(self._example(s) for s in spec.inputs),
-            input_names=names[0],
-            output_names=names[1],
-            dynamic_axes={n: BATCH_SEQ for n in names[0] + names[1]},
+        self.task_index(task)
+        routers = [attr(self._block(li), self.spec.router) for li in range(len(self.moe_blocks))]
+        ids = self._ids(x)
+        return partitions.record_routes(
+            routers, lambda: self.model(input_ids=ids), lambda out: pick_experts(self.spec.pick, out)
         )
 
+    # -- partitions ----------------------------------------------------------------------
+    def segment(self, index: int) -> GraphPartition:
+        start, stop, last = partitions.segment_bounds(index, self.moe_blocks, len(self.layers))
+        cls = _DecoderSegment if self.spec.trunk == "decoder" else _T5EncoderSegment
+        module = cls(self, start, stop, first=index == 0, last=last)
+        return partitions.segment_partition(self._ir.segments[index], module, TRACING)
+
     def gate(self, layer: int, task: str, keep: tuple[int, ...]) -> GraphPartition:
-        self._task(task)
+        self.task_index(task)
         self._check_keep({layer: keep})
-        spec = self._ir.moe_layers[layer]
-        outputs = ("experts", "scores", "shared_scores") if spec.shared_experts else ("experts", "scores")
-        return GraphPartition(
-            name=f"gate_{task}_{layer}",
-            kind="gate",
-            module=_Gate(self.spec, self._block(layer)),
-            example_inputs=(self._example(self._ir.segments[layer].outputs[1]),),
-            input_names=("moe_input",),
-            output_names=outputs,
-            dynamic_axes={n: BATCH_SEQ for n in ("moe_input", *outputs)},
-            task=task,
-            layer=layer,
+        module = _Gate(self.spec, self._block(layer))
+        shared = bool(self._ir.moe_layers[layer].shared_experts)
+        return partitions.gate_partition(
+            task, layer, module, self._ir.segments[layer].outputs[1], TRACING, shared=shared
         )
 
     def head(self, task: str) -> GraphPartition:
-        self._task(task)
+        self.task_index(task)
         lm_head = attr(self.model, self.spec.lm_head) if self.spec.lm_head else None
-        return GraphPartition(
-            name=f"head_{task}",
-            kind="head",
-            module=_Head(attr(self.backbone, self.spec.final_norm), lm_head),
-            example_inputs=(self._example(self._ir.segments[-1].outputs[0]),),
-            input_names=("hidden",),
-            output_names=(task,),
-            dynamic_axes={"hidden": BATCH_SEQ, task: BATCH_SEQ},
-            task=task,
-        )
-
-    def _kernel(self, name: str, module: nn.Module, spec: ExpertSpec, layer: int) -> GraphPartition:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(5, spec.d_model, generator=gen)
-        # Weights at a realistic scale (1/sqrt(fan-in)), so the export check sees realistic values.
-        params = tuple(torch.randn(*p.shape, generator=gen) / p.shape[0] ** 0.5 for p in spec.params)
-        return GraphPartition(
-            name=name,
-            kind="expert_kernel",
-            module=module,
-            example_inputs=(x, *params),
-            input_names=("x", *(p.name for p in spec.params)),
-            output_names=("y",),
-            dynamic_axes={"x": {0: "tokens"}, "y": {0: "tokens"}},
-            layer=layer,
-        )
+        module = _Head(attr(self.backbone, self.spec.final_norm), lm_head)
+        return partitions.head_partition(task, module, self._ir.segments[-1].outputs[0], TRACING)
 
     def expert_kernel(self, layer: int) -> GraphPartition:
         spec = self._ir.moe_layers[layer].expert
         experts = attr(self._block(layer), self.spec.experts)
         if self.spec.expert_layout == "stacked_swiglu":
-            module: nn.Module = _SwiGLUKernel(experts.act_fn)
+            module: nn.Module = partitions.SwiGLUKernel(experts.act_fn)
         else:
             module = _DenseActDenseKernel(experts["expert_0"].act)
         name = f"expert_kernel_{self.spec.expert_layout}_{spec.activation}_{spec.d_model}x{spec.hidden}"
-        return self._kernel(name, module, spec, layer)
+        return partitions.kernel_partition(name, module, spec, layer)
 
     def expert_weights(self, layer: int, expert: int) -> dict[str, np.ndarray]:
         experts = attr(self._block(layer), self.spec.experts)
@@ -524,12 +434,12 @@ class HFAdapter(ModelAdapter):
             hidden = self._ir.moe_layers[layer].expert.hidden
             gate_up = experts.gate_up_proj[expert]  # (2I, D): gate rows, then up rows (chunk(2) of the output)
             return {
-                "w_gate": _arr(gate_up[:hidden].T),
-                "w_up": _arr(gate_up[hidden:].T),
-                "w_down": _arr(experts.down_proj[expert].T),
+                "w_gate": partitions.float32_array(gate_up[:hidden].T),
+                "w_up": partitions.float32_array(gate_up[hidden:].T),
+                "w_down": partitions.float32_array(experts.down_proj[expert].T),
             }
         e = experts[f"expert_{expert}"]
-        return {"w_in": _arr(e.wi.weight.T), "w_out": _arr(e.wo.weight.T)}
+        return {"w_in": partitions.float32_array(e.wi.weight.T), "w_out": partitions.float32_array(e.wo.weight.T)}
 
     def shared_kernel(self, layer: int) -> GraphPartition | None:
         spec = self._ir.moe_layers[layer].shared_expert
@@ -537,14 +447,14 @@ class HFAdapter(ModelAdapter):
         if spec is None or mlp is None:
             return None
         name = f"expert_kernel_stacked_swiglu_{spec.activation}_{spec.d_model}x{spec.hidden}"
-        return self._kernel(name, _SwiGLUKernel(mlp.act_fn), spec, layer)
+        return partitions.kernel_partition(name, partitions.SwiGLUKernel(mlp.act_fn), spec, layer)
 
     def shared_expert_weights(self, layer: int, index: int) -> dict[str, np.ndarray]:
         mlp = self._shared_mlp(layer)
         if mlp is None or index != 0:
             raise ModelError(f"MoE layer {layer} has no shared expert {index}")
         return {
-            "w_gate": _arr(mlp.gate_proj.weight.T),
-            "w_up": _arr(mlp.up_proj.weight.T),
-            "w_down": _arr(mlp.down_proj.weight.T),
+            "w_gate": partitions.float32_array(mlp.gate_proj.weight.T),
+            "w_up": partitions.float32_array(mlp.up_proj.weight.T),
+            "w_down": partitions.float32_array(mlp.down_proj.weight.T),
         }

@@ -174,6 +174,28 @@ def specialisation(routing: dict, threshold: float = 0.01) -> list[dict]:
     return rows
 
 
+def reproduction(model: M3ViT, other: Path, config: str, n_scenes: int) -> dict:
+    """Held-out metrics of a retrained checkpoint next to the shipped one, and their largest weight difference."""
+    from .. import load_checkpoint
+
+    again = build_m3vit(CONFIGS[config])
+    load_checkpoint(again, str(other))
+    diff = max(
+        float((a - b).abs().max()) if a.is_floating_point() else float(a.ne(b).any())
+        for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True)
+    )
+    res = evaluate(again, n_scenes)
+    train_json = other.with_name(other.name.removesuffix(".safetensors") + ".train.json")
+    wall = json.loads(train_json.read_text()).get("wall_s") if train_json.is_file() else None
+    return {
+        "checkpoint_sha256": sha256(other),
+        "identical_weights": diff == 0.0,
+        "max_abs_weight_diff": diff,
+        "wall_s": wall,
+        "model": res["model"],
+    }
+
+
 def markdown(metrics: dict) -> str:
     """README tables: metrics vs the constant baseline, and routing specialisation per layer."""
     m, b = metrics["heldout"]["model"], metrics["heldout"]["baseline"]
@@ -209,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--scenes", type=int, default=256, help="held-out scenes")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", help="metrics JSON (default: <checkpoint stem>.metrics.json)")
+    ap.add_argument(
+        "--reproduced",
+        help="a checkpoint retrained with the same command: record its held-out metrics beside the shipped ones",
+    )
     args = ap.parse_args(argv)
     from .. import load_checkpoint
 
@@ -236,6 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ["python -m edgemoe.models.m3vit.evaluate", *(sys.argv[1:] if argv is None else argv)]
         ),
     }
+    if args.reproduced:
+        rep = reproduction(model, Path(args.reproduced), args.config, args.scenes)
+        rep["same_file"] = rep["checkpoint_sha256"] == metrics["checkpoint_sha256"]
+        metrics["reproduction"] = rep
     out = Path(args.out) if args.out else ckpt.with_name(stem + ".metrics.json")
     out.write_text(json.dumps(metrics, indent=1) + "\n")
     print(markdown(metrics))

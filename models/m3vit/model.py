@@ -24,6 +24,10 @@ class M3ViTConfig:
         name: Registry name of the configuration.
         img_size: Input height and width in pixels.
         patch: Patch edge in pixels.
+        stem: ``"patch"``: one strided ``patch × patch`` convolution (plain ViT); ``"conv"``: a stack of
+            3×3 stride-2 convolutions with BatchNorm and ReLU down to the patch grid, then a 1×1
+            projection (Xiao et al., 2021, "Early convolutions help transformers see better": same
+            tokens, far faster to train from scratch). ``"conv"`` needs ``patch`` a power of two.
         in_chans: Input channels.
         dim: Token width.
         heads: Attention heads.
@@ -43,6 +47,7 @@ class M3ViTConfig:
     name: str
     img_size: tuple[int, int] = (128, 256)
     patch: int = 16
+    stem: str = "patch"
     in_chans: int = 3
     dim: int = 192
     heads: int = 3
@@ -91,6 +96,27 @@ class M3ViTConfig:
         span = self.num_experts - self.experts_per_task
         start = 0 if n_tasks == 1 else round(task_index * span / (n_tasks - 1))
         return tuple(range(start, start + self.experts_per_task))
+
+
+class ConvStem(nn.Module):
+    """3×3 stride-2 Conv-BN-ReLU stages (channels doubling up to ``dim``), then a 1×1 projection to ``dim``."""
+
+    def __init__(self, in_chans: int, dim: int, patch: int):
+        super().__init__()
+        stages = patch.bit_length() - 1
+        if patch != 1 << stages or stages < 1:
+            raise ValueError(f"a conv stem needs a power-of-two patch, got {patch}")
+        layers: list[nn.Module] = []
+        c_in = in_chans
+        for s in range(stages):
+            c_out = max(dim >> (stages - 1 - s), 8)
+            layers += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            c_in = c_out
+        layers.append(nn.Conv2d(c_in, dim, 1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
 
 
 class Attention(nn.Module):
@@ -258,7 +284,12 @@ class M3ViT(nn.Module):
     def __init__(self, cfg: M3ViTConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch, cfg.patch)
+        if cfg.stem == "conv":
+            self.patch_embed = ConvStem(cfg.in_chans, cfg.dim, cfg.patch)
+        elif cfg.stem == "patch":
+            self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch, cfg.patch)
+        else:
+            raise ValueError(f"unknown stem '{cfg.stem}' (known: patch, conv)")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_tokens, cfg.dim) * 0.02)
         self.blocks = nn.ModuleList(Block(cfg, i in cfg.moe_blocks) for i in range(cfg.depth))

@@ -3,8 +3,10 @@
 A scene is a textured ground plane (depth grows towards a horizon) with 3-8 flat shapes
 of 6 classes standing on it at random depths. A shape's apparent size shrinks with its
 depth and its base sits where the ground has the same depth, so both size and image
-height are depth cues; nearer shapes are drawn last and occlude farther ones. Colours are
-random and unrelated to the class, so the class must be read from the outline.
+height are depth cues; nearer shapes are drawn last and occlude farther ones. Each class has its
+own hue (jittered, random saturation and brightness) while ground and sky colours are fully random,
+so a class is told by hue and outline together: with outline alone (random shape colours) a
+ViT trained from scratch on 2 CPU cores for 45 minutes learnt figure/ground but not the classes.
 
 Everything is numpy and deterministic in the seed (``numpy.random.default_rng(seed)``), so
 the runtime and the demo can use it without torch. Seeds below ``HELD_OUT_START`` are for
@@ -97,6 +99,16 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(0.0, 1.0, 3).astype(np.float32)
 
 
+def _class_colour(rng: np.random.Generator, cls: int) -> np.ndarray:
+    """RGB of a shape: the class's hue (evenly spaced, jittered by ±0.04) at random saturation and value."""
+    hue = ((cls - 1) / (NUM_CLASSES - 1) + rng.uniform(-0.04, 0.04)) % 1.0
+    sat, val = rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0)
+    # HSV → RGB: each channel's distance around the hue circle from its primary.
+    k = (np.array([5.0, 3.0, 1.0]) + hue * 6.0) % 6.0
+    rgb = val - val * sat * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
+    return rgb.astype(np.float32)
+
+
 def make_scene(seed: int, height: int = HEIGHT, width: int = WIDTH) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Generate one scene.
 
@@ -152,7 +164,7 @@ def make_scene(seed: int, height: int = HEIGHT, width: int = WIDTH) -> tuple[np.
         u = dx * np.cos(theta) + dy * np.sin(theta)
         v = -dx * np.sin(theta) + dy * np.cos(theta)
         m = _shape_mask(cls, u, v, r)
-        colour = _random_colour(rng)
+        colour = _class_colour(rng, cls)
         # Mild shading across the shape so it is not perfectly flat.
         shade = 1.0 + 0.15 * (u / r)[..., None]
         img[y0:y1, x0:x1][m] = np.clip(colour * shade, 0, 1)[m]

@@ -54,6 +54,10 @@ class OnnxTarget(Target):
 
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{part.name}{self.suffix}"
+        # Inference graphs: a wrapper left in training mode would make the exporter restore its
+        # children (BatchNorm in the conv stem) to training mode after export, and the numeric check
+        # would then compare against batch statistics.
+        part.module.eval()
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
