@@ -124,7 +124,7 @@ def cli():
     type=click.Path(path_type=Path),
     help="Bundle folder to write (replaced atomically if it is already a bundle).",
 )
-@click.option("--target", default="onnx", show_default=True, help="Backend: onnx.")
+@click.option("--target", default="onnx", show_default=True, help="Backend: onnx or tvm (Apache TVM).")
 @click.option("--device", default="host", show_default=True, help="Device profile (see `edgemoe devices`).")
 @click.option("--tasks", default="", help="Comma-separated tasks to build (default: all).")
 @click.option(

@@ -81,6 +81,8 @@ class DependencyError(EdgeMoEError):
         "safetensors": "compiler",
         "onnxruntime": "runtime",
         "PIL": "runtime",
+        "tvm": "tvm",
+        "tvm_ffi": "tvm",
     }
 
     @classmethod

@@ -62,6 +62,7 @@ class Target(abc.ABC):
 
 _TARGETS: dict[str, str] = {
     "onnx": "edgemoe.targets.onnx:TARGET",
+    "tvm": "edgemoe.targets.tvm:TARGET",
 }
 
 

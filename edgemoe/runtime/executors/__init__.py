@@ -9,6 +9,7 @@ from .base import Executor, Graph
 
 _EXECUTORS: dict[str, str] = {
     "onnxruntime": "edgemoe.runtime.executors.onnxruntime:OrtExecutor",
+    "tvm": "edgemoe.runtime.executors.tvm:TvmExecutor",
 }
 
 
