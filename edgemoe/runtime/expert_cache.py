@@ -9,8 +9,13 @@ the loader thread:
 * a load in flight is an entry with an event: a second thread needing the same expert waits on
   it instead of loading it again (coalescing), and so does an access to a prefetched expert;
 * prefetches go to one background thread and never wait for room (they are skipped instead);
+  they never evict what the policy expects back sooner than the expert they bring in, so
+  prefetching does not trade a later hit for an earlier miss;
+* a load reads into the buffer of the expert it evicts: memory stays within the budget and
+  swapping allocates nothing;
 * a storage tier throttle models one channel of the profile's bandwidth: loads (demand and
-  prefetch) queue for it, each holding it for ``n / bandwidth`` seconds for ``n`` bytes.
+  prefetch) queue for it, each holding it for ``n / bandwidth`` seconds for ``n`` bytes. Queued
+  prefetches run back to back; a demand load goes ahead of those not started yet.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -34,7 +39,8 @@ class ExpertCache:
         capacity: Bytes the cached and in-flight experts may occupy together.
         sizes: Bytes of every expert that may be loaded.
         policy: Eviction policy.
-        load: Reads and checks one expert's weights from the bundle.
+        load: Reads and checks one expert's blob from the bundle into the given buffer (of the
+            expert's size) and returns its tensors, views on that buffer.
         storage_gbs: Throttle loads to this bandwidth, GB/s (0: as fast as the disk goes).
     """
 
@@ -43,7 +49,7 @@ class ExpertCache:
         capacity: int,
         sizes: dict[Key, int],
         policy: Policy,
-        load: Callable[[Key], dict[str, np.ndarray]],
+        load: Callable[[Key, bytearray], dict[str, np.ndarray]],
         storage_gbs: float = 0.0,
     ):
         self.book = CacheBook(capacity, sizes, policy)
@@ -53,9 +59,10 @@ class ExpertCache:
         self._channel_lock = threading.Lock()
         self._channel_free = 0.0
         self.data: dict[Key, dict[str, np.ndarray]] = {}
+        self._buffers: dict[Key, bytearray] = {}  # the memory each cached or loading expert occupies
         self._events: dict[Key, threading.Event] = {}
         self._cond = threading.Condition()
-        self._queue: queue.Queue[Key | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Key, bytearray, float] | None] = queue.Queue()
         self._loader: threading.Thread | None = None
         self._prefetched: set[Key] = set()
         self.ever: set[Key] = set()
@@ -64,15 +71,27 @@ class ExpertCache:
         self._step = 0
 
     # -- loading ----------------------------------------------------------------------------
-    def _read(self, key: Key) -> dict[str, np.ndarray]:
+    def _read(self, key: Key, into: bytearray, since: float | None = None) -> dict[str, np.ndarray]:
+        """Load ``key``, throttled: no earlier than ``n / bandwidth`` after the channel took the request.
+
+        Args:
+            key: Expert to load.
+            into: Its buffer.
+            since: When the load was requested (None: now). A queued prefetch starts when it was
+                queued or when the channel frees, whichever is later, as on a device whose DMA
+                queue runs back to back; the loader thread's own wake-up delays do not count.
+        """
         if self.storage_gbs <= 0:
-            return self._load_fn(key)
+            return self._load_fn(key, into)
         # One storage channel shared by demand loads and the prefetcher: each load books the
-        # next free slot of bytes / bandwidth and returns no earlier than the slot's end.
+        # next free slot of bytes / bandwidth and returns no earlier than the slot's end. A
+        # prefetch books its slot only when the loader takes it up, so a demand load waits at
+        # most for the one slot in progress, never for the queue.
+        now = time.perf_counter()
         with self._channel_lock:
-            start = max(time.perf_counter(), self._channel_free)
+            start = max(now if since is None else min(since, now), self._channel_free)
             self._channel_free = end = start + self.book.sizes[key] / (self.storage_gbs * 1e9)
-        weights = self._load_fn(key)
+        weights = self._load_fn(key, into)
         left = end - time.perf_counter()
         if left > 0:
             time.sleep(left)
@@ -84,6 +103,7 @@ class ExpertCache:
                 self.book.cached.pop(key, None)
                 self.book.used -= self.book.sizes[key]
                 self._prefetched.discard(key)
+                self._buffers.pop(key, None)
             else:
                 self.data[key] = weights
                 self.book.ready(key)
@@ -91,11 +111,28 @@ class ExpertCache:
             self._events.pop(key).set()
             self._cond.notify_all()
 
-    def _evict(self, victims: Iterable[Key]) -> None:
+    def _evict(self, victims: Iterable[Key]) -> list[bytearray]:
+        """Drop ``victims`` (unpinned, so no kernel holds their weights); returns their freed buffers."""
+        freed = []
         for v in victims:
             self.data.pop(v, None)
             self.book.evict(v)
             self._prefetched.discard(v)
+            freed.append(self._buffers.pop(v))
+        return freed
+
+    def _reserve(self, key: Key, freed: list[bytearray]) -> bytearray:
+        """Account for ``key`` as loading and give it a buffer: a freed one of its size, else a new one.
+
+        A load reuses the memory of the expert it replaces (the budget bounds the buffers too),
+        which also spares the allocator and the page faults of a fresh buffer per load.
+        """
+        self.book.reserve(key)
+        self._events[key] = threading.Event()
+        size = self.book.sizes[key]
+        buf = next((b for b in freed if len(b) == size), None)
+        self._buffers[key] = buf = bytearray(size) if buf is None else buf
+        return buf
 
     # -- steps ------------------------------------------------------------------------------
     def begin_step(self, layer: int, keys: Iterable[Key]) -> None:
@@ -119,9 +156,7 @@ class ExpertCache:
                 while key not in self.book.cached:
                     victims = self.book.room_for(key)
                     if victims is not None:
-                        self._evict(victims)
-                        self.book.reserve(key)
-                        self._events[key] = threading.Event()
+                        into = self._reserve(key, self._evict(victims))
                         loader = True
                         break
                     self._cond.wait()  # every byte is pinned or in flight: wait for a release
@@ -132,14 +167,14 @@ class ExpertCache:
             if loader:
                 weights = None
                 try:
-                    weights = self._read(key)
+                    weights = self._read(key, into)
                 finally:
                     self._finish(key, weights)
             elif event is not None:
                 event.wait()
             weights = self.data.get(key)
             if weights is None:
-                self._load_fn(key)  # the background load failed: this raises its error (e.g. IntegrityError)
+                self._load_fn(key, bytearray(self.book.sizes[key]))  # the background load failed: raise its error
                 raise BundleError(f"expert {key[1]} of layer {key[0]} failed to load")
         except BaseException:
             self.release(key)
@@ -160,25 +195,37 @@ class ExpertCache:
                 self.book.pins.pop(key, None)
             self._cond.notify_all()
 
-    def prefetch(self, keys: Iterable[Key], protect: Iterable[Key] = ()) -> None:
-        """Start background loads of ``keys`` not cached yet; never evicts ``protect``, never waits."""
+    def prefetch(self, keys: Sequence[Key], protect: Iterable[Key] = ()) -> tuple[Key, ...]:
+        """Start background loads of ``keys`` not cached yet, in order; never evicts ``protect``, never waits.
+
+        ``keys`` are the experts of the coming steps in the order they will be needed, grouped by
+        layer. A load never evicts one of them due no later than itself (its own layer's or an
+        earlier one's); those of later layers may make room, as the policy allows (with the
+        planned policy, only experts expected back later than the one loaded). Once a key finds
+        no room, neither it nor those after it are issued (they would overtake it).
+
+        Returns:
+            The keys not issued for want of room (retry them once room may have been made).
+        """
         keys = tuple(keys)
-        protect = (*protect, *keys)  # nor what the same prediction brought in
+        keep = set(protect)  # grows by the prediction up to the end of the current key's layer
         with self._cond:
-            for key in keys:
+            end = 0
+            for i, key in enumerate(keys):
+                while end < len(keys) and (end <= i or keys[end][0] == key[0]):
+                    keep.add(keys[end])
+                    end += 1
                 if key not in self.book.sizes or key in self.book.cached:
                     continue
-                victims = self.book.room_for(key, keep=protect)
+                victims = self.book.room_for(key, keep=keep, prefetch=True)
                 if victims is None:
-                    break
-                self._evict(victims)
-                self.book.reserve(key)
-                self._events[key] = threading.Event()
+                    return keys[i:]
+                into = self._reserve(key, self._evict(victims))
                 self._prefetched.add(key)
                 self.prefetch_issued += 1
-                self._queue.put(key)
-            if self.prefetch_issued:
+                self._queue.put((key, into, time.perf_counter()))
                 self._start_loader()
+        return ()
 
     def _start_loader(self) -> None:
         """Start the background loader if it is not running (caller holds ``_cond``)."""
@@ -221,17 +268,19 @@ class ExpertCache:
             for key in moves.evicted:
                 self.data.pop(key, None)
                 self._prefetched.discard(key)
+                self._buffers.pop(key, None)
             for key in moves.loaded:
                 self._events[key] = threading.Event()
+                self._buffers[key] = bytearray(self.book.sizes[key])
             if not wait and moves.loaded:
                 for key in moves.loaded:
-                    self._queue.put(key)
+                    self._queue.put((key, self._buffers[key], time.perf_counter()))
                 self._start_loader()
         if wait:
             pending = list(moves.loaded)
             try:
                 while pending:
-                    weights = self._read(pending[0])
+                    weights = self._read(pending[0], self._buffers[pending[0]])
                     self._finish(pending.pop(0), weights)
             except BaseException:
                 for key in pending:  # the failed load and those after it: drop their reservations
@@ -240,14 +289,20 @@ class ExpertCache:
         return moves
 
     def _run_loader(self) -> None:
-        while (key := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
+            key, into, since = item
             weights = None
             try:
-                weights = self._read(key)
+                weights = self._read(key, into, since)
             except Exception:
                 weights = None
             finally:
                 self._finish(key, weights)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no load is queued or in flight; returns False if ``timeout`` seconds passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._events, timeout)
 
     def close(self) -> None:
         """Stop the loader thread (after the loads already queued)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -140,6 +141,8 @@ class Session:
             schedule's choice) or None.
         storage_gbs: Throttle expert loads to this bandwidth in GB/s (e.g. a device profile's
             ``load_gbs()``), to measure device-like load costs here; 0: unthrottled.
+        prefetch_depth: MoE steps a prefetch looks ahead: the next layer from the predictor, the
+            ones after it (wrapping to the next run's first layers) from the calibration order.
 
     Raises:
         BundleError: Not a bundle, or a garbled manifest.
@@ -161,6 +164,7 @@ class Session:
         policy: str = "lru",
         prefetch: str | None = None,
         storage_gbs: float = 0.0,
+        prefetch_depth: int = 2,
     ):
         self.root = Path(bundle)
         self.manifest = m = read_manifest(self.root)
@@ -201,6 +205,9 @@ class Session:
         self._switching = False
         self.last_switch: SwitchStats | None = None
         self._switch_totals = [0, 0, 0, 0.0]  # switches, bytes unloaded, bytes loaded, ms
+        if int(prefetch_depth) < 1:
+            raise ConfigError(f"prefetch_depth must be at least 1, got {prefetch_depth}")
+        self.prefetch_depth = int(prefetch_depth)
         self._setup_cache(memory_budget, policy, prefetch, storage_gbs)
 
     def _kept_sets(self, task: str, record: dict) -> list[frozenset[int]]:
@@ -235,23 +242,26 @@ class Session:
         self.memory_budget = int(budget or 0)
         self._cache = ExpertCache(capacity, sizes, make_policy(policy, prob), self._read_expert, storage_gbs)
         self._prefetch_request = prefetch
-        self.prefetch, self._predictor = self._make_predictor(prefetch, schedule, prob)
+        self.prefetch, self._predictor, self._far = self._make_predictor(prefetch, schedule, prob)
         # The plan's resident set: prefetches never evict it, so they do not trade hot experts for streamed ones.
         self._resident = tuple(tuple(k) for k in schedule.get("resident", [])) if schedule else ()
 
     def _make_predictor(self, prefetch: str | None, schedule: dict | None, prob: list[list[float]]):
-        """(prefetch mode, predictor or None) for a task's schedule."""
+        """(prefetch mode, next-layer predictor or None, calibration order for the steps beyond) for a task."""
         from ..schedule.predict import PREDICTORS, Static, predictor_from_json
 
-        if prefetch is None or prefetch == "pregate":
-            return prefetch, None
+        if prefetch is None:
+            return None, None, None
+        static = (schedule or {}).get("predictors", {}).get("static")
+        far = predictor_from_json(static) if static else Static.from_probabilities(prob)
+        if prefetch == "pregate":
+            return prefetch, None, far
         if prefetch == "plan":
             if not schedule:
                 raise ConfigError("prefetch='plan' needs a schedule in the bundle: run `edgemoe plan` first")
             predictor = predictor_from_json(schedule["prefetch"])
         elif prefetch == "static" and not schedule:
-            order = [[int(e) for e in np.argsort(-np.asarray(p), kind="stable") if p[e] > 0] for p in prob]
-            predictor = Static(order, [int(layer["top_k"]) for layer in self.layers])
+            predictor = far
         elif prefetch in PREDICTORS:
             if not schedule:
                 raise ConfigError(f"prefetch='{prefetch}' needs a schedule in the bundle: run `edgemoe plan` first")
@@ -259,8 +269,8 @@ class Session:
         else:
             raise ConfigError(f"unknown prefetch predictor '{prefetch}' (known: {', '.join(PREDICTORS)}, plan)")
         if predictor.name == "pregate":
-            return "pregate", None
-        return prefetch, predictor
+            return "pregate", None, far
+        return prefetch, predictor, far
 
     def _count_probabilities(self, record: dict) -> list[list[float]]:
         """Without a schedule: per-expert use probability from the manifest's calibration token counts."""
@@ -270,27 +280,34 @@ class Session:
             out.append(np.minimum(1.0, c / max(c.sum(), 1.0) * int(layer["top_k"])).tolist())
         return out or [[1.0] * int(layer["num_experts"]) for layer in self.layers]
 
-    def _read_expert(self, key: tuple[int, int]) -> dict[str, np.ndarray]:
-        """Read an expert blob, sha256-checked on its first load.
+    def _read_expert(self, key: tuple[int, int], into: bytearray) -> dict[str, np.ndarray]:
+        """Read an expert blob into ``into`` (its size), sha256-checked on its first load.
 
         A reload after eviction skips the hash when the file's size, mtime and inode are still
         those it had when it was checked (hashing on every swap would cost more than the read).
+
+        Returns:
+            The expert's tensors, views on ``into``.
         """
         record = self._records[key[0]][key[1]]
         known = self._verified.get(key)
         if known is not None:
             path, signature = known
             try:
-                st = path.stat()
-                if (st.st_size, st.st_mtime_ns, st.st_ino) == signature:
-                    data = path.read_bytes()
-                    if len(data) == signature[0]:
-                        return decode_expert(data, record["tensors"])
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    st = os.fstat(fd)
+                    # One read straight into the buffer the tensors will view.
+                    if (st.st_size, st.st_mtime_ns, st.st_ino) == signature and os.readv(fd, [into]) == len(into):
+                        return decode_expert(into, record["tensors"])
+                finally:
+                    os.close(fd)
             except OSError:
                 pass  # fall through to the full check, which reports it
         path = (self.root / record["file"]).resolve()
         st = path.stat() if path.is_file() else None  # before the check: a later change alters the signature
-        weights = decode_expert(read_verified(self.root, record), record["tensors"])
+        memoryview(into)[:] = read_verified(self.root, record)  # checked to be the record's size, as ``into``
+        weights = decode_expert(into, record["tensors"])
         if st is not None:
             self._verified[key] = (path, (st.st_size, st.st_mtime_ns, st.st_ino))
         return weights
@@ -369,14 +386,9 @@ class Session:
         keys = [(layer, e) for e in experts]
         cache = self._cache
         cache.begin_step(layer, keys)
-        ahead: list[tuple[int, int]] = []
-        if layer + 1 < len(self.layers):
-            if self.prefetch == "pregate":
-                # Pre-gating: the next layer's gate on this layer's MoE input names its experts one layer ahead.
-                ahead = [(layer + 1, int(e)) for e in np.unique(self.gates[layer + 1].run(h)[0])]
-            elif self._predictor is not None:
-                ahead = [(layer + 1, int(e)) for e in self._predictor.predict(layer, experts, None)]
-            cache.prefetch(ahead, protect=(*keys, *self._resident))
+        ahead = self._lookahead(layer, experts, h)
+        resident = self._resident
+        pending = cache.prefetch(ahead, protect=(*keys, *resident)) if ahead else ()
         for j, (e, kernel, key) in enumerate(zip(experts, kernels, keys, strict=True)):
             tok, slot = np.nonzero(idx == e)
             # Pinned while the kernel runs: eviction cannot free the weights under it.
@@ -387,9 +399,10 @@ class Session:
             finally:
                 cache.release(key)
             out[tok] += y * scores[tok, slot, None]
-            if ahead:
-                # The experts done so far may make room: stream the next layer's into their slots.
-                cache.prefetch(ahead, protect=(*keys[j + 1 :], *self._resident))
+            if pending and key not in resident:
+                # The expert just done may make room: stream the next layers' experts into its slot.
+                done = ahead[: len(ahead) - len(pending)]  # issued already: due before the pending ones
+                pending = cache.prefetch(pending, protect=(*keys[j + 1 :], *resident, *done))
         if self.shared[layer]:
             # The gate's third output weighs each shared expert per token (ones where ungated).
             shared_scores = gate_out[2].reshape(flat.shape[0], -1)
@@ -397,6 +410,20 @@ class Session:
                 (y,) = shared_kernel.run(flat, *(w[name] for name in shared_kernel.input_names[1:]))
                 out += y * shared_scores[:, j : j + 1]
         return out.reshape(shape)
+
+    def _lookahead(self, layer: int, experts: list[int], h: np.ndarray | None) -> list[tuple[int, int]]:
+        """The experts to prefetch at ``layer`` (-1: a run's start), in the order they will be needed."""
+        from ..schedule.predict import PreGate, lookahead
+
+        if self.prefetch is None:
+            return []
+        near, pregate = self._predictor, None
+        if self.prefetch == "pregate" and h is not None and layer + 1 < len(self.layers):
+            # Pre-gating: the next layer's gate on this layer's MoE input names its experts one layer ahead.
+            near, pregate = PreGate(), [int(e) for e in np.unique(self.gates[layer + 1].run(h)[0])]
+        if layer < 0:
+            near = None  # nothing routed yet: the calibration order names the first layers
+        return lookahead(near, self._far, layer, experts, pregate, len(self.layers), self.prefetch_depth)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Run the task on an input batch and return the head's output (waits while a task switch runs)."""
@@ -407,6 +434,10 @@ class Session:
             self._active += 1
         try:
             self.last_routing = []
+            if self.prefetch is not None:
+                # The first layers' experts load while the trunk runs (the previous run's last layer
+                # usually queued them already).
+                self._cache.prefetch(self._lookahead(-1, [], None), protect=self._resident)
             outs = self.segments[0].run(x)
             for layer in range(len(self.layers)):
                 # Segments hand on (hidden, moe_input, *carried): carried tensors (e.g. masks) pass through.
@@ -477,7 +508,7 @@ class Session:
         prob = schedule["probability"] if schedule else self._count_probabilities(record)
         if self.memory_budget:
             self._check_budget(self.memory_budget, task, schedule)
-        prefetch, predictor = self._make_predictor(self._prefetch_request, schedule, prob)
+        prefetch, predictor, far = self._make_predictor(self._prefetch_request, schedule, prob)
         kept = self._kept_sets(task, record)
         graph_bytes = self._graph_bytes
         try:
@@ -491,7 +522,7 @@ class Session:
             self._graph_bytes = graph_bytes
         self.task, self._task, self.kept = task, record, kept
         self.gates, self.head, self._kernels = gates, head, kernels
-        self.prefetch, self._predictor = prefetch, predictor
+        self.prefetch, self._predictor, self._far = prefetch, predictor, far
         self._resident = tuple(tuple(k) for k in schedule.get("resident", [])) if schedule else ()
         graphs = self.manifest["graphs"]
         self._graph_bytes = sum(int(graphs[n]["bytes"]) for n in (*self.manifest["segments"], *record["gates"]))
@@ -582,6 +613,14 @@ class Session:
             runs=self._runs,
             **counters,
         )
+
+    def wait_prefetch(self, timeout: float | None = None) -> bool:
+        """Wait until the background loads issued so far have landed (e.g. between timed runs).
+
+        Returns:
+            False if ``timeout`` seconds passed first.
+        """
+        return self._cache.wait_idle(timeout)
 
     def close(self) -> None:
         """Stop the background prefetch loader (the session stays usable; prefetch restarts it)."""

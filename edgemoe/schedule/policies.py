@@ -59,6 +59,15 @@ class Policy:
     def new_task(self, prob: Sequence[Sequence[float]] | None) -> None:
         """The session switched task; ``prob`` are the new task's use probabilities (recency stays)."""
 
+    def outliving(self, candidates: list[Key], key: Key) -> list[Key]:
+        """The candidates a prefetch of ``key`` may evict: those not expected back sooner than ``key``.
+
+        A prefetch that evicts an expert needed before the one it brings in only moves a miss
+        earlier and adds a load. Recency and frequency do not tell when an expert is needed
+        next, so the base policy allows every candidate.
+        """
+        return candidates
+
 
 class LRU(Policy):
     """Evict the least recently used expert."""
@@ -102,9 +111,26 @@ class Planned(Policy):
         super().__init__()
         self.prob = [list(map(float, p)) for p in prob]
         self.layers = len(self.prob)
+        # expected_next_use per key, valid until the step, the key's use or the task changes
+        # (victim searches ask for every cached key again and again within a step).
+        self._due: dict[Key, float] = {}
+
+    def begin_step(self, step: int, layer: int, keys: Iterable[Key]) -> None:
+        super().begin_step(step, layer, keys)
+        self._due.clear()
+
+    def touch(self, key: Key) -> None:
+        super().touch(key)
+        self._due.pop(key, None)
 
     def expected_next_use(self, key: Key) -> float:
         """Expected steps until ``key`` is used again (inf: never seen in calibration)."""
+        due = self._due.get(key)
+        if due is None:
+            due = self._due[key] = self._expected_next_use(key)
+        return due
+
+    def _expected_next_use(self, key: Key) -> float:
         layer, expert = key
         p = self.prob[layer][expert] if layer < self.layers and expert < len(self.prob[layer]) else 0.0
         if p <= 0:
@@ -119,11 +145,16 @@ class Planned(Policy):
     def victim(self, candidates: Sequence[Key]) -> Key:
         return max(candidates, key=lambda k: (self.expected_next_use(k), -self.last_use.get(k, -1)))
 
+    def outliving(self, candidates: list[Key], key: Key) -> list[Key]:
+        due = self.expected_next_use(key)
+        return [v for v in candidates if self.expected_next_use(v) > due]
+
     def new_task(self, prob: Sequence[Sequence[float]] | None) -> None:
         # The old task's experts the new one never uses get p = 0: evicted first.
         if prob is not None:
             self.prob = [list(map(float, p)) for p in prob]
             self.layers = len(self.prob)
+            self._due.clear()
 
 
 class Belady(Policy):
@@ -199,20 +230,25 @@ class CacheBook:
 
     def evictable(self, keep: Iterable[Key] = ()) -> list[Key]:
         """Ready, unpinned entries not in ``keep``."""
-        keep = set(keep)
+        keep = keep if isinstance(keep, set | frozenset) else set(keep)
         return [k for k, ready in self.cached.items() if ready and not self.pins.get(k) and k not in keep]
 
-    def room_for(self, key: Key, keep: Iterable[Key] = (), prefer: Sequence[Key] = ()) -> list[Key] | None:
-        """Victims to evict so that ``key`` fits, or None if pins prevent it.
+    def room_for(
+        self, key: Key, keep: Iterable[Key] = (), prefer: Sequence[Key] = (), prefetch: bool = False
+    ) -> list[Key] | None:
+        """Victims to evict so that ``key`` fits, or None if pins (for a prefetch, also the policy) prevent it.
 
         Evictable entries of ``prefer`` go first, in that order (a task switch's unload list),
-        then the policy's choices.
+        then the policy's choices. For a ``prefetch``, only entries the policy expects back later
+        than ``key`` are candidates (:meth:`Policy.outliving`).
         """
         need = self.used + self.sizes[key] - self.capacity
         victims: list[Key] = []
         if need <= 0:
             return victims
         candidates = self.evictable(keep)
+        if prefetch:
+            candidates = self.policy.outliving(candidates, key)
         for v in prefer:
             if need <= 0:
                 break

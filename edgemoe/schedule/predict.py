@@ -2,6 +2,8 @@
 
 Each predictor sees only what the runtime has when it issues a prefetch at layer ``l``: layer
 ``l``'s routing and MoE input. Tables are learned from calibration traces only.
+:func:`lookahead` extends a prediction to the layers after the next one (and past a run's last
+layer to the next run's first ones) with the calibration order, so loads can start earlier.
 
 * ``pregate`` (Pre-gated MoE): layer ``l+1``'s gate applied to layer ``l``'s MoE input.
 * ``affinity`` (ExFlow): P(expert at ``l+1`` | experts at ``l``) counted on calibration traces.
@@ -104,17 +106,66 @@ class Static(Predictor):
     @classmethod
     def from_trace(cls, trace: Trace) -> Static:
         """Frequency order per layer from a calibration trace."""
-        prob = trace.probabilities()
-        order = [[int(e) for e in np.argsort(-np.asarray(p), kind="stable") if p[e] > 0] for p in prob]
-        return cls(order, _width(_mean_width(trace)))
+        return cls(_frequency_order(trace.probabilities()), _width(_mean_width(trace)))
+
+    @classmethod
+    def from_probabilities(cls, prob: Sequence[Sequence[float]]) -> Static:
+        """Frequency order per layer from use probabilities; width: the expected experts per step."""
+        return cls(_frequency_order(prob), _width([float(np.sum(p)) for p in prob]))
+
+    def experts(self, layer: int) -> tuple[int, ...]:
+        """The experts to prefetch for ``layer`` (its most used ones)."""
+        if not 0 <= layer < len(self.order):
+            return ()
+        return tuple(self.order[layer][: self.width[layer]])
 
     def predict(self, layer, experts, pregate):
-        if layer + 1 >= len(self.order):
-            return ()
-        return tuple(self.order[layer + 1][: self.width[layer + 1]])
+        return self.experts(layer + 1)
 
     def to_json(self) -> dict:
         return {"name": self.name, "order": self.order, "width": self.width}
+
+
+def lookahead(
+    near: Predictor | None,
+    far: Static | None,
+    layer: int,
+    experts: Sequence[int],
+    pregate: Sequence[int] | None,
+    num_layers: int,
+    depth: int,
+) -> list[tuple[int, int]]:
+    """The experts of the next ``depth`` MoE steps, as ``(layer, expert)`` in the order they are needed.
+
+    The step right after ``layer`` comes from ``near`` when given (it may use this step's routing
+    or the pre-gate); later steps, and the first layers of the next run once ``layer`` is the
+    last one (runs of a task repeat the same layer cycle), from ``far``'s calibration order.
+
+    Args:
+        near: Predictor of the next layer (None: ``far`` for it too).
+        far: Calibration order for the steps beyond (None: predict one step only).
+        layer: The step's layer (-1: before a run's first layer).
+        experts: This step's experts.
+        pregate: Layer ``layer + 1``'s gate on this step's MoE input, when computed.
+        num_layers: MoE layers per run.
+        depth: Steps to look ahead.
+    """
+    out: list[tuple[int, int]] = []
+    for d in range(1, min(depth, num_layers) + 1):
+        target = layer + d
+        if d == 1 and near is not None and target < num_layers:
+            named = near.predict(layer, experts, pregate)
+        elif far is not None:
+            named = far.experts(target % num_layers)
+        else:
+            break
+        out += [(target % num_layers, int(e)) for e in named]
+    return out
+
+
+def _frequency_order(prob: Sequence[Sequence[float]]) -> list[list[int]]:
+    """Per layer, the experts used at all, most used first."""
+    return [[int(e) for e in np.argsort(-np.asarray(p), kind="stable") if p[e] > 0] for p in prob]
 
 
 def _mean_width(trace: Trace) -> list[float]:
