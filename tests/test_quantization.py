@@ -213,3 +213,67 @@ def test_percentile_calibrator(tmp_path):
     assert {"w1.act_scale", "w1.act_zp", "w2.act_scale"} <= {t["name"] for t in rec["tensors"]}
     x = sample_input(m["input"], batch=1, seed=0)
     assert np.isfinite(Session(tmp_path / "b", "depth").run(x)).all()
+
+
+def _producers(model) -> dict:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def test_int8_dense_quantizes_weight_matmuls_only(quant_bundles):
+    import onnx
+
+    bundle = quant_bundles["int8"]
+    m = read_manifest(bundle)
+    weight_mm = act_mm = 0
+    for g in m["graphs"].values():
+        if g["kind"] not in ("segment", "head"):
+            continue
+        model = onnx.load(str(bundle / g["file"]))
+        made_by = _producers(model)
+        int8 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8}
+        readers = {x: n for n in model.graph.node for x in n.input}
+        for node in (n for n in model.graph.node if n.op_type == "MatMul"):
+            dq = [made_by.get(x) for x in node.input]
+            dq = [p for p in dq if p is not None and p.op_type == "DequantizeLinear"]
+            if any(p.input[0] in int8 for p in dq):
+                weight_mm += 1
+                assert len(dq) == 2, node.name  # weight and activation both int8
+            else:
+                act_mm += 1
+                assert not dq, node.name  # attention's activation x activation matmuls stay float
+            # No Q/DQ after a matmul: its consumers are float ops.
+            assert readers[node.output[0]].op_type != "QuantizeLinear", node.name
+    assert weight_mm and act_mm  # micro: qkv, proj, fc1, fc2, head projections; q @ k^T, attn @ v
+
+
+def test_int8_expert_kernel_is_an_integer_matmul(quant_bundles):
+    """The int8 kernel computes quantize(x) x int8 weights in integers, exactly as the numpy reference."""
+    import math
+
+    import onnx
+
+    from edgemoe.bundle.format import decode_expert, read_verified
+    from edgemoe.runtime.executors import get_executor
+
+    bundle = quant_bundles["int8"]
+    m = read_manifest(bundle)
+    layer = m["moe_layers"][0]
+    record = layer["experts"][0]
+    kernel_record = m["graphs"][record["kernel"]]
+    ops = [n.op_type for n in onnx.load(str(bundle / kernel_record["file"])).graph.node]
+    # No float MatMul over dequantized weights: onnxruntime only fuses that into int8 with constant scales.
+    assert ops.count("MatMulIntegerToFloat") == 2 and "MatMul" not in ops and "DequantizeLinear" not in ops
+    w = decode_expert(read_verified(bundle, record), record["tensors"])
+    x = np.random.default_rng(0).standard_normal((7, w["w1.q"].shape[0])).astype(np.float32)
+    kernel = get_executor(m["target"]["executor"]).load(bundle, kernel_record)
+    (got,) = kernel.run(x, *(w[n] for n in kernel.input_names[1:]))
+
+    def qmatmul(a, name):
+        s, zp = np.float64(w[f"{name}.act_scale"][0]), np.float64(w[f"{name}.act_zp"][0])
+        aq = np.clip(np.rint(a / s) + zp, 0, 255) - zp
+        return (aq @ w[f"{name}.q"].astype(np.float64)) * s * w[f"{name}.scale"]
+
+    h = qmatmul(x.astype(np.float64), "w1") + w["b1"]
+    h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+    want = qmatmul(h, "w2") + w["b2"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -67,7 +67,8 @@ def quantize_weights(
             out[f"{name}.q"], out[f"{name}.scale"] = quantize_int8_per_channel(w, name)
             if scheme == "int8":
                 scale, zp = act[name]
-                out[f"{name}.act_scale"], out[f"{name}.act_zp"] = np.array(scale), np.array(zp)
+                # One-element vectors: what the int8 kernel declares (a per-tensor activation scale).
+                out[f"{name}.act_scale"], out[f"{name}.act_zp"] = np.array([scale]), np.array([zp])
         else:
             out[f"{name}.q"], out[f"{name}.scales"] = quantize_nbits(w, bits, group, name)
     return out
