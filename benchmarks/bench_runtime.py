@@ -69,7 +69,7 @@ def export_monolithic(model, x: np.ndarray, path: Path) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            OneTask(),
+            OneTask().eval(),  # a training-mode wrapper would leave BatchNorm in training mode after export
             (torch.from_numpy(x),),
             str(path),
             input_names=["image"],
