@@ -19,6 +19,42 @@ if TYPE_CHECKING:
     from ..frontends import GraphPartition
 
 
+# An emitted graph must reproduce its torch module on the example inputs within these bounds.
+CHECK_ATOL = 1e-5
+CHECK_RTOL = 1e-5
+
+
+def check_against_torch(target: str, part: GraphPartition, got) -> None:
+    """Compare a compiled graph's outputs on ``part.example_inputs`` with the torch module's.
+
+    A gate's expert indices may differ only where router scores tie exactly (either expert is a
+    valid top-k choice); its scores output is compared within tolerance, which catches the rest.
+
+    Raises:
+        TargetError: An output's count, shape or values differ.
+    """
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        want = part.module(*part.example_inputs)
+    want = want if isinstance(want, tuple) else (want,)
+    if len(got) != len(want):
+        raise TargetError(f"target {target}: {part.name} returns {len(got)} outputs, torch gives {len(want)}")
+    tie_tolerant = part.kind == "gate"
+    for name, g, w in zip(part.output_names, got, want, strict=True):
+        w = w.numpy()
+        if g.shape != w.shape:
+            raise TargetError(f"target {target}: {part.name}.{name} has shape {g.shape}, torch gives {w.shape}")
+        if np.issubdtype(w.dtype, np.integer):
+            ok = tie_tolerant or np.array_equal(g, w)
+        else:
+            ok = np.allclose(g, w, rtol=CHECK_RTOL, atol=CHECK_ATOL)
+        if not ok:
+            err = float(np.max(np.abs(g.astype(np.float64) - w.astype(np.float64))))
+            raise TargetError(f"target {target}: {part.name}.{name} differs from torch by {err:.3g}")
+
+
 class Target(abc.ABC):
     """A backend that turns graph partitions into files a runtime executor can load.
 

@@ -11,17 +11,13 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 from ...config import CompileConfig
 from ...devices import DeviceProfile
 from ...errors import TargetError
 from ...frontends import GraphPartition
-from .. import Target
+from .. import Target, check_against_torch
 
 # Exported graphs must reproduce the torch partition to within atol + rtol * |torch| (fp32).
-CHECK_ATOL = 1e-5
-CHECK_RTOL = 1e-5
 
 
 class OnnxTarget(Target):
@@ -98,30 +94,12 @@ class OnnxTarget(Target):
     def _check_numerics(self, part: GraphPartition, path: Path) -> None:
         """Run the graph in onnxruntime and compare with the torch module on the example inputs."""
         import onnxruntime as ort
-        import torch
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         feeds = {n: t.numpy() for n, t in zip(part.input_names, part.example_inputs, strict=True)}
-        got = sess.run(list(part.output_names), feeds)
-        with torch.no_grad():
-            want = part.module(*part.example_inputs)
-        want = want if isinstance(want, tuple) else (want,)
-        # A gate's expert indices may differ only where router scores tie exactly (either expert is
-        # a valid top-k choice); its scores output is compared within tolerance, which catches the rest.
-        tie_tolerant = part.kind == "gate"
-        for name, g, w in zip(part.output_names, got, want, strict=True):
-            w = w.numpy()
-            if g.shape != w.shape:
-                raise TargetError(f"target onnx: {part.name}.{name} has shape {g.shape}, torch gives {w.shape}")
-            if np.issubdtype(w.dtype, np.integer):
-                ok = tie_tolerant or np.array_equal(g, w)
-            else:
-                ok = np.allclose(g, w, rtol=CHECK_RTOL, atol=CHECK_ATOL)
-            if not ok:
-                err = float(np.max(np.abs(g.astype(np.float64) - w.astype(np.float64))))
-                raise TargetError(f"target onnx: {part.name}.{name} differs from torch by {err:.3g}")
+        check_against_torch("onnx", part, sess.run(list(part.output_names), feeds))
 
 
 TARGET = OnnxTarget()

@@ -22,17 +22,13 @@ import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 from ...config import CompileConfig
 from ...devices import DeviceProfile, get_device
 from ...errors import TargetError
 from ...frontends import GraphPartition
-from .. import Target
+from .. import Target, check_against_torch
 
 # Compiled graphs must reproduce the torch partition to within atol + rtol * |torch| (fp32).
-CHECK_ATOL = 1e-5
-CHECK_RTOL = 1e-5
 AARCH64_CXX = "aarch64-linux-gnu-g++"
 AARCH64_TRIPLE = "aarch64-linux-gnu"
 # Core names as device profiles write them ("4x Cortex-A76 @ 2.4 GHz", "6x Carmel (ARMv8.2)").
@@ -144,30 +140,10 @@ class TvmTarget(Target):
 
     def _check_numerics(self, part: GraphPartition, path: Path) -> None:
         """Load the library as the runtime does and compare with the torch module on the example inputs."""
-        import torch
-
         from edgemoe.runtime.executors.tvm import TvmGraph
 
         graph = TvmGraph.from_path(path, part.name, part.input_names, part.output_names)
-        got = graph.run(*(t.numpy() for t in part.example_inputs))
-        with torch.no_grad():
-            want = part.module(*part.example_inputs)
-        want = want if isinstance(want, tuple) else (want,)
-        if len(got) != len(want):
-            raise TargetError(f"target tvm: {part.name} returns {len(got)} outputs, torch gives {len(want)}")
-        # A gate's expert indices may differ only where router scores tie exactly (see the ONNX target).
-        tie_tolerant = part.kind == "gate"
-        for name, g, w in zip(part.output_names, got, want, strict=True):
-            w = w.numpy()
-            if g.shape != w.shape:
-                raise TargetError(f"target tvm: {part.name}.{name} has shape {g.shape}, torch gives {w.shape}")
-            if np.issubdtype(w.dtype, np.integer):
-                ok = tie_tolerant or np.array_equal(g, w)
-            else:
-                ok = np.allclose(g, w, rtol=CHECK_RTOL, atol=CHECK_ATOL)
-            if not ok:
-                err = float(np.max(np.abs(g.astype(np.float64) - w.astype(np.float64))))
-                raise TargetError(f"target tvm: {part.name}.{name} differs from torch by {err:.3g}")
+        check_against_torch("tvm", part, graph.run(*(t.numpy() for t in part.example_inputs)))
 
 
 def _first_line(exc: BaseException) -> str:
