@@ -9,8 +9,9 @@ from ...errors import ModelError
 NAME = "m3vit"
 
 DESCRIPTIONS = {
-    "m3vit-tiny": "Edge-MoE FPGA config: 3x128x256, dim 192, 12 blocks, 16 experts, top-2, trained (scenes)",
+    "m3vit-tiny": "Edge-MoE FPGA config + conv stem: 3x128x256, dim 192, 12 blocks, 16 experts, top-2, trained",
     "m3vit-tiny-random": "m3vit-tiny with seeded random weights (no checkpoint)",
+    "m3vit-tiny-patch": "m3vit-tiny with the plain 16x16 patchify stem, seeded random weights",
     "m3vit-small": "dim 384, 6 heads, 12 blocks, 16 experts, top-4",
     "m3vit-micro": "tiny test model: 3x32x64, dim 32, 4 blocks, 8 experts, top-2",
     "m3vit-micro-cond": "m3vit-micro with task-conditioned gating",
