@@ -23,6 +23,24 @@ from ..errors import ModelError
 _FAMILIES = ("m3vit", "hf", "moe_lm", "bert_moe")
 
 
+def normalize_dataclass(cls: type, family: str, config: dict) -> dict:
+    """Check a (possibly partial) config dict against a family's config dataclass; return the full dict.
+
+    Raises:
+        ModelError: Unknown fields, wrong types, or values the dataclass rejects (TypeError/ValueError).
+    """
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - fields)
+    if unknown:
+        raise ModelError(f"unknown {family} config field(s) {', '.join(unknown)} (valid: {', '.join(sorted(fields))})")
+    try:
+        return dataclasses.asdict(cls(**config))
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"bad {family} config: {exc}") from None
+
+
 def family_module(name: str) -> ModuleType:
     """The ``family.py`` module of a model family."""
     if name not in _FAMILIES:

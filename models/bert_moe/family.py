@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...errors import ModelError
+from .. import normalize_dataclass
 
 NAME = "bert_moe"
 
@@ -37,15 +37,7 @@ def normalize(config: dict) -> dict:
         ModelError: Unknown fields or wrong types.
         ConfigError: Sizes that do not fit together (e.g. more experts than FFN neurons).
     """
-    cls = config_class()
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(config) - fields)
-    if unknown:
-        raise ModelError(f"unknown {NAME} config field(s) {', '.join(unknown)} (valid: {', '.join(sorted(fields))})")
-    try:
-        return dataclasses.asdict(cls(**config))
-    except TypeError as exc:
-        raise ModelError(f"bad {NAME} config: {exc}") from None
+    return normalize_dataclass(config_class(), NAME, config)
 
 
 def build(config: dict):

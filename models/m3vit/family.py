@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...errors import ModelError
+from .. import normalize_dataclass
 
 NAME = "m3vit"
 
@@ -43,19 +43,11 @@ def normalize(config: dict) -> dict:
     Raises:
         ModelError: Unknown fields or wrong types.
     """
-    cls = config_class()
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(config) - fields)
-    if unknown:
-        raise ModelError(f"unknown {NAME} config field(s) {', '.join(unknown)} (valid: {', '.join(sorted(fields))})")
     tupled = {
         k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
         for k, v in config.items()
     }
-    try:
-        return dataclasses.asdict(cls(**tupled))
-    except TypeError as exc:
-        raise ModelError(f"bad {NAME} config: {exc}") from None
+    return normalize_dataclass(config_class(), NAME, tupled)
 
 
 def build(config: dict):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...errors import ModelError
+from .. import normalize_dataclass
 
 NAME = "moe_lm"
 
@@ -40,15 +40,7 @@ def normalize(config: dict) -> dict:
     Raises:
         ModelError: Unknown fields, wrong types or inconsistent sizes.
     """
-    cls = config_class()
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(config) - fields)
-    if unknown:
-        raise ModelError(f"unknown {NAME} config field(s) {', '.join(unknown)} (valid: {', '.join(sorted(fields))})")
-    try:
-        return dataclasses.asdict(cls(**config))
-    except (TypeError, ValueError) as exc:
-        raise ModelError(f"bad {NAME} config: {exc}") from None
+    return normalize_dataclass(config_class(), NAME, config)
 
 
 def build(config: dict):
