@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -21,6 +22,22 @@ from typing import Any
 from ..errors import ModelError
 
 _FAMILIES = ("m3vit", "hf", "moe_lm", "bert_moe")
+
+
+def seeded_build(factory: Callable[[Any], Any], cfg: Any) -> Any:
+    """``factory(cfg)`` with torch's global RNG seeded by ``cfg.seed`` (restored afterwards), in eval mode.
+
+    The same config always gives the same random initialisation, and callers' RNG streams are untouched.
+    """
+    import torch
+
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(cfg.seed)
+    try:
+        model = factory(cfg)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return model.eval()
 
 
 def normalize_dataclass(cls: type, family: str, config: dict) -> dict:

@@ -259,10 +259,6 @@ class BertMoE(nn.Module):
 
 def build_bert_moe(cfg: BertMoEConfig) -> BertMoE:
     """Build a model with seeded random parameters (deterministic across runs)."""
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(cfg.seed)
-    try:
-        model = BertMoE(cfg)
-    finally:
-        torch.random.set_rng_state(gen_state)
-    return model.eval()
+    from .. import seeded_build
+
+    return seeded_build(BertMoE, cfg)

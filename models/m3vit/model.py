@@ -332,10 +332,6 @@ class M3ViT(nn.Module):
 
 def build_m3vit(cfg: M3ViTConfig) -> M3ViT:
     """Build a model with seeded random weights (deterministic across runs)."""
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(cfg.seed)
-    try:
-        model = M3ViT(cfg)
-    finally:
-        torch.random.set_rng_state(gen_state)
-    return model.eval()
+    from .. import seeded_build
+
+    return seeded_build(M3ViT, cfg)

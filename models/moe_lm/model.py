@@ -275,10 +275,6 @@ class MoELM(nn.Module):
 
 def build_moe_lm(cfg: MoELMConfig) -> MoELM:
     """Build a model with seeded random weights (deterministic across runs)."""
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(cfg.seed)
-    try:
-        model = MoELM(cfg)
-    finally:
-        torch.random.set_rng_state(gen_state)
-    return model.eval()
+    from .. import seeded_build
+
+    return seeded_build(MoELM, cfg)
