@@ -61,7 +61,7 @@ def _bytes(bundle: Path) -> int:
 def main() -> None:
     args = parse_args(__doc__, NAME)
     model = "m3vit-micro" if args.quick else "m3vit-tiny"
-    eval_samples, calib, runs = (4, 4, 5) if args.quick else (64, 16, 20)
+    eval_samples, calib, runs = (4, 4, 5) if args.quick else (256, 16, 20)
     tmp = Path(tempfile.mkdtemp(prefix="bench-quant-"))
     schemes = {
         "fp32": QuantConfig(),

@@ -13,7 +13,7 @@ from edgemoe.bundle import sample_input
 from edgemoe.compiler import compile_model
 from edgemoe.config import CompileConfig
 from edgemoe.errors import ConfigError
-from edgemoe.passes.plan_expert_bits import ExpertChoice, plan_expert_bits
+from edgemoe.passes.plan_expert_bits import ExpertChoice, balance_tasks, plan_expert_bits
 from edgemoe.passes.verify_bundle import verify_bundle
 from edgemoe.quantization import (
     QuantConfig,
@@ -112,6 +112,19 @@ def test_solver_respects_budget_and_is_fast():
     assert avg.avg_bits <= 3.0 + 1e-9
     with pytest.raises(ConfigError, match="below"):
         plan_expert_bits(experts, (2, 4, 8), budget_bytes=10)
+
+
+def test_balance_tasks_weighs_every_task_equally():
+    # Task b's gate scores are 100x smaller: unbalanced, the solver would starve its experts.
+    per_task = {"a": {(0, 0): 1.0, (0, 1): 0.5}, "b": {(0, 2): 0.01, (0, 3): 0.02}}
+    lowest = {(0, 0): 0.2, (0, 1): 0.1, (0, 2): 0.3, (0, 3): 0.3}
+    w = balance_tasks(per_task, lowest)
+    for imp in per_task.values():
+        assert sum(w[k] * lowest[k] for k in imp) == pytest.approx(1.0)
+    assert w[(0, 2)] / w[(0, 3)] == pytest.approx(0.5)  # ratios inside a task are kept
+    experts = [ExpertChoice(k, w[k], 100, {2: 25, 4: 50}, {2: lowest[k], 4: lowest[k] / 10}) for k in lowest]
+    plan = plan_expert_bits(experts, (2, 4), budget_bytes=150)  # room for two experts at 4 bits
+    assert {plan.bits[(0, 0)], plan.bits[(0, 3)]} == {4}  # each task's most damaging expert (unbalanced: task a's two)
 
 
 def test_solver_gives_important_experts_more_bits():

@@ -2,7 +2,8 @@
 
 Each shipped expert e gets one bit-width b from the choices. Its cost is the stored bytes
 bytes(e, b); its damage is importance(e) · error(e, b), where importance comes from the
-routing traces (how often the expert is chosen, times its mean gate score, summed over tasks)
+routing traces (how often each task chooses the expert, times its mean gate score; every task's
+importances scaled so that its damage at the lowest bit-width is 1, see :func:`balance_tasks`)
 and error(e, b) is the expert's measured relative output error at b bits on the calibration
 tokens routed to it. scipy's HiGHS solves::
 
@@ -31,7 +32,7 @@ class ExpertChoice:
 
     Attributes:
         key: (layer, expert).
-        importance: Routing importance (frequency × mean gate score, summed over tasks).
+        importance: Routing importance (frequency × mean gate score, tasks balanced).
         weights: Number of quantized weight values (2-D tensors).
         bytes: Stored bytes per bit-width.
         error: Relative output error per bit-width.
@@ -120,13 +121,36 @@ def plan_expert_bits(
     )
 
 
-def routing_importance(manifest: dict, mean_scores: dict[tuple[int, int], float]) -> dict[tuple[int, int], float]:
-    """Importance per (layer, expert): Σ over tasks of its share of routed slots × its mean gate score."""
-    out: dict[tuple[int, int], float] = {}
-    for task in manifest["tasks"].values():
+def routing_importance(
+    manifest: dict, mean_scores: dict[tuple[int, int], float]
+) -> dict[str, dict[tuple[int, int], float]]:
+    """Importance per task and (layer, expert): its share of the task's routed slots × its mean gate score."""
+    out: dict[str, dict[tuple[int, int], float]] = {}
+    for name, task in manifest["tasks"].items():
+        imp = out.setdefault(name, {})
         for layer, counts in enumerate(task["expert_counts"]):
             total = max(sum(counts), 1)
             for e, c in enumerate(counts):
                 if c:
-                    out[(layer, e)] = out.get((layer, e), 0.0) + c / total * mean_scores.get((layer, e), 1.0)
+                    imp[(layer, e)] = c / total * mean_scores.get((layer, e), 1.0)
+    return out
+
+
+def balance_tasks(
+    per_task: dict[str, dict[tuple[int, int], float]], lowest_error: dict[tuple[int, int], float]
+) -> dict[tuple[int, int], float]:
+    """Combine per-task importances so that every task weighs the same in the objective.
+
+    Each task's importance is divided by its damage with all of its experts at the lowest
+    bit-width (Σ importance · error). The objective then sums the tasks' *relative* damage, so
+    the solver cannot buy a small gain on one task with a large relative loss on another whose
+    experts happen to carry lower gate scores or errors (tasks of a multi-task model are judged
+    each on its own metric).
+    """
+    out: dict[tuple[int, int], float] = {}
+    for imp in per_task.values():
+        damage = sum(v * lowest_error.get(k, 0.0) for k, v in imp.items())
+        scale = 1.0 / damage if damage > 0 else 1.0
+        for k, v in imp.items():
+            out[k] = out.get(k, 0.0) + v * scale
     return out

@@ -8,6 +8,7 @@ accuracy than their bytes are worth. Experts are quantized one blob at a time wi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from ..quantization import (
 )
 from ..runtime.executors import get_executor
 from .calibrate_activations import CalibrationSet, activation_range, uint8_qparams
-from .plan_expert_bits import BitPlan, ExpertChoice, plan_expert_bits, routing_importance
+from .plan_expert_bits import BitPlan, ExpertChoice, balance_tasks, plan_expert_bits, routing_importance
 from .profile_routing import RoutingProfile
 
 ERROR_TOKENS = 512  # tokens per expert used to measure its quantization error
@@ -290,10 +291,11 @@ def _plan(staging, manifest, quant, executor, calib, profile, progress) -> BitPl
                 errors[b] = _relative_error(kernel, tokens, weights, approx)
                 sizes[b] = extra + sum(nbits_bytes(*shapes[m], b, quant.group_size) for m in matrices)
             choices.append(
-                ExpertChoice(
-                    key, importance.get(key, 0.0), sum(int(np.prod(shapes[m])) for m in matrices), sizes, errors
-                )
+                ExpertChoice(key, 0.0, sum(int(np.prod(shapes[m])) for m in matrices), sizes, errors)
             )
+    lowest = min(quant.bit_choices)
+    weights = balance_tasks(importance, {c.key: c.error[lowest] for c in choices})
+    choices = [dataclasses.replace(c, importance=weights.get(c.key, 0.0)) for c in choices]
     plan = plan_expert_bits(choices, quant.bit_choices, quant.weight_budget, quant.avg_bits)
     progress(
         f"mixed precision: {plan.avg_bits:.2f} bits/weight on average, {plan.total_bytes:,} B of experts, "
