@@ -442,6 +442,41 @@ def plan_cmd(bundle, device, budget, policy, heldout, plots_dir, no_write, as_js
     _emit(result, as_json, render_plan)
 
 
+@cli.command("bench")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--task", default=None, help="Task to time (default: every task).")
+@click.option(
+    "--rpc",
+    default=None,
+    metavar="ADDRESS",
+    help="Remote device over TVM RPC: HOST:PORT (a server), tracker:HOST:PORT:KEY or local "
+    "[default: $EDGEMOE_RPC, else this host].",
+)
+@click.option("--repeat", default=10, show_default=True, type=int, help="Timed repeats; times are their median.")
+@click.option("--batch", default=1, show_default=True, type=int, help="Batch size of the sample input.")
+@click.option("--timeout", default=60.0, show_default=True, type=float, help="Seconds any one remote call may take.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@_handle_errors
+def bench_cmd(bundle, task, rpc, repeat, batch, timeout, as_json):
+    """Time BUNDLE per graph and per whole task, on this host or on a remote device over TVM RPC.
+
+    Graphs of a TVM bundle are timed with TVM's time_evaluator on the device that runs them (no
+    transfers); whole tasks are wall-clock runs from this host (over RPC: with every transfer).
+    A remote run needs a TVM bundle built for the board and `python -m tvm.exec.rpc_server` on it;
+    an unreachable or failing remote exits with code 13 (RemoteError).
+
+    \b
+    Examples:
+      edgemoe bench out/micro-tvm                                  # this host
+      edgemoe bench out/orin-tvm --rpc 192.168.1.20:9090 --json    # a board's RPC server
+      edgemoe bench out/orin-tvm --rpc tracker:10.0.0.5:9190:orin  # a board from a tracker
+      EDGEMOE_RPC=192.168.1.20:9090 edgemoe bench out/orin-tvm --task semseg --repeat 50
+    """  # noqa: D301 (click keeps a paragraph after a real \b unwrapped)
+    from edgemoe.runtime.bench import bench_bundle, render_bench
+
+    _emit(bench_bundle(bundle, task, rpc, repeat=repeat, batch=batch, timeout=timeout), as_json, render_bench)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="edgemoe")

@@ -95,6 +95,12 @@ class DependencyError(EdgeMoEError):
         )
 
 
+class RemoteError(EdgeMoEError):
+    """A remote device (TVM RPC server or tracker) cannot be reached, fails or stops answering."""
+
+    exit_code = 13
+
+
 EXIT_CODES: dict[str, int] = {
     cls.__name__: cls.exit_code
     for cls in (
@@ -109,5 +115,6 @@ EXIT_CODES: dict[str, int] = {
         VerificationError,
         TargetError,
         DependencyError,
+        RemoteError,
     )
 }

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..bundle.format import decode_expert, read_manifest, read_verified
 from ..errors import BundleError, ConfigError, InputError, TaskError
-from .executors import Graph, get_executor
+from .executors import Executor, Graph, get_executor
 from .expert_cache import ExpertCache
 
 
@@ -143,6 +143,8 @@ class Session:
             ``load_gbs()``), to measure device-like load costs here; 0: unthrottled.
         prefetch_depth: MoE steps a prefetch looks ahead: the next layer from the predictor, the
             ones after it (wrapping to the next run's first layers) from the calibration order.
+        executor: Executor to load the graphs with instead of the one the bundle names (e.g.
+            :class:`~edgemoe.runtime.remote.RemoteExecutor`, graphs on a device over TVM RPC).
 
     Raises:
         BundleError: Not a bundle, or a garbled manifest.
@@ -165,6 +167,7 @@ class Session:
         prefetch: str | None = None,
         storage_gbs: float = 0.0,
         prefetch_depth: int = 2,
+        executor: Executor | None = None,
     ):
         self.root = Path(bundle)
         self.manifest = m = read_manifest(self.root)
@@ -178,7 +181,8 @@ class Session:
         self.task = task
         self._task = tasks[task]
         self.input_spec = m["input"]
-        self.executor = get_executor(m["target"]["executor"], threads=threads, providers=providers)
+        # An executor passed in (e.g. a remote one over TVM RPC) replaces the one the bundle names.
+        self.executor = executor or get_executor(m["target"]["executor"], threads=threads, providers=providers)
         self._recorder = recorder
         self._graph_bytes = 0
         self._shared_bytes = 0

@@ -1,0 +1,153 @@
+"""``edgemoe bench``: per-graph and whole-task timings of a bundle, here or on a remote device.
+
+One run of each task records the inputs every graph sees (a graph's timing uses the inputs of
+its first call in that run: the expert kernel's token count is that of the first expert routed).
+Graph timings come from TVM's ``time_evaluator`` on the device that runs the graph (TVM bundles,
+local or over RPC: no transfers counted) or from wall-clock calls (other executors). Task timings
+are wall-clock :meth:`Session.run` calls on this host; over RPC they include every graph's input
+and output transfers and each expert's weights (the expert cache stays on the host).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle.format import read_manifest, sample_input
+from ..errors import BundleError, InputError
+from .executors import get_executor
+from .remote import RemoteAddress, RemoteExecutor, Timing, address_from_env, parse_address
+from .session import Session
+
+
+def _timing(times_ms: list[float], number: int = 1) -> Timing:
+    t = np.asarray(times_ms, dtype=np.float64)
+    return Timing(float(np.median(t)), float(t.mean()), float(t.min()), float(t.max()), len(t), number)
+
+
+def _wall(fn, repeat: int) -> Timing:
+    fn()  # warm-up (first-touch allocations, lazy expert loads)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return _timing(times)
+
+
+def bench_bundle(
+    bundle: str | Path,
+    task: str | None = None,
+    rpc: str | RemoteAddress | None = None,
+    repeat: int = 10,
+    batch: int = 1,
+    timeout: float = 60.0,
+    use_env: bool = True,
+) -> dict:
+    """Time every graph of each task (median over ``repeat``) and each whole task.
+
+    Args:
+        bundle: Bundle folder.
+        task: One task (default: every task of the bundle).
+        rpc: Remote device address (``HOST:PORT``, ``tracker:HOST:PORT:KEY`` or ``local``); None:
+            ``$EDGEMOE_RPC`` when ``use_env``, else this host. Remote runs need a TVM bundle.
+        repeat: Timed repeats per graph and timed runs per task.
+        batch: Batch size of the deterministic sample input.
+        timeout: Deadline in seconds for each remote call.
+        use_env: Read ``$EDGEMOE_RPC`` when ``rpc`` is None.
+
+    Returns:
+        The ``edgemoe bench --json`` object.
+
+    Raises:
+        RemoteError: The remote cannot be reached, fails or stops answering.
+        BundleError: A remote run of a bundle that is not a TVM bundle, or a graph the remote rejects.
+        TaskError: Unknown task.
+        InputError: ``repeat`` or ``batch`` below 1.
+    """
+    if repeat < 1 or batch < 1:
+        raise InputError(f"--repeat and --batch must be at least 1, got {repeat} and {batch}")
+    root = Path(bundle)
+    m = read_manifest(root)
+    address = parse_address(rpc) if isinstance(rpc, str) else rpc
+    if address is None and use_env:
+        address = address_from_env()
+    tvm_bundle = m["target"]["executor"] == "tvm"
+    if address is not None and not tvm_bundle:
+        raise BundleError(f"remote runs need a TVM bundle (--target tvm); {root} is for {m['target']['executor']}")
+    remote = RemoteExecutor(address, timeout=timeout) if address is not None else None
+    # Local TVM graphs are timed the same way as remote ones: TVM's in-process RPC session.
+    timer = remote or (RemoteExecutor("local", timeout=timeout) if tvm_bundle else None)
+    try:
+        tasks = {}
+        for name in [task] if task else list(m["tasks"]):
+            tasks.update(_bench_task(root, m, name, remote, timer, repeat, batch))
+    finally:
+        for ex in {id(e): e for e in (remote, timer) if e is not None}.values():
+            ex.close()
+    return {
+        "bundle": str(root),
+        "target": m["target"]["name"],
+        "remote": str(address) if address is not None else None,
+        "device": _device_name(m),
+        "repeat": repeat,
+        "batch": batch,
+        "graph_timer": "time_evaluator" if timer is not None else "wall",
+        "tasks": tasks,
+    }
+
+
+def _device_name(m: dict) -> str:
+    """``cuda`` or ``cpu`` for a TVM bundle (what its libraries hold code for), else ``host``."""
+    if m["target"]["executor"] != "tvm":
+        return "host"
+    return "cuda" if (m["target"].get("tvm_target") or {}).get("kind") == "cuda" else "cpu"
+
+
+def _bench_task(root: Path, m: dict, task: str, remote, timer, repeat: int, batch: int) -> dict:
+    calls: dict[str, list[tuple[np.ndarray, ...]]] = {}
+
+    def record(name: str, inputs: tuple[np.ndarray, ...]) -> None:
+        calls.setdefault(name, []).append(tuple(np.array(x, copy=True) for x in inputs))
+
+    session = Session(root, task, executor=remote)
+    x = sample_input(session.input_spec, batch=batch, seed=0)
+    whole = _wall(lambda: session.run(x), repeat)
+    # A separate session records one run's graph inputs (the timed one runs unwrapped graphs).
+    Session(root, session.task, executor=remote, recorder=record).run(x)
+    graphs = {}
+    for name, seen in calls.items():
+        record_ = m["graphs"][name]
+        inputs = seen[0]
+        if timer is not None:
+            timing = timer.load(root, record_).time(*inputs, repeat=repeat)
+        else:
+            graph = get_executor(m["target"]["executor"]).load(root, record_)
+            timing = _wall(lambda g=graph, i=inputs: g.run(*i), repeat)
+        graphs[name] = {"calls": len(seen), **timing.to_json()}
+    return {
+        session.task: {
+            "task_ms": whole.to_json(),
+            "graph_sum_ms": sum(g["calls"] * g["median_ms"] for g in graphs.values()),
+            "graphs": graphs,
+        }
+    }
+
+
+def render_bench(res: dict) -> str:
+    """``edgemoe bench`` table: one line per graph, one per task."""
+    where = f"remote {res['remote']} ({res['device']})" if res["remote"] else f"this host ({res['device']})"
+    lines = [
+        f"bundle {res['bundle']} ({res['target']}) on {where}; batch {res['batch']}, "
+        f"median of {res['repeat']} (graphs: {res['graph_timer']})"
+    ]
+    for task, t in res["tasks"].items():
+        lines.append("")
+        lines.append(f"task {task}: {t['task_ms']['median_ms']:.3f} ms per run (mean {t['task_ms']['mean_ms']:.3f})")
+        lines.append(f"  {'graph':<28} {'calls':>5} {'median ms':>10} {'mean ms':>10}")
+        for name, g in t["graphs"].items():
+            lines.append(f"  {name:<28} {g['calls']:>5} {g['median_ms']:>10.4f} {g['mean_ms']:>10.4f}")
+        lines.append(f"  {'sum over calls':<28} {'':>5} {t['graph_sum_ms']:>10.4f}")
+    return "\n".join(lines)
