@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from edgemoe import __version__
-from edgemoe.errors import EXIT_CODES, DependencyError, EdgeMoEError
+from edgemoe.errors import EXIT_CODES, ConfigError, DependencyError, EdgeMoEError
 
 EXIT_CODE_HELP = (
     "Exit codes: "
@@ -180,6 +180,13 @@ def cli():
     default=None,
     help="Expert memory on the device: NN% of routed expert bytes or a size (6MB); checked, and a swap plan stored.",
 )
+@click.option(
+    "--tuning-db",
+    "tuning_db",
+    default=None,
+    type=click.Path(file_okay=False, exists=True),
+    help="Target tvm: build with the MetaSchedule schedules of this database (`edgemoe tune`).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 @_handle_errors
@@ -200,6 +207,7 @@ def compile_cmd(
     weight_budget,
     avg_bits,
     memory_budget,
+    tuning_db,
     as_json,
     quiet,
 ):
@@ -242,7 +250,10 @@ def compile_cmd(
         weights=weights,
         quant=qcfg,
         memory_budget=memory_budget,
+        tuning_db=tuning_db,
     )
+    if tuning_db and target != "tvm":
+        raise ConfigError(f"--tuning-db is for --target tvm, not {target}")
     progress = _Progress(quiet or as_json)
     notes: list[str] = []
     with _budget_warnings(notes):
@@ -475,6 +486,63 @@ def bench_cmd(bundle, task, rpc, repeat, batch, timeout, as_json):
     from edgemoe.runtime.bench import bench_bundle, render_bench
 
     _emit(bench_bundle(bundle, task, rpc, repeat=repeat, batch=batch, timeout=timeout), as_json, render_bench)
+
+
+@cli.command("tune")
+@click.argument("model")
+@click.option(
+    "-o", "--output", "output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Database folder."
+)
+@click.option("--device", default="host", show_default=True, help="Device profile (tuning measures on this CPU).")
+@click.option("--trials", default=64, show_default=True, type=click.IntRange(1), help="Measured candidates in all.")
+@click.option(
+    "--token-buckets", default="16,64,256", show_default=True, help="Expert kernels: token counts of tuned copies."
+)
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1), help="Batch segments are tuned for.")
+@click.option("--seq", default=None, type=click.IntRange(1), help="Token models: sequence length of tuned segments.")
+@click.option(
+    "--kinds", default="expert_kernel,segment", show_default=True, help="Partition kinds to tune (also gate, head)."
+)
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Checkpoint to load.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the search.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@_handle_errors
+def tune_cmd(model, output, device, trials, token_buckets, batch, seq, kinds, weights, seed, as_json, quiet):
+    """Tune MODEL's TVM libraries with MetaSchedule into a database folder for `compile --tuning-db`.
+
+    MetaSchedule tunes static shapes: expert kernels get one tuned copy per token bucket (calls
+    are padded up to the next bucket), segments one at --batch (and --seq); other shapes run
+    the untuned generic code. Takes minutes: progress goes to stderr.
+    """
+    from edgemoe.targets.tvm.tune import TuningShapes, tune_model
+
+    try:
+        buckets = tuple(int(b) for b in token_buckets.split(",") if b.strip())
+    except ValueError:
+        raise ConfigError(f"--token-buckets takes comma-separated integers, got '{token_buckets}'") from None
+    dims = {"batch": batch, **({"seq": seq} if seq else {})}
+    shapes = TuningShapes(token_buckets=buckets, dims=dims)
+    summary = tune_model(
+        model,
+        output,
+        trials,
+        device=device,
+        shapes=shapes,
+        kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+        weights=weights,
+        seed=seed,
+        progress=_Progress(quiet or as_json),
+    )
+
+    def render(d: dict) -> str:
+        lines = [f"tuned {len(d['tasks'])} operators of {', '.join(d['partitions'])} into {d['database']}"]
+        for t in d["tasks"]:
+            best = "no working schedule" if t["best_ms"] is None else f"{t['best_ms']:.4f} ms"
+            lines.append(f"  {t['task']:60s} {best}")
+        return "\n".join(lines)
+
+    _emit(summary, as_json, render)
 
 
 def main() -> None:

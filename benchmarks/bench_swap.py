@@ -5,7 +5,9 @@ compile's calibration inputs give the plan (per-expert probabilities, affinity t
 inputs give the trace it is scored on, so no plan is scored on the trace it was built from. The
 cache holds 25% or 50% of the bundle's routed expert bytes. Task-level m3vit-tiny is traced per
 run (one step per layer per image, as the runtime executes a batch); token-routed LMs per token
-(one step per layer per token, as decoding executes).
+(one step per layer per token, as decoding executes). mixtral-lm-bytes is the trained byte-level LM
+(models/moe_lm/train.py): its calibration and held-out inputs are disjoint windows of real text,
+so its routing depends on the text, unlike the random-weight LMs beside it.
 
 * Hit rate: LRU, LFU and the trace-planned policy vs Belady's MIN on the same held-out trace
   (cold cache; hits / expert accesses).
@@ -22,10 +24,15 @@ run (one step per layer per image, as the runtime executes a batch); token-route
   Loads share one throttled channel (demand and prefetch queue for it). Prefetch looks two MoE layers
   ahead and, at a run's last layer, wraps to the next run's first layers; those loads are allowed to
   finish between images (``Session.wait_prefetch``, untimed), as between two frames of a camera.
+
+``--hit-rates-only`` skips the latency part (it needs a quiet machine) and keeps the latency
+results of the previous full run, labelled with that run's date.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import tempfile
 import time
 import warnings
@@ -125,17 +132,28 @@ def latency(bundle: Path, task: str, runs: int, warmup: int) -> dict:
 
 
 def main() -> None:
+    hit_rates_only = "--hit-rates-only" in sys.argv
+    if hit_rates_only:
+        sys.argv.remove("--hit-rates-only")
     args = parse_args(__doc__, NAME)
     quick = args.quick
     vit = "m3vit-micro" if quick else ("m3vit-tiny" if CHECKPOINT.exists() else "m3vit-tiny-random")
-    lms = ["switch-lm-micro"] if quick else ["mixtral-lm-micro", "deepseek-lm-micro", "mixtral-lm-tiny"]
+    lms = (
+        ["switch-lm-micro"]
+        if quick
+        else ["mixtral-lm-bytes", "mixtral-lm-micro", "deepseek-lm-micro", "mixtral-lm-tiny"]
+    )
     heldout = 2 if quick else 16
     budgets = ("25%", "50%")
     tmp = Path(tempfile.mkdtemp(prefix="bench-swap-"))
     data: dict = {"quick": quick, "machine": machine(), "device": DEVICE, "heldout": heldout, "models": {}}
     for model in (vit, *lms):
         data["models"][model] = hit_rates(compile_into(tmp, model), budgets, heldout)
-    data["latency"] = latency(compile_into(tmp, vit), "semseg", runs=3 if quick else 20, warmup=1 if quick else 2)
+    previous = args.out / "results" / f"{NAME}.json"
+    if not hit_rates_only:
+        data["latency"] = latency(compile_into(tmp, vit), "semseg", runs=3 if quick else 20, warmup=1 if quick else 2)
+    elif previous.exists() and "latency" in (prev := json.loads(previous.read_text())):
+        data["latency"], data["latency_date"] = prev["latency"], prev.get("latency_date", prev["machine"]["date"])
     # The m3vit-tiny checkpoint may be retrained: record which weights these numbers are for.
     data["weights_sha256"] = {m: read_manifest(tmp / m)["model"]["source"].get("state_sha256") for m in data["models"]}
 
@@ -150,8 +168,12 @@ def main() -> None:
             )
     md = [
         f"Held-out traces ({heldout} inputs per task; plans from calibration traces only), cold cache, "
-        f"{DEVICE} profile. Cache = budget share of routed expert bytes. {vit} weights sha256 "
-        f"{str(data['weights_sha256'][vit])[:12]}.",
+        f"{DEVICE} profile. Cache = budget share of routed expert bytes. Weights sha256: "
+        + ", ".join(
+            f"{m} {str(data['weights_sha256'][m])[:12]}" for m in (vit, "mixtral-lm-bytes") if m in data["models"]
+        )
+        + ". Token-routed plans add recency (expected visits to the next use by visits since the last, "
+        "from calibration traces) to the planned policy's per-expert frequencies.",
         "",
         table(["model", "cache", "LRU", "LFU", "planned", "Belady MIN", "planned / Belady"], rows),
         "",
@@ -167,7 +189,11 @@ def main() -> None:
                 recall = "-" if q["recall"] is None else f"{q['recall']:.3f}"
                 rows.append([model, budget, name, f"{q['accuracy']:.3f}", ahead, recall])
     md += [table(["model", "cache", "predictor", "accuracy", "accuracy (ahead)", "recall"], rows), ""]
-    lat = data["latency"]
+    title = "Expert swapping: policies vs Belady, prefetch, throttled latency"
+    lat = data.get("latency")
+    if lat is None:
+        write_results(args.out, NAME, title, data, "\n".join(md))
+        return
     res = lat["configs"]["all resident"]["latency_ms"]
     ond = lat["configs"]["25% on demand"]["latency_ms"]
     rows = []
@@ -188,14 +214,14 @@ def main() -> None:
         )
     md += [
         f"Runtime, {vit} {lat['task']}, batch 1, median of {lat['runs']} held-out images, expert loads throttled "
-        f"to {DEVICE} ({lat['load_gbs']:g} GB/s):",
+        f"to {DEVICE} ({lat['load_gbs']:g} GB/s)"
+        + (f"; measured in the full run of {data['latency_date']}:" if "latency_date" in data else ":"),
         "",
         table(
             ["configuration", "latency ms", "vs resident", "stall ms/run", "hit rate", "MB loaded/run", "stall hidden"],
             rows,
         ),
     ]
-    title = "Expert swapping: policies vs Belady, prefetch, throttled latency"
     write_results(args.out, NAME, title, data, "\n".join(md))
 
 

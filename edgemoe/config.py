@@ -30,6 +30,8 @@ class CompileConfig:
         memory_budget: Expert memory to plan swapping for on ``device``: ``NN%`` of routed expert
             bytes or a byte size (``6MB``, ``100000``); the budget is checked as at session start
             and a swap schedule is stored in the manifest. None: no check, no schedule.
+        tuning_db: Target tvm: a MetaSchedule database folder (``edgemoe tune``) whose schedules
+            the libraries are built with. None: untuned.
     """
 
     model: str
@@ -46,3 +48,4 @@ class CompileConfig:
     model_config: dict | None = None
     quant: QuantConfig = field(default_factory=QuantConfig)
     memory_budget: str | None = None
+    tuning_db: str | None = None

@@ -95,6 +95,10 @@ class Target(abc.ABC):
         """The fp32 kernel exposing the activation entering each weight (for calibration)."""
         raise TargetError(f"target {self.name} cannot calibrate expert activations")
 
+    def graph_io(self, path: Path) -> tuple[list[str], list[str]]:
+        """Input and output names of a graph file this target wrote (a quantized kernel variant)."""
+        raise TargetError(f"target {self.name} cannot list the inputs of {path.name}")
+
 
 _TARGETS: dict[str, str] = {
     "onnx": "edgemoe.targets.onnx:TARGET",

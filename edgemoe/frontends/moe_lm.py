@@ -22,12 +22,13 @@ from ..ir import (
     TaskSpec,
     TensorSpec,
 )
-from ..models.moe_lm import MoELM
+from ..models.moe_lm import MoELM, text
 from . import partitions
 from .base import GraphPartition, NativeAdapter
 
 TASK = "lm"
 CALIB_SEQ = 32  # sequence length of calibration inputs
+TEXT_SEQ = 128  # ... and of calibration and held-out windows of text-trained models (routing has context)
 # Graphs take any batch size and sequence length; examples are traced with 2 sequences of 7 tokens.
 TRACING = partitions.Tracing({0: "batch", 1: "seq"}, seq=7)
 
@@ -144,9 +145,38 @@ class MoELMAdapter(NativeAdapter):
         )
 
     def calibration_inputs(self, samples: int, seed: int) -> np.ndarray:
-        """Uniform random token ids, ``samples`` sequences of :data:`CALIB_SEQ` tokens."""
+        """``samples`` sequences of :data:`CALIB_SEQ` uniform random token ids.
+
+        For a model trained on text (``models/moe_lm/text.py``): windows of :data:`TEXT_SEQ` bytes of
+        the corpus's calibration split (disjoint from its training and held-out parts).
+        """
+        if text.is_text_model(self.cfg.name):
+            return text.windows("calibration", samples, TEXT_SEQ, seed)
         rng = np.random.default_rng(seed)
         return rng.integers(0, self.cfg.vocab_size, size=(samples, CALIB_SEQ), dtype=np.int64)
+
+    def evaluation_data(self, samples: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+        """Held-out inputs.
+
+        For a text-trained model: byte windows of the corpus's held-out split (never trained or
+        calibrated on) with their next bytes as ``lm`` targets; else the default, without targets.
+        """
+        if not text.is_text_model(self.cfg.name):
+            return super().evaluation_data(samples, seed)
+        w = text.windows("heldout", samples, TEXT_SEQ + 1, seed + 7919)
+        return np.ascontiguousarray(w[:, :-1]), {TASK: np.ascontiguousarray(w[:, 1:])}
+
+    def task_metric(
+        self, task: str, prediction: np.ndarray, target: np.ndarray | None, reference: np.ndarray
+    ) -> tuple[str, float, bool]:
+        """Bits per token of the targets under the logits when there are targets (lower is better)."""
+        if target is None:
+            return super().task_metric(task, prediction, target, reference)
+        logits = prediction.reshape(-1, prediction.shape[-1]).astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll = -logp[np.arange(len(logp)), target.reshape(-1)]
+        return "bits_per_token", float(nll.mean() / np.log(2)), False
 
     # -- partitions ----------------------------------------------------------------------
     def segment(self, index: int) -> GraphPartition:

@@ -92,14 +92,12 @@ class _Kernels:
             src = self.staging / graphs[base]["file"]
             dst = src.with_name(f"{name}{src.suffix}")
             self.target.quantize_kernel(src, dst, matrices, scheme, bits, self.quant.group_size)
-            import onnx
-
-            model = onnx.load(str(dst))
+            inputs, outputs = self.target.graph_io(dst)
             graphs[name] = {
                 **file_record(self.staging, dst),
                 "kind": "expert_kernel",
-                "inputs": [i.name for i in model.graph.input],
-                "outputs": [o.name for o in model.graph.output],
+                "inputs": inputs,
+                "outputs": outputs,
             }
         return name
 
@@ -171,8 +169,9 @@ def quantize_bundle(
             act = None
             if scheme == "int8":
                 if base not in probes:
+                    probe, outs = target.probe_kernel(staging / graphs[base]["file"], matrices)
                     probes[base] = _probe_graph(
-                        executor, target.probe_kernel(staging / graphs[base]["file"], matrices)[0]
+                        executor, probe, target.suffix, ["y", *outs], list(graphs[base]["inputs"])
                     )
                 tok = tokens if tokens is not None and len(tokens) else calib.layer_tokens[li]
                 act = _act_params(probes[base], matrices, tok, quant, weights)
@@ -244,15 +243,21 @@ def _drop_unused_kernels(staging: Path, manifest: dict) -> None:
         (staging / graphs.pop(name)["file"]).unlink()
 
 
-def _probe_graph(executor, probe_bytes: bytes):
+def _probe_graph(executor, probe_bytes: bytes, suffix: str, outputs: list[str], inputs: list[str]):
     """Load a probe graph (not a bundle file) with the bundle's executor."""
     import hashlib
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "probe.onnx"
+        path = Path(tmp) / f"probe{suffix}"
         path.write_bytes(probe_bytes)
-        record = {"file": "probe.onnx", "bytes": len(probe_bytes), "sha256": hashlib.sha256(probe_bytes).hexdigest()}
+        record = {
+            "file": path.name,
+            "bytes": len(probe_bytes),
+            "sha256": hashlib.sha256(probe_bytes).hexdigest(),
+            "inputs": inputs,
+            "outputs": outputs,
+        }
         return executor.load(Path(tmp), record)
 
 

@@ -244,7 +244,8 @@ class Session:
         prob = schedule["probability"] if schedule else self._count_probabilities(self._task)
         capacity = sum(sizes.values()) if budget is None else self._check_budget(int(budget), self.task, schedule)
         self.memory_budget = int(budget or 0)
-        self._cache = ExpertCache(capacity, sizes, make_policy(policy, prob), self._read_expert, storage_gbs)
+        recency = schedule.get("recency") if schedule else None  # the planned policy's, on token-routed plans
+        self._cache = ExpertCache(capacity, sizes, make_policy(policy, prob, recency), self._read_expert, storage_gbs)
         self._prefetch_request = prefetch
         self.prefetch, self._predictor, self._far = self._make_predictor(prefetch, schedule, prob)
         # The plan's resident set: prefetches never evict it, so they do not trade hot experts for streamed ones.

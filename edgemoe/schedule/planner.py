@@ -15,6 +15,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..bundle.format import MANIFEST, read_manifest
 from ..devices import DeviceProfile, get_device
 from ..errors import ConfigError
@@ -155,6 +157,66 @@ def _resident(prob: list[list[float]], sizes: dict[Key, int], room: int) -> list
     return sorted(out)
 
 
+# Recency tables of the planned policy: visits since an expert's last use are told apart up to this
+# many (older uses pooled), and each hazard estimate is smoothed toward the layer's mean use rate
+# with the weight of this many visits (calibration traces are short).
+RECENCY_VISITS = 8
+RECENCY_PRIOR = 4.0
+
+
+def recency_table(trace: Trace, visits: int = RECENCY_VISITS, prior: float = RECENCY_PRIOR) -> list[list[float]]:
+    """Per layer, expected visits until an expert is used again by visits since its last use (planned policy).
+
+    Counted on a (calibration) trace, pooled over the layer's experts: ``h[r]``, the share of visits
+    that use an expert last used ``r`` visits before (``r >= visits`` pooled), smoothed toward the
+    layer's mean use rate; then ``E[r] = 1 + (1 - h[r]) E[r + 1]`` with ``E[visits] = 1 / h[visits]``.
+
+    Returns:
+        ``table[l][r - 1]`` for ``r`` in ``1..visits``.
+    """
+    n = np.zeros((trace.num_layers, visits + 1))
+    used = np.zeros((trace.num_layers, visits + 1))
+    since: dict[Key, int] = {}
+    for s in trace.steps:
+        now = set(s.experts)
+        for e in range(trace.num_experts[s.layer]):
+            r = since.get((s.layer, e))
+            if r is not None:
+                n[s.layer, min(r, visits)] += 1
+                used[s.layer, min(r, visits)] += e in now
+                since[(s.layer, e)] = 1 if e in now else r + 1
+            elif e in now:
+                since[(s.layer, e)] = 1
+    table = []
+    for li, probs in enumerate(trace.probabilities()):
+        seen = [p for p in probs if p > 0]
+        mean = sum(seen) / len(seen) if seen else 1.0
+        weight = n[li] + prior
+        h = np.where(weight > 0, (used[li] + prior * mean) / np.maximum(weight, 1e-12), mean)
+        expect = [0.0] * (visits + 1)
+        expect[visits] = 1.0 / max(h[visits], 1e-6)
+        for r in range(visits - 1, 0, -1):
+            expect[r] = 1.0 + (1.0 - h[r]) * expect[r + 1]
+        table.append([round(float(x), 4) for x in expect[1:]])
+    return table
+
+
+def _recency(calib: Trace, sizes: dict[Key, int], capacity: int) -> list[list[float]] | None:
+    """The planned policy's recency table for a calibration trace, if it pays there (token traces only).
+
+    A task-level model's runs all route to the task's experts, so recency adds nothing there. On a
+    token trace the table is kept when replaying the calibration trace itself at this capacity hits at
+    least as often with it as with frequencies alone: routing without temporal locality (random-weight
+    models) is better served by per-expert frequencies, which the pooled table gives up. The choice
+    sees calibration traces only.
+    """
+    if calib.granularity != "token":
+        return None
+    prob, table = calib.probabilities(), recency_table(calib)
+    with_table = simulate(calib, sizes, capacity, make_policy("planned", prob, table)).hits
+    return table if with_table >= simulate(calib, sizes, capacity, make_policy("planned", prob)).hits else None
+
+
 def _combine(results: list[SimResult]) -> dict:
     accesses = sum(r.accesses for r in results)
     hits = sum(r.hits for r in results)
@@ -198,9 +260,10 @@ def score_policies(
     kept: dict[str, SimResult] = {}
     for task, (calib, held) in traces.items():
         sizes = expert_sizes(manifest, task)
-        prob = calib.probabilities()
+        prob, recency = calib.probabilities(), _recency(calib, sizes, capacity)
         for name in policies:
-            r = simulate(held, sizes, capacity, make_policy(name, prob), profile, keep_timeline=name == keep_timeline)
+            policy = make_policy(name, prob, recency)
+            r = simulate(held, sizes, capacity, policy, profile, keep_timeline=name == keep_timeline)
             per_policy[name].append(r)
             if name == keep_timeline:
                 kept[task] = r
@@ -209,7 +272,7 @@ def score_policies(
         resident = _resident(prob, sizes, resident_room(capacity, sizes))
         for name in predictors:
             pred = make_predictor(name, calib)
-            policy = make_policy(plan_policy, prob)
+            policy = make_policy(plan_policy, prob, recency)
             per_pred[name].append(simulate(held, sizes, capacity, policy, profile, pred, resident=resident))
     policies_out = {name: _combine(rs) for name, rs in per_policy.items()}
     preds_out = {}
@@ -238,7 +301,7 @@ def predict_switch(
     """
     plan_a, plan_b = tasks[source], tasks[target]
     sizes = expert_sizes(manifest, source)
-    book = CacheBook(capacity, sizes, make_policy(policy, plan_a["probability"]))
+    book = CacheBook(capacity, sizes, make_policy(policy, plan_a["probability"], plan_a.get("recency")))
     resident = [tuple(k) for k in plan_a["resident"]]
     pred = predictor_from_json(plan_a["predictors"].get(predictor, {"name": predictor}))
     simulate(held, sizes, capacity, book.policy, profile, pred, resident=resident, book=book)
@@ -318,6 +381,9 @@ def plan_bundle(
             "prefetch": make_predictor(best, calib).to_json(),
             "predictors": {name: make_predictor(name, calib).to_json() for name in PREDICTORS},
         }
+        recency = _recency(calib, sizes, capacity)
+        if recency is not None:
+            tasks[task]["recency"] = recency
     switch = {}
     for a in traces:
         for b in traces:

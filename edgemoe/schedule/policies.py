@@ -56,8 +56,10 @@ class Policy:
         """The candidate to evict (default: least recently used)."""
         return min(candidates, key=lambda k: self.last_use.get(k, -1))
 
-    def new_task(self, prob: Sequence[Sequence[float]] | None) -> None:
-        """The session switched task; ``prob`` are the new task's use probabilities (recency stays)."""
+    def new_task(
+        self, prob: Sequence[Sequence[float]] | None, recency: Sequence[Sequence[float]] | None = None
+    ) -> None:
+        """The session switched task; ``prob`` (and ``recency``) are the new task's plan (recency counters stay)."""
 
     def outliving(self, candidates: list[Key], key: Key) -> list[Key]:
         """The candidates a prefetch of ``key`` may evict: those not expected back sooner than ``key``.
@@ -101,21 +103,39 @@ class Planned(Policy):
     its expected next use lies ``d + L (1 - p) / p`` steps away: Belady's rule with the future
     replaced by its expectation.
 
+    With ``recency`` (token-routed models, whose routing is not independent from one token to the
+    next), visits are not independent: ``recency[l][r - 1]`` is the expected number of visits of
+    layer ``l`` until an expert is used again, given that its last use was ``r`` visits ago (the
+    last entry also covers older uses and experts not used yet in this session), measured on
+    calibration traces (:func:`~edgemoe.schedule.planner.recency_table`). The expected next use is
+    then ``d + L (recency[l][r - 1] - 1)``: a learned mix of frequency and recency.
+
     Args:
         prob: Per layer, per expert, probability that a step of that layer uses the expert.
+        recency: Per layer, expected visits to the next use by visits since the last use, or None.
     """
 
     name = "planned"
 
-    def __init__(self, prob: Sequence[Sequence[float]]):
+    def __init__(self, prob: Sequence[Sequence[float]], recency: Sequence[Sequence[float]] | None = None):
         super().__init__()
         self.prob = [list(map(float, p)) for p in prob]
         self.layers = len(self.prob)
+        self.recency = None if recency is None else [list(map(float, r)) for r in recency]
+        # Per layer, per expert seen: visits of the layer since the expert's last use (1: used at the last one).
+        self.since: dict[int, dict[int, int]] = {}
         # expected_next_use per key, valid until the step, the key's use or the task changes
         # (victim searches ask for every cached key again and again within a step).
         self._due: dict[Key, float] = {}
 
     def begin_step(self, step: int, layer: int, keys: Iterable[Key]) -> None:
+        keys = tuple(keys)
+        since = self.since.setdefault(layer, {})
+        for e in since:
+            since[e] += 1
+        for lk, e in keys:
+            if lk == layer:
+                since[e] = 1
         super().begin_step(step, layer, keys)
         self._due.clear()
 
@@ -140,6 +160,10 @@ class Planned(Policy):
             d = self.layers
         if d == 0:
             return 0.0
+        if self.recency is not None and layer < len(self.recency) and self.recency[layer]:
+            table = self.recency[layer]
+            r = self.since.get(layer, {}).get(expert, len(table))
+            return d + self.layers * (table[min(r, len(table)) - 1] - 1.0)
         return d + self.layers * (1.0 - p) / p
 
     def victim(self, candidates: Sequence[Key]) -> Key:
@@ -149,11 +173,16 @@ class Planned(Policy):
         due = self.expected_next_use(key)
         return [v for v in candidates if self.expected_next_use(v) > due]
 
-    def new_task(self, prob: Sequence[Sequence[float]] | None) -> None:
-        # The old task's experts the new one never uses get p = 0: evicted first.
+    def new_task(
+        self, prob: Sequence[Sequence[float]] | None, recency: Sequence[Sequence[float]] | None = None
+    ) -> None:
+        # The old task's experts the new one never uses get p = 0: evicted first. Recency counters stay.
         if prob is not None:
             self.prob = [list(map(float, p)) for p in prob]
             self.layers = len(self.prob)
+            self._due.clear()
+        if recency is not None:
+            self.recency = [list(map(float, r)) for r in recency]
             self._due.clear()
 
 
@@ -187,8 +216,10 @@ class Belady(Policy):
         return max(candidates, key=lambda k: (self.next_use(k), -self.last_use.get(k, -1)))
 
 
-def make_policy(name: str, prob: Sequence[Sequence[float]] | None = None) -> Policy:
-    """A fresh policy by name (``lru``, ``lfu``, ``planned``; ``planned`` needs ``prob``).
+def make_policy(
+    name: str, prob: Sequence[Sequence[float]] | None = None, recency: Sequence[Sequence[float]] | None = None
+) -> Policy:
+    """A fresh policy by name (``lru``, ``lfu``, ``planned``; ``planned`` needs ``prob`` and may take ``recency``).
 
     Raises:
         ConfigError: Unknown name, or ``planned`` without probabilities.
@@ -200,7 +231,7 @@ def make_policy(name: str, prob: Sequence[Sequence[float]] | None = None) -> Pol
     if name == "planned":
         if prob is None:
             raise ConfigError("the planned policy needs per-expert probabilities from calibration traces")
-        return Planned(prob)
+        return Planned(prob, recency)
     raise ConfigError(f"unknown cache policy '{name}' (known: {', '.join(POLICIES)})")
 
 

@@ -48,6 +48,20 @@ CONFIGS: dict[str, MoELMConfig] = {
         shared_experts=2,
         first_dense=1,
     ),
+    # Byte-level Mixtral-style LM trained on Python's bundled docs (models/moe_lm/train.py, text.py);
+    # the shipped checkpoint makes its routing token-dependent, unlike the random-weight configs.
+    "mixtral-lm-bytes": MoELMConfig(
+        name="mixtral-lm-bytes",
+        vocab_size=256,
+        dim=64,
+        heads=4,
+        depth=4,
+        mlp_hidden=128,
+        expert_hidden=128,
+        num_experts=8,
+        top_k=2,
+        normalize=True,
+    ),
     # Benchmark sizes.
     "mixtral-lm-tiny": MoELMConfig(
         name="mixtral-lm-tiny",

@@ -12,12 +12,13 @@ DESCRIPTIONS = {
     "switch-lm-micro": "tiny test LM, Switch-style: vocab 256, dim 32, 4 blocks (MoE every other), 8 experts, top-1",
     "mixtral-lm-micro": "tiny test LM, Mixtral-style: vocab 512, dim 64, 3 MoE blocks, 8 experts, top-2 renormalised",
     "deepseek-lm-micro": "tiny test LM, DeepSeekMoE-style: dim 48, 3 blocks (first dense), 16 experts top-4 + 2 shared",
+    "mixtral-lm-bytes": "byte-level Mixtral-style LM: dim 64, 4 MoE blocks, 8 experts top-2, trained on Python's docs",
     "mixtral-lm-tiny": "Mixtral-style LM: vocab 4096, dim 256, 6 MoE blocks, 8 experts (hidden 704), top-2",
     "deepseek-lm-tiny": "DeepSeekMoE-style LM: vocab 4096, dim 256, 6 blocks (1st dense), 32 experts top-4 + 2 shared",
 }
 
 # Shipped checkpoints (file names beside this module), by config name.
-WEIGHTS: dict[str, str] = {}
+WEIGHTS: dict[str, str] = {"mixtral-lm-bytes": "mixtral-lm-bytes.safetensors"}
 
 
 def config_class():

@@ -91,6 +91,12 @@ class OnnxTarget(Target):
 
         return probe_kernel(src, weights)
 
+    def graph_io(self, path: Path) -> tuple[list[str], list[str]]:
+        import onnx
+
+        graph = onnx.load(str(path), load_external_data=False).graph
+        return [i.name for i in graph.input], [o.name for o in graph.output]
+
     def _check_numerics(self, part: GraphPartition, path: Path) -> None:
         """Run the graph in onnxruntime and compare with the torch module on the example inputs."""
         import onnxruntime as ort

@@ -9,16 +9,20 @@ baked into the library as constants, except in expert kernels, whose weights are
 one library per expert shape, and the runtime swaps weight blobs under it.
 
 Each library is compiled with ``tvm.compile`` for the device's CPU (``llvm``; aarch64 is
-cross-compiled and linked with ``aarch64-linux-gnu-g++``), written with ``export_library`` and,
-where it can run here, loaded back and compared with the torch module on the example inputs.
+cross-compiled and linked with ``aarch64-linux-gnu-g++``, or ``zig cc`` from the ``ziglang`` wheel
+where that is missing), written with ``export_library`` and, where it can run here, loaded back and
+compared with the torch module on the example inputs. Profiles with a CUDA GPU (``cuda_arch``)
+get CUDA kernels for their SM with host code for their CPU (:mod:`.cuda`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import platform
 import re
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -27,6 +31,8 @@ from ...devices import DeviceProfile, get_device
 from ...errors import TargetError
 from ...frontends import GraphPartition
 from .. import Target, check_against_torch
+from . import cuda
+from .tune import apply_tuning
 
 # Compiled graphs must reproduce the torch partition to within atol + rtol * |torch| (fp32).
 AARCH64_CXX = "aarch64-linux-gnu-g++"
@@ -53,7 +59,19 @@ def _llvm_cpu(device: DeviceProfile) -> str:
 
 
 def tvm_target(device: DeviceProfile) -> dict:
-    """The TVM target (as a dict: TVM 0.27 rejects option strings) that builds for ``device``'s CPU.
+    """The TVM target (as a dict: TVM 0.27 rejects option strings) that builds for ``device``.
+
+    A profile with a CUDA GPU gets ``{"kind": "cuda", "arch": <its SM>, "host": <its CPU target>}``.
+    """
+    host = _cpu_target(device)
+    if device.cuda_arch and device.name != "host" and _arch(device.cpu_arch) == "x86_64":
+        # A GPU machine's CPU is not the build machine's: portable host code (launches, shapes).
+        host = {**host, "mcpu": cuda.x86_cpu(device)}
+    return cuda.cuda_target(device, host) if device.cuda_arch else host
+
+
+def _cpu_target(device: DeviceProfile) -> dict:
+    """The llvm target for ``device``'s CPU.
 
     The host gets LLVM's name for the CPU it runs on (the library uses all of its vector
     units, and runs on CPUs of that kind); an aarch64 profile gets the core named in its
@@ -86,20 +104,17 @@ class TvmTarget(Target):
 
     def check_device(self, device: DeviceProfile) -> None:
         if device.cuda_arch:
-            raise TargetError(
-                f"target tvm: CUDA code for {device.name} ({device.cuda_arch}) is not implemented yet; "
-                "the tvm target builds CPU code (host, or aarch64 profiles without a GPU such as raspberry-pi-5); "
-                "use --target onnx for this device"
-            )
+            cuda.check_cuda_build(device)
         arch = _arch(device.cpu_arch)
         if arch not in ("x86_64", "aarch64"):
             raise TargetError(f"target tvm: no CPU code generation for architecture '{device.cpu_arch}'")
         if not _runs_here(device) and arch == "x86_64":
             raise TargetError(f"target tvm: cross-compiling for x86_64 from {platform.machine()} is not supported")
-        if not _runs_here(device) and shutil.which(AARCH64_CXX) is None:
+        if not _runs_here(device) and _cross_link(device) is None:
             raise TargetError(
                 f"target tvm: building for {device.name} (aarch64) needs the cross compiler {AARCH64_CXX} "
-                "on PATH (Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu)"
+                "on PATH (Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu) or the ziglang wheel "
+                "(pip install ziglang)"
             )
         tvm_target(device)  # raises for what it cannot name
 
@@ -107,43 +122,154 @@ class TvmTarget(Target):
         import torch
         import tvm
 
-        return {
+        device = get_device(cfg.device)
+        out = {
             "name": self.name,
             "executor": self.executor,
             "tvm": tvm.__version__,
             "torch": torch.__version__,
             "frontend": "torch.export",
-            "tvm_target": tvm_target(get_device(cfg.device)),
+            "tvm_target": tvm_target(device),
         }
+        if device.cuda_arch:
+            release, _ = cuda.nvcc_info(cuda.find_nvcc())
+            out["cuda"] = {
+                "nvcc": release,
+                "schedules": "dlight gpu defaults (Matmul, GEMV, Reduction, GeneralReduction, Fallback)",
+                **cuda.verification(device, _runs_here(device)),
+                "tvm_tag": cuda.tag_comparison(device, out["tvm_target"]["host"]),
+            }
+        return out
+
+    def __init__(self) -> None:
+        # Libraries this process built, with their torch partitions: a compiled library cannot be
+        # rewritten, so the quantization hooks rebuild it from the partition (targets/tvm/quantize.py).
+        self._built: dict[Path, tuple[GraphPartition, CompileConfig]] = {}
 
     def emit(self, part: GraphPartition, out_dir: Path, cfg: CompileConfig) -> Path:
-        import tvm
+        from . import quantize as tq  # torch-side rewrites: imported by the compiler only
 
         if cfg.quant.active:
-            # Quantized partitions are the next step of this target (int8 QDQ, weight-only int4).
-            scheme = cfg.quant.scheme if cfg.quant.scheme != "fp32" else "mixed precision"
-            raise TargetError(f"target tvm does not support quantization yet ('{scheme}'); use --target onnx")
+            tq.refuse("mixed precision" if cfg.quant.mixed else cfg.quant.scheme)
+            if not _runs_here(get_device(cfg.device)):
+                # Calibration and the accuracy report run the staged bundle on this machine.
+                raise TargetError(
+                    f"target tvm: quantized bundles are calibrated by running them here, and {cfg.device} "
+                    "libraries cannot run on this machine; quantize for --device host, or use --target onnx"
+                )
+        path = self._build(part, out_dir, cfg, check_against_torch)
+        self._built[path.resolve()] = (part, cfg)
+        return path
+
+    def quantize_graph(self, path: Path, scheme: str, feeds: list, quant) -> None:
+        from . import quantize as tq  # torch-side rewrites: imported by the compiler only
+
+        tq.refuse(scheme)
+        part, cfg = self._source(path)
+        ranges = None
+        if scheme == "int8":
+            ranges = tq.calibrate_dense(part.module, part.input_names, feeds, quant.calibrator, quant.percentile)
+        qpart = dataclasses.replace(part, module=tq.quantize_dense(part.module, scheme, ranges))
+        self._build(qpart, path.parent, cfg, tq.check_quantized)
+        self._built[path.resolve()] = (qpart, cfg)
+
+    def quantize_kernel(
+        self, src: Path, dst: Path, weights: tuple[str, ...], scheme: str, bits: int, group: int
+    ) -> Path:
+        from . import quantize as tq
+
+        tq.refuse(scheme if scheme != "nbits" else f"int{bits}")
+        part, cfg = self._source(src)
+        params = list(part.input_names[1:])
+        qpart = dataclasses.replace(
+            part,
+            name=dst.stem,
+            module=tq.quantize_kernel_module(part.module, params, weights, scheme, part.name),
+            example_inputs=tq.example_kernel_inputs(
+                part.example_inputs[0], dict(zip(params, part.example_inputs[1:], strict=True)), weights, scheme
+            ),
+            input_names=tuple(tq.kernel_input_names(params, weights, scheme)),
+        )
+        path = self._build(qpart, dst.parent, cfg, tq.check_quantized)
+        self._built[path.resolve()] = (qpart, cfg)
+        return path
+
+    def probe_kernel(self, src: Path, weights: tuple[str, ...]) -> tuple[bytes, list[str]]:
+        from . import quantize as tq  # torch-side rewrites: imported by the compiler only
+
+        part, cfg = self._source(src)
+        outs = [f"act_{w}" for w in weights]
+        probe = dataclasses.replace(
+            part,
+            name=f"{part.name}_probe",
+            module=tq.probe_kernel_module(part.module, list(part.input_names[1:]), weights, part.name),
+            output_names=("y", *outs),
+            dynamic_axes={**part.dynamic_axes, **{o: {0: "tokens"} for o in outs}},
+        )
+        with tempfile.TemporaryDirectory(prefix="edgemoe-probe-") as tmp:
+            return self._build(probe, Path(tmp), cfg, check_against_torch).read_bytes(), outs
+
+    def graph_io(self, path: Path) -> tuple[list[str], list[str]]:
+        part, _ = self._source(path)
+        return list(part.input_names), list(part.output_names)
+
+    def _source(self, path: Path) -> tuple[GraphPartition, CompileConfig]:
+        try:
+            return self._built[path.resolve()]
+        except KeyError:
+            raise TargetError(f"target tvm: {path.name} was not built in this process; cannot rebuild it") from None
+
+    def _build(self, part: GraphPartition, out_dir: Path, cfg: CompileConfig, check) -> Path:
+        """Compile ``part`` into ``out_dir/<name>.so`` and, where it can run here, ``check`` it against torch."""
+        import tvm
+
         device = get_device(cfg.device)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{part.name}{self.suffix}"
         mod = import_partition(part)
-        target = tvm.target.Target(tvm_target(device))
+        target = tvm_target(device)
+        if cfg.tuning_db:  # MetaSchedule schedules from `edgemoe tune` (targets/tvm/tune.py)
+            mod = apply_tuning(mod, part, target, cfg.tuning_db)
         try:
-            exe = tvm.compile(mod, target=target)
+            if device.cuda_arch:
+                exe = cuda.compile_cuda(mod, target)
+            else:
+                exe = tvm.compile(mod, target=tvm.target.Target(target))
+        except TargetError:
+            raise
         except Exception as exc:  # TVM raises its own error types (tvm.error.*)
             raise TargetError(f"target tvm: cannot compile {part.name}: {_first_line(exc)}") from None
         cross = not _runs_here(device)
-        exe.export_library(str(path), **({"cc": AARCH64_CXX} if cross else {}))
-        if not cross:
-            self._check_numerics(part, path)
+        exe.export_library(str(path), **(_cross_link(device) if cross else {}))
+        if device.cuda_arch:
+            # TVM falls back to CUDA source silently; a library must carry kernels for the SM. Kernels
+            # cannot run without the device's GPU, so numerics wait for verify on the device.
+            cuda.check_device_code(path, device.cuda_arch, part.name)
+            if not cross and cuda.gpu_here(device.cuda_arch):
+                self._check_numerics(part, path, check)
+        elif not cross:
+            self._check_numerics(part, path, check)
         return path
 
-    def _check_numerics(self, part: GraphPartition, path: Path) -> None:
+    def _check_numerics(self, part: GraphPartition, path: Path, check=check_against_torch) -> None:
         """Load the library as the runtime does and compare with the torch module on the example inputs."""
         from edgemoe.runtime.executors.tvm import TvmGraph
 
-        graph = TvmGraph.from_path(path, part.name, part.input_names, part.output_names)
-        check_against_torch("tvm", part, graph.run(*(t.numpy() for t in part.example_inputs)))
+        # dlopen of a path it already holds returns the old library: a rebuilt (quantized) library
+        # at the same path is loaded from a private copy.
+        with tempfile.TemporaryDirectory(prefix="edgemoe-check-") as tmp:
+            copy = Path(tmp) / path.name
+            shutil.copyfile(path, copy)
+            graph = TvmGraph.from_path(copy, part.name, part.input_names, part.output_names)
+            check("tvm", part, graph.run(*(t.numpy() for t in part.example_inputs)))
+
+
+def _cross_link(device: DeviceProfile) -> dict | None:
+    """``export_library`` arguments that link a library for an aarch64 ``device``, or None if nothing can."""
+    if shutil.which(AARCH64_CXX):
+        return {"cc": AARCH64_CXX}
+    zig = cuda.cross_linker(AARCH64_TRIPLE, AARCH64_CXX)
+    return {"fcompile": zig} if zig else None
 
 
 def _first_line(exc: BaseException) -> str:

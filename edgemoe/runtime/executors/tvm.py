@@ -8,6 +8,8 @@ library serves every expert of its shape.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import platform
 import sys
 import tempfile
@@ -30,21 +32,42 @@ def import_tvm():
     afterwards so a later ``import torch`` works as usual.
 
     Returns:
-        The ``tvm`` module (with ``tvm.relax`` and ``tvm.runtime`` loaded).
+        The ``tvm`` module (with ``tvm.runtime.vm`` loaded: the Relax VM, which a runtime-only TVM
+        without the compiler library also has; ``tvm.relax`` needs the compiler).
     """
     if "torch" in sys.modules or "tvm" in sys.modules:
         import tvm
-        from tvm import relax
+        import tvm.runtime.vm
 
         return tvm
     sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
     try:
         import tvm
-        from tvm import relax  # noqa: F401
+        import tvm.runtime.vm
     finally:
         if sys.modules.get("torch", 0) is None:
             del sys.modules["torch"]
     return tvm
+
+
+@functools.cache
+def _load_cuda_runtime() -> None:
+    """Load TVM's CUDA runtime where ``import tvm`` did not.
+
+    A runtime-only TVM (no compiler library, or ``TVM_USE_RUNTIME_LIB=1``) skips its device
+    backends, and without ``libtvm_runtime_cuda`` no library holding CUDA kernels loads. Machines
+    without CUDA (no libcuda / libcudart) skip it.
+    """
+    from tvm.base import _LOADED_LIBS
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    if "tvm_runtime_cuda" in _LOADED_LIBS:
+        return
+    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    with contextlib.suppress(OSError, RuntimeError):
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
+        )
 
 
 # ELF e_machine of the CPUs TVM builds for, by platform.machine() name.
@@ -103,6 +126,7 @@ class TvmGraph(Graph):
             BundleError: TVM cannot load the library, or it needs a device this machine lacks.
         """
         tvm = import_tvm()
+        _load_cuda_runtime()
         try:
             lib = tvm.runtime.load_module(str(path))
         except Exception as exc:  # TVM raises its own error types
@@ -111,7 +135,7 @@ class TvmGraph(Graph):
         device = tvm.cuda(0) if "cuda" in kinds else tvm.cpu(0)
         if not device.exist:
             raise BundleError(f"{name} holds {', '.join(sorted(kinds))} code, but this machine has no such device")
-        return cls(tvm.relax.VirtualMachine(lib, device), device, name, input_names, output_names)
+        return cls(tvm.runtime.vm.VirtualMachine(lib, device), device, name, input_names, output_names)
 
     def run(self, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
         tensor = self._tvm.runtime.tensor
