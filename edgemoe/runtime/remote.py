@@ -364,6 +364,10 @@ class RemoteDevice:
         self._worker.submit(drop, (), min(self.timeout, 10.0))
         self._worker.stop()
         self._worker = None
+        # TVM closes the socket only when the last reference to the session dies (a stray remote
+        # tensor or a traceback can keep it alive), and the stock server serves one client at a
+        # time: end the connection now so the server takes its next client.
+        self._shutdown_socket()
         self._broken = self._broken or "connection closed"
 
     def __enter__(self) -> RemoteDevice:
