@@ -180,7 +180,14 @@ def test_tvm_executor_takes_no_providers():
         get_executor("tvm", providers=("CUDAExecutionProvider",))
 
 
-@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="needs g++-aarch64-linux-gnu")
+def _no_aarch64_linker() -> bool:
+    from edgemoe.targets.tvm.cuda import cross_linker
+    from edgemoe.targets.tvm.target import AARCH64_CXX, AARCH64_TRIPLE
+
+    return shutil.which(AARCH64_CXX) is None and cross_linker(AARCH64_TRIPLE, AARCH64_CXX) is None
+
+
+@pytest.mark.skipif(_no_aarch64_linker(), reason="needs g++-aarch64-linux-gnu or the ziglang wheel")
 def test_tvm_cross_compiles_for_aarch64(bundle_factory):
     """An aarch64 profile without a GPU gets aarch64 libraries for its cores, refused clearly on this host."""
     bundle = bundle_factory("m3vit-micro", target="tvm", device="raspberry-pi-5", tasks=("depth",))
