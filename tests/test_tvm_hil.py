@@ -39,11 +39,12 @@ START_S = 180  # a server comes up in seconds; generous for a loaded CI machine
 class _Server:
     """``python -m tvm.exec.rpc_server`` on 127.0.0.1 in its own process group (its workers die with it)."""
 
-    def __init__(self):
+    def __init__(self, tracker: str | None = None, key: str | None = None):
         base = _free_port()
         ports = ["--port", str(base), "--port-end", str(base + 100)]
+        fleet = ["--tracker", tracker, "--key", key] if tracker else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", *ports],
+            [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", *ports, *fleet],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -175,6 +176,56 @@ def test_every_task_runs_remotely_like_torch(bundle_factory, address, model):
             np.testing.assert_array_equal(got, Session(bundle, task).run(x))
         finally:
             session.executor.close()
+
+
+@needs_local_server
+def test_fleet_through_a_tracker(bundle):
+    """Two boards registered under one key with a tracker on 127.0.0.1: sessions get a free board."""
+    pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado")
+    port = _free_port()
+    tracker = subprocess.Popen(
+        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
+         "--port-end", str(port + 1)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    boards = []
+    try:
+        deadline = time.monotonic() + START_S
+        while not _listening(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        boards = [_Server(tracker=f"127.0.0.1:{port}", key="edgemoe-ci") for _ in range(2)]
+        for board in boards:
+            board.address  # noqa: B018  (waits until the board listens)
+        address = f"tracker:127.0.0.1:{port}:edgemoe-ci"
+        m = read_manifest(bundle)
+        x = sample_input(m["input"], batch=1, seed=2)
+        want = Session(bundle, "semseg").run(x)
+        # Two sessions at once: the tracker hands each its own board.
+        sessions = []
+        for _ in range(2):
+            deadline = time.monotonic() + START_S  # boards register with the tracker after they listen
+            while True:
+                try:
+                    sessions.append(remote_session(bundle, "semseg", address, timeout=60))
+                    break
+                except RemoteError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+        try:
+            for session in sessions:
+                np.testing.assert_array_equal(session.run(x), want)
+        finally:
+            for session in sessions:
+                session.executor.close()
+    finally:
+        for board in boards:
+            board.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(tracker.pid, signal.SIGKILL)
+        tracker.wait(30)
 
 
 def test_time_evaluator_times_graphs_on_the_remote(bundle, address):
