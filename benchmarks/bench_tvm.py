@@ -142,8 +142,7 @@ def main() -> None:
         + table(["model", "kernel", "tokens", *head], krows)
         + f"\n\n(b) Whole task through `Session`, batch 1, median of {runs} runs:\n\n"
         + table(["model", "task", "input", *head, "max abs diff vs ORT", "trials / tuning time"], trows)
-        + "\n\nThe machine was shared with other jobs while this ran (run under `nice -n 19`): absolute times "
-        "are noisy; ratios come from the same run.\n"
+        + "\n\nAbsolute times move with whatever else shares the 2 cores; ratios come from the same run.\n"
     )
     print("\n" + md)
     data = {"name": NAME, "quick": args.quick, "machine": machine(), "runs": runs, "rounds": rounds, "models": results}
