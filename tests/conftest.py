@@ -42,3 +42,14 @@ def run_cli():
         return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread: on a busy 2-core CI box two spinning OpenMP threads can stall for seconds per op."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

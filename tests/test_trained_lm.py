@@ -9,9 +9,9 @@ import pytest
 import torch
 from edgemoe.models import resolve_model
 from edgemoe.models.moe_lm import text
-from edgemoe.models.moe_lm.train import balance_loss, heldout_bits, sha256, train
+from edgemoe.models.moe_lm.train import balance_loss, heldout_bits, train
 
-from edgemoe.bundle.format import read_manifest
+from edgemoe.bundle.format import read_manifest, sha256_file
 from edgemoe.frontends.moe_lm import MoELMAdapter
 from edgemoe.runtime import Session
 from edgemoe.schedule import ThrashWarning, make_policy, plan_bundle, record_trace
@@ -24,13 +24,7 @@ CKPT = HERE / "mixtral-lm-bytes.safetensors"
 METRICS = HERE / "mixtral-lm-bytes.metrics.json"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: two spinning OpenMP threads on a busy 2-core CI box can stall for seconds per op."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +38,7 @@ def trained():
 
 
 def test_checkpoint_is_the_recorded_one(metrics):
-    assert metrics["checkpoint_sha256"] == sha256(CKPT)
+    assert metrics["checkpoint_sha256"] == sha256_file(CKPT)
     assert metrics["checkpoint_bytes"] == CKPT.stat().st_size <= 5 * 2**20
     assert resolve_model("mixtral-lm-bytes").weights == str(CKPT)
     assert resolve_model("mixtral-lm-micro").weights is None  # the random-weight configs stay as they were

@@ -9,10 +9,11 @@ import torch
 from edgemoe.models import load_checkpoint, resolve_model
 from edgemoe.models.m3vit import CONFIGS, build_m3vit
 from edgemoe.models.m3vit import scenes as S
-from edgemoe.models.m3vit.evaluate import CHECK_SCENES, evaluate, sha256, specialisation
+from edgemoe.models.m3vit.evaluate import CHECK_SCENES, evaluate, specialisation
 from edgemoe.models.m3vit.train import FORMAT, forward_tasks, save_checkpoint, train
 from PIL import Image
 
+from edgemoe.bundle.format import sha256_file
 from edgemoe.errors import InputError
 from edgemoe.runtime.images import input_image, output_image
 
@@ -21,13 +22,7 @@ CKPT = HERE / "m3vit-tiny.safetensors"
 METRICS = HERE / "m3vit-tiny.metrics.json"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core CI box two spinning OpenMP threads can stall for seconds per op."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +38,7 @@ def trained():
 def test_checkpoint_is_the_recorded_one(metrics):
     from safetensors import safe_open
 
-    assert metrics["checkpoint_sha256"] == sha256(CKPT)
+    assert metrics["checkpoint_sha256"] == sha256_file(CKPT)
     assert CKPT.stat().st_size <= 30 * 2**20
     with safe_open(str(CKPT), framework="pt") as f:
         assert f.metadata()["format"] == FORMAT

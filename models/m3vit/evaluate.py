@@ -20,7 +20,6 @@ and the checkpoint's sha256), and prints Markdown tables.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from collections.abc import Sequence
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from edgemoe.bundle.format import sha256_file
 
 from .configs import CONFIGS
 from .model import M3ViT, build_m3vit
@@ -37,15 +38,6 @@ HERE = Path(__file__).parent
 DEFAULT_CKPT = HERE / "m3vit-tiny.safetensors"
 # The tests recompute metrics on the first CHECK_SCENES held-out scenes and compare them to these.
 CHECK_SCENES = 16
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _Accumulator:
@@ -188,7 +180,7 @@ def reproduction(model: M3ViT, other: Path, config: str, n_scenes: int) -> dict:
     train_json = other.with_name(other.name.removesuffix(".safetensors") + ".train.json")
     wall = json.loads(train_json.read_text()).get("wall_s") if train_json.is_file() else None
     return {
-        "checkpoint_sha256": sha256(other),
+        "checkpoint_sha256": sha256_file(other),
         "identical_weights": diff == 0.0,
         "max_abs_weight_diff": diff,
         "wall_s": wall,
@@ -252,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = {
         "model": args.config,
         "checkpoint": ckpt.name,
-        "checkpoint_sha256": sha256(ckpt),
+        "checkpoint_sha256": sha256_file(ckpt),
         "checkpoint_bytes": ckpt.stat().st_size,
         "training": training,
         "heldout": heldout,

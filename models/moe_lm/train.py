@@ -32,7 +32,6 @@ if __name__ == "__main__" and not __package__:
     sys.exit(0)
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -45,21 +44,14 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from edgemoe.bundle.format import sha256_file
+
 from . import text
 from .configs import CONFIGS
 from .model import MoELM, build_moe_lm
 
 DEFAULT_CONFIG = "mixtral-lm-bytes"
 EVAL_SEQ = 128  # held-out evaluation: consecutive non-overlapping windows of this many predicted bytes
-
-
-def sha256(path: str | Path) -> str:
-    """Hex digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class RouterTap:
@@ -250,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = {
         "model": args.config,
         "checkpoint": out.name,
-        "checkpoint_sha256": sha256(out),
+        "checkpoint_sha256": sha256_file(out),
         "checkpoint_bytes": out.stat().st_size,
         "corpus": {
             "source": "pydoc_data.topics",
