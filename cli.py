@@ -493,7 +493,9 @@ def bench_cmd(bundle, task, rpc, repeat, batch, timeout, as_json):
 @click.option(
     "-o", "--output", "output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Database folder."
 )
-@click.option("--device", default="host", show_default=True, help="Device profile (tuning measures on this CPU).")
+@click.option(
+    "--device", default="host", show_default=True, help="Device profile (measured on this CPU unless --rpc)."
+)
 @click.option("--trials", default=64, show_default=True, type=click.IntRange(1), help="Measured candidates in all.")
 @click.option(
     "--token-buckets", default="16,64,256", show_default=True, help="Expert kernels: token counts of tuned copies."
@@ -505,16 +507,27 @@ def bench_cmd(bundle, task, rpc, repeat, batch, timeout, as_json):
 )
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Checkpoint to load.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the search.")
+@click.option(
+    "--rpc",
+    default=None,
+    metavar="tracker:HOST:PORT:KEY",
+    help="Measure candidates on the boards of a TVM RPC tracker (their RPC servers link and run them).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 @_handle_errors
-def tune_cmd(model, output, device, trials, token_buckets, batch, seq, kinds, weights, seed, as_json, quiet):
+def tune_cmd(model, output, device, trials, token_buckets, batch, seq, kinds, weights, seed, rpc, as_json, quiet):
     """Tune MODEL's TVM libraries with MetaSchedule into a database folder for `compile --tuning-db`.
 
     MetaSchedule tunes static shapes: expert kernels get one tuned copy per token bucket (calls
     are padded up to the next bucket), segments one at --batch (and --seq); other shapes run
     the untuned generic code. Takes minutes: progress goes to stderr.
-    """
+
+    \b
+    Examples:
+      edgemoe tune m3vit-tiny --trials 128 -o out/db      # measured on this CPU
+      edgemoe tune m3vit-tiny --device raspberry-pi-5 --rpc tracker:10.0.0.5:9190:rpi5 -o out/db-rpi
+    """  # noqa: D301 (click keeps a paragraph after a real \b unwrapped)
     from edgemoe.targets.tvm.tune import TuningShapes, tune_model
 
     try:
@@ -532,6 +545,7 @@ def tune_cmd(model, output, device, trials, token_buckets, batch, seq, kinds, we
         kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
         weights=weights,
         seed=seed,
+        rpc=rpc,
         progress=_Progress(quiet or as_json),
     )
 

@@ -24,7 +24,7 @@ pytest.importorskip("cloudpickle", reason="TVM's RPC server needs cloudpickle")
 
 from edgemoe.bundle import sample_input
 from edgemoe.config import CompileConfig
-from edgemoe.errors import BundleError, RemoteError
+from edgemoe.errors import BundleError, ConfigError, RemoteError
 from edgemoe.passes.capture_model import capture_model
 from edgemoe.runtime import Session
 from edgemoe.runtime.remote import RemoteDevice, RemoteExecutor, parse_address, remote_session
@@ -178,9 +178,9 @@ def test_every_task_runs_remotely_like_torch(bundle_factory, address, model):
             session.executor.close()
 
 
-@needs_local_server
-def test_fleet_through_a_tracker(bundle):
-    """Two boards registered under one key with a tracker on 127.0.0.1: sessions get a free board."""
+@contextlib.contextmanager
+def _fleet(boards: int, key: str):
+    """A TVM RPC tracker on 127.0.0.1 with ``boards`` servers registered under ``key``; yields its address."""
     pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado")
     port = _free_port()
     tracker = subprocess.Popen(
@@ -190,42 +190,68 @@ def test_fleet_through_a_tracker(bundle):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    boards = []
+    servers = []
     try:
         deadline = time.monotonic() + START_S
         while not _listening(port) and time.monotonic() < deadline:
             time.sleep(0.1)
-        boards = [_Server(tracker=f"127.0.0.1:{port}", key="edgemoe-ci") for _ in range(2)]
-        for board in boards:
-            board.address  # noqa: B018  (waits until the board listens)
-        address = f"tracker:127.0.0.1:{port}:edgemoe-ci"
-        m = read_manifest(bundle)
-        x = sample_input(m["input"], batch=1, seed=2)
-        want = Session(bundle, "semseg").run(x)
-        # Two sessions at once: the tracker hands each its own board.
+        servers = [_Server(tracker=f"127.0.0.1:{port}", key=key) for _ in range(boards)]
+        for server in servers:
+            server.address  # noqa: B018  (waits until the board listens)
+        yield f"tracker:127.0.0.1:{port}:{key}"
+    finally:
+        for server in servers:
+            server.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(tracker.pid, signal.SIGKILL)
+        tracker.wait(30)
+
+
+@needs_local_server
+def test_fleet_through_a_tracker(bundle):
+    """Two boards registered under one key: two sessions at once each get a board of their own."""
+    m = read_manifest(bundle)
+    x = sample_input(m["input"], batch=1, seed=2)
+    want = Session(bundle, "semseg").run(x)
+    with _fleet(2, "edgemoe-ci") as address:
         sessions = []
-        for _ in range(2):
-            deadline = time.monotonic() + START_S  # boards register with the tracker after they listen
-            while True:
-                try:
-                    sessions.append(remote_session(bundle, "semseg", address, timeout=60))
-                    break
-                except RemoteError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.5)
         try:
+            for _ in range(2):
+                deadline = time.monotonic() + START_S  # boards register with the tracker after they listen
+                while True:
+                    try:
+                        sessions.append(remote_session(bundle, "semseg", address, timeout=60))
+                        break
+                    except RemoteError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.5)
             for session in sessions:
                 np.testing.assert_array_equal(session.run(x), want)
         finally:
             for session in sessions:
                 session.executor.close()
-    finally:
-        for board in boards:
-            board.kill()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(tracker.pid, signal.SIGKILL)
-        tracker.wait(30)
+
+
+@needs_local_server
+def test_tuning_measures_on_boards_of_a_tracker(tmp_path):
+    """`edgemoe tune --rpc tracker:...`: MetaSchedule's candidates are linked and timed on the board."""
+    from edgemoe.targets.tvm.tune import tune_model
+
+    with _fleet(1, "edgemoe-tune") as address:
+        time.sleep(2)  # the board registers with the tracker after it listens
+        out = tune_model("m3vit-micro", tmp_path / "db", 4, kinds=("expert_kernel",), rpc=address)
+    assert out["measured_on"] == address
+    assert any(t["best_ms"] is not None and t["best_ms"] > 0 for t in out["tasks"]), out["tasks"]
+
+
+def test_tuning_needs_a_tracker_for_other_boards(tmp_path):
+    from edgemoe.targets.tvm.tune import tune_model
+
+    with pytest.raises(ConfigError, match="--rpc tracker"):
+        tune_model("m3vit-micro", tmp_path / "db", 4, device="raspberry-pi-5")
+    with pytest.raises(ConfigError, match="through a TVM RPC tracker"):
+        tune_model("m3vit-micro", tmp_path / "db", 4, rpc="127.0.0.1:9090")
 
 
 def test_time_evaluator_times_graphs_on_the_remote(bundle, address):

@@ -394,6 +394,7 @@ def tune_partitions(
     search: str = "replay-trace",
     cost_model: str = "random",
     seed: int = 0,
+    rpc: str | None = None,
     progress: Callable[[str], None] = lambda _m: None,
 ) -> dict:
     """Tune the static PrimFuncs of partitions with MetaSchedule into a JSON database folder.
@@ -408,10 +409,13 @@ def tune_partitions(
         search: MetaSchedule search strategy (``replay-trace``: random sampling; ``evolutionary``).
         cost_model: ``random`` (measurements only) or ``xgb`` (needs xgboost).
         seed: Seed of the search.
+        rpc: ``tracker:HOST:PORT:KEY``: measure candidates on the boards registered with that TVM
+            RPC tracker under KEY (built here as object files; the board's RPC server links and
+            runs them). None: measure on this machine.
         progress: Called with one message per step.
 
     Returns:
-        Summary: tasks (name, partitions, best measured ms), trials, seconds.
+        Summary: tasks (name, partitions, best measured ms), trials, seconds, where it measured.
 
     Raises:
         ConfigError: ``trials`` < 1, or ``db_dir`` holds a database tuned for other shapes.
@@ -460,10 +464,7 @@ def tune_partitions(
         # The runner's one worker process imports tvm (and torch, through tvm_ffi) once; on a
         # loaded machine that alone can pass MetaSchedule's 30 s default.
         builder=_in_process_builder(),
-        runner=ms.runner.LocalRunner(
-            timeout_sec=WORKER_TIMEOUT_S,
-            evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=20),
-        ),
+        runner=_runner(rpc),
         database=database,
         cost_model=cost_model,
         task_scheduler="round-robin",
@@ -485,10 +486,40 @@ def tune_partitions(
         "search": search,
         "cost_model": cost_model,
         "trials_per_task": per_task,
+        "measured_on": rpc or "this machine",
         "tasks": summary,
         "seconds": time.perf_counter() - start,
         "tvm": tvm.__version__,
     }
+
+
+def _runner(rpc: str | None):
+    """MetaSchedule's runner: a local worker, or the boards behind a TVM RPC tracker.
+
+    Raises:
+        ConfigError: ``rpc`` is not a tracker address (MetaSchedule asks a tracker for boards).
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=20)
+    if rpc is None:
+        return ms.runner.LocalRunner(timeout_sec=WORKER_TIMEOUT_S, evaluator_config=evaluator)
+    from ...errors import RemoteError
+    from ...runtime.remote import parse_address
+
+    try:
+        address = parse_address(rpc)
+    except RemoteError as exc:
+        raise ConfigError(str(exc)) from None
+    if address.kind != "tracker":
+        raise ConfigError(f"tuning on remote boards goes through a TVM RPC tracker: tracker:HOST:PORT:KEY, not '{rpc}'")
+    config = ms.runner.RPCConfig(
+        tracker_host=address.host,
+        tracker_port=address.port,
+        tracker_key=address.key,
+        session_timeout_sec=WORKER_TIMEOUT_S,
+    )
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1)
 
 
 TUNED_KINDS = ("expert_kernel", "segment")
@@ -504,6 +535,7 @@ def tune_model(
     kinds: tuple[str, ...] = TUNED_KINDS,
     weights: str | None = None,
     seed: int = 0,
+    rpc: str | None = None,
     progress: Callable[[str], None] = lambda _m: None,
 ) -> dict:
     """Tune a model's TVM libraries (by default its expert kernels and trunk segments) for ``device``.
@@ -511,8 +543,12 @@ def tune_model(
     The partitions are those ``edgemoe compile --target tvm`` builds (unpruned: pruning masks
     gates and drops expert weights, neither of which changes a kernel or a segment).
 
+    Candidates are measured on this machine, or with ``rpc`` (``tracker:HOST:PORT:KEY``) on the
+    boards of a TVM RPC tracker, e.g. ``--device raspberry-pi-5`` measured on Raspberry Pis.
+
     Raises:
-        ConfigError: Unknown partition kind, ``trials`` < 1, or the device is not the host.
+        ConfigError: Unknown partition kind, ``trials`` < 1, a CUDA device, or a device that is not
+            this CPU without ``rpc``.
     """
     from ...config import CompileConfig
     from ...devices import get_device
@@ -526,12 +562,18 @@ def tune_model(
     if unknown:
         raise ConfigError(f"unknown partition kinds {sorted(unknown)} (expert_kernel, segment, gate, head)")
     profile_dev = get_device(device)
-    if profile_dev.cuda_arch or not _runs_here(profile_dev):
-        raise ConfigError(f"tuning measures on this machine: device {device} is not this CPU (use --device host)")
+    if profile_dev.cuda_arch:
+        raise ConfigError(f"tuning CUDA libraries ({device}, {profile_dev.cuda_arch}) is not supported yet")
+    if not _runs_here(profile_dev) and rpc is None:
+        raise ConfigError(
+            f"device {device} is not this CPU: measure on the board with --rpc tracker:HOST:PORT:KEY, or --device host"
+        )
     cfg = CompileConfig(model=model, target="tvm", device=device, weights=weights, prune=False, calib_samples=1)
     progress(f"capture {model}")
     captured = capture_model(cfg)
     plan = partition_model(captured, prune_experts(captured, profile_routing(captured, 1, 0), False, 0.0))
     parts = [p for p in plan.graphs() if p.kind in kinds]
-    out = tune_partitions(parts, tvm_target(profile_dev), db_dir, trials, shapes, seed=seed, progress=progress)
+    out = tune_partitions(
+        parts, tvm_target(profile_dev), db_dir, trials, shapes, seed=seed, rpc=rpc, progress=progress
+    )
     return {"model": model, "device": device, "partitions": [p.name for p in parts], **out}
