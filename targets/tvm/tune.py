@@ -31,6 +31,7 @@ for long runs where xgboost is installed.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -427,6 +428,7 @@ def tune_partitions(
 
     if trials < 1:
         raise ConfigError(f"tuning needs at least one trial, got {trials}")
+    runner = _runner(rpc)  # a bad address fails before minutes of work
     db_dir = Path(db_dir)
     if (db_dir / SHAPES_FILE).exists() and read_shapes(db_dir) != shapes:
         raise ConfigError(f"{db_dir} was tuned for {read_shapes(db_dir).to_json()}, not {shapes.to_json()}")
@@ -439,6 +441,11 @@ def tune_partitions(
     progress(f"tune {len(tasks)} tasks x {per_task} trials ({search}, cost model {cost_model})")
     ttarget = tuning_target(target)
     cores = int(ttarget.attrs["num-cores"])
+    # MetaSchedule's logging setup re-declares its logger's handlers by name and fails on one
+    # without a name (a log-capture handler a harness attached); dictConfig would drop it anyway.
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in [h for h in ms_logger.handlers if h.get_name() is None]:
+        ms_logger.removeHandler(handler)
     loggers = get_loggers_from_work_dir(str(db_dir), [t.name for t in tasks])
     contexts = [
         ms.TuneContext(
@@ -464,7 +471,7 @@ def tune_partitions(
         # The runner's one worker process imports tvm (and torch, through tvm_ffi) once; on a
         # loaded machine that alone can pass MetaSchedule's 30 s default.
         builder=_in_process_builder(),
-        runner=_runner(rpc),
+        runner=runner,
         database=database,
         cost_model=cost_model,
         task_scheduler="round-robin",
