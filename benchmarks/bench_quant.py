@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine, median, parse_args, table, write_results
+from _common import machine, median, parse_args, table, timed, write_results
 
 from edgemoe.bundle import sample_input
 from edgemoe.compiler import compile_model
@@ -46,12 +46,7 @@ def _latency(bundle: Path, runs: int) -> float:
     x = sample_input(session.input_spec, batch=1, seed=0)
     for _ in range(3):
         session.run(x)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        session.run(x)
-        times.append((time.perf_counter() - t) * 1e3)
-    return median(times)
+    return median([timed(lambda: session.run(x)) for _ in range(runs)])
 
 
 def _bytes(bundle: Path) -> int:

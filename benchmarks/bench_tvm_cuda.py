@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import timed
 
 BATCHES = (1, 2)
 BAR = 1e-4
@@ -105,11 +106,7 @@ def run(carry: Path, runs: int, warmup: int) -> dict:
             err = float(np.abs(got.astype(np.float64) - want).max())
             for _ in range(warmup):
                 session.run(x)
-            times = []
-            for _ in range(runs):
-                t = time.perf_counter()
-                session.run(x)
-                times.append((time.perf_counter() - t) * 1e3)
+            times = [timed(lambda s=session, x=x: s.run(x)) for _ in range(runs)]
             entry[f"batch_{batch}"] = {"max_abs_error": err, "passes_bar": err <= BAR, **_stats(times)}
             print(f"{task} batch {batch}: max abs error {err:.3g}, median {np.median(times):.3f} ms", flush=True)
         result["tasks"][task] = entry
