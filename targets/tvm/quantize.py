@@ -200,7 +200,7 @@ def quantize_kernel_module(
     gm = _trace(module, name)
     graph = gm.graph
     holders = [n for n in graph.nodes if n.op == "placeholder"]
-    x_node, weight_nodes = holders[0], dict(zip(params, holders[1:], strict=True))
+    weight_nodes = dict(zip(params, holders[1:], strict=True))  # holders[0] is x
     first_op = next(n for n in graph.nodes if n.op != "placeholder")
     for p in params:
         old = weight_nodes[p]
@@ -235,7 +235,6 @@ def quantize_kernel_module(
                     xq = use.args[0]
             use.args = (xq, w)
         graph.erase_node(old)
-    del x_node
     graph.lint()
     gm.recompile()
     return gm

@@ -157,9 +157,7 @@ class TvmTarget(Target):
                     f"target tvm: quantized bundles are calibrated by running them here, and {cfg.device} "
                     "libraries cannot run on this machine; quantize for --device host, or use --target onnx"
                 )
-        path = self._build(part, out_dir, cfg, check_against_torch)
-        self._built[path.resolve()] = (part, cfg)
-        return path
+        return self._build(part, out_dir, cfg, check_against_torch)
 
     def quantize_graph(self, path: Path, scheme: str, feeds: list, quant) -> None:
         from . import quantize as tq  # torch-side rewrites: imported by the compiler only
@@ -171,7 +169,6 @@ class TvmTarget(Target):
             ranges = tq.calibrate_dense(part.module, part.input_names, feeds, quant.calibrator, quant.percentile)
         qpart = dataclasses.replace(part, module=tq.quantize_dense(part.module, scheme, ranges))
         self._build(qpart, path.parent, cfg, tq.check_quantized)
-        self._built[path.resolve()] = (qpart, cfg)
 
     def quantize_kernel(
         self, src: Path, dst: Path, weights: tuple[str, ...], scheme: str, bits: int, group: int
@@ -190,9 +187,7 @@ class TvmTarget(Target):
             ),
             input_names=tuple(tq.kernel_input_names(params, weights, scheme)),
         )
-        path = self._build(qpart, dst.parent, cfg, tq.check_quantized)
-        self._built[path.resolve()] = (qpart, cfg)
-        return path
+        return self._build(qpart, dst.parent, cfg, tq.check_quantized)
 
     def probe_kernel(self, src: Path, weights: tuple[str, ...]) -> tuple[bytes, list[str]]:
         from . import quantize as tq  # torch-side rewrites: imported by the compiler only
@@ -220,7 +215,10 @@ class TvmTarget(Target):
             raise TargetError(f"target tvm: {path.name} was not built in this process; cannot rebuild it") from None
 
     def _build(self, part: GraphPartition, out_dir: Path, cfg: CompileConfig, check) -> Path:
-        """Compile ``part`` into ``out_dir/<name>.so`` and, where it can run here, ``check`` it against torch."""
+        """Compile ``part`` into ``out_dir/<name>.so`` and ``check`` it against torch where it can run here.
+
+        The library is remembered with its partition: the quantization hooks rebuild from it.
+        """
         import tvm
 
         device = get_device(cfg.device)
@@ -249,6 +247,7 @@ class TvmTarget(Target):
                 self._check_numerics(part, path, check)
         elif not cross:
             self._check_numerics(part, path, check)
+        self._built[path.resolve()] = (part, cfg)
         return path
 
     def _check_numerics(self, part: GraphPartition, path: Path, check=check_against_torch) -> None:
