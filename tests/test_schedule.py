@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import time
@@ -156,6 +157,34 @@ def test_simulator_and_runtime_agree_on_misses(bundle, policy):
     assert st.cache_misses == sim.misses > 0 and st.cache_hits == sim.hits
     assert st.evictions == sim.evictions and st.expert_bytes_loaded == sim.bytes_moved
     assert st.peak_expert_bytes <= budget
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_simulator_prefetches_as_the_runtime(bundle, depth):
+    # A budget that holds every expert: no eviction, so which loads are prefetched and which
+    # accesses find their expert loaded or loading depends on the lookahead rules only, not on timing.
+    from edgemoe.schedule.predict import PREFETCH_DEPTH, PreGate, Static
+
+    m = read_manifest(bundle)
+    sizes = expert_sizes(m, "semseg")
+    x = _inputs(bundle, 4)
+    trace = record_trace(bundle, "semseg", x, "run")
+    budget = sum(sizes.values())
+    session = Session(
+        bundle, "semseg", memory_budget=budget, policy="planned", prefetch="pregate", prefetch_depth=depth
+    )
+    for i in range(len(x)):
+        session.run(x[i : i + 1])
+        session.wait_prefetch()
+    prob = session._cache.policy.prob
+    far = Static.from_probabilities(prob)
+    sim = simulate(trace, sizes, budget, make_policy("planned", prob), None, PreGate(), far=far, depth=depth)
+    st = session.stats
+    assert st.prefetch_issued == sim.prefetch_issued > 0
+    assert (st.cache_hits, st.cache_misses) == (sim.hits, sim.misses) and st.expert_bytes_loaded == sim.bytes_moved
+    default = inspect.signature(Session).parameters["prefetch_depth"].default
+    assert default == PREFETCH_DEPTH  # the planner simulates the runtime's default
+    session.close()
 
 
 def test_outputs_identical_across_budgets_and_prefetch(bundle):

@@ -22,7 +22,7 @@ from ..devices import DeviceProfile, get_device
 from ..errors import ConfigError
 from ..quantization import parse_bytes
 from .policies import POLICIES, Belady, CacheBook, Key, make_policy
-from .predict import PREDICTORS, make_predictor, predictor_from_json
+from .predict import PREDICTORS, PREFETCH_DEPTH, Static, make_predictor, predictor_from_json
 from .simulate import SimResult, SwitchResult, simulate, simulate_switch
 from .traces import Trace, bundle_traces
 
@@ -270,10 +270,13 @@ def score_policies(
         steps = [held.keys(i) for i in range(len(held.steps))]
         per_policy["belady"].append(simulate(held, sizes, capacity, Belady(steps), profile))
         resident = _resident(prob, sizes, resident_room(capacity, sizes))
+        far = Static.from_trace(calib)  # the runtime's order beyond the next layer
         for name in predictors:
             pred = make_predictor(name, calib)
             policy = make_policy(plan_policy, prob, recency)
-            per_pred[name].append(simulate(held, sizes, capacity, policy, profile, pred, resident=resident))
+            per_pred[name].append(
+                simulate(held, sizes, capacity, policy, profile, pred, resident=resident, far=far, depth=PREFETCH_DEPTH)
+            )
     policies_out = {name: _combine(rs) for name, rs in per_policy.items()}
     preds_out = {}
     for name, rs in per_pred.items():
@@ -304,7 +307,11 @@ def predict_switch(
     book = CacheBook(capacity, sizes, make_policy(policy, plan_a["probability"], plan_a.get("recency")))
     resident = [tuple(k) for k in plan_a["resident"]]
     pred = predictor_from_json(plan_a["predictors"].get(predictor, {"name": predictor}))
-    simulate(held, sizes, capacity, book.policy, profile, pred, resident=resident, book=book)
+    static = plan_a["predictors"].get("static")
+    far = predictor_from_json(static) if static else Static.from_probabilities(plan_a["probability"])
+    simulate(
+        held, sizes, capacity, book.policy, profile, pred, resident=resident, book=book, far=far, depth=PREFETCH_DEPTH
+    )
     return simulate_switch(
         book,
         expert_sizes(manifest, target),

@@ -22,6 +22,8 @@ from ..errors import ConfigError
 from .traces import Trace
 
 PREDICTORS = ("pregate", "affinity", "static")
+# MoE steps the runtime's prefetch looks ahead by default (Session's prefetch_depth); the planner simulates the same.
+PREFETCH_DEPTH = 2
 
 
 class Predictor:

@@ -3,10 +3,14 @@
 Time model: one loader channel moves experts at the profile's load bandwidth (slowest tier from
 storage to where experts run), serially; experts compute at the profile's throughput (2 FLOP per
 fp32 weight per token); the trunk's dense compute is left out. A step accesses its experts in
-ascending order, as the runtime does; a miss stalls until its load lands. Prefetches for layer
-``l+1`` are issued when layer ``l``'s routing is known and may evict only what that step does
-not need. The bookkeeping is :class:`~edgemoe.schedule.policies.CacheBook`, shared with the
-runtime, so predicted and measured misses agree for the same trace and policy.
+ascending order, as the runtime does; a miss stalls until its load lands. Prefetch follows the
+runtime's rules: when a step's routing is known, the experts of the next ``depth`` steps
+(:func:`~edgemoe.schedule.predict.lookahead`: the predictor for the next layer, the calibration
+order beyond it and past a unit's last layer) are queued in the order they will be needed, sparing
+the step's own experts, the resident set and whatever the policy expects back sooner; keys that
+find no room are retried after each expert of the step is done; a unit's first layers are
+prefetched before it starts. The bookkeeping is :class:`~edgemoe.schedule.policies.CacheBook`,
+shared with the runtime, so predicted and measured misses agree for the same trace and policy.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass, field
 
 from ..devices import DeviceProfile
 from .policies import CacheBook, Key, Policy
-from .predict import Predictor
+from .predict import Predictor, PreGate, Static, lookahead
 from .switch import SwitchMoves, plan_switch
 from .traces import Trace
 
@@ -86,6 +90,8 @@ def simulate(
     keep_timeline: bool = False,
     resident: Iterable[Key] = (),
     book: CacheBook | None = None,
+    far: Static | None = None,
+    depth: int = 1,
 ) -> SimResult:
     """Replay ``trace``.
 
@@ -102,6 +108,9 @@ def simulate(
         book: Continue on this cache (built with ``capacity``, ``sizes`` and ``policy``) instead
             of an empty one, e.g. to replay a task switch after the trace; its counters then
             accumulate over the replays. The replay ends with every load landed.
+        far: Calibration order for the prefetch steps beyond the next one and for a unit's first
+            layers (the runtime's; None: the predictor's next layer only).
+        depth: Steps a prefetch looks ahead (the runtime's ``prefetch_depth``; 1: the next layer).
 
     Returns:
         The replay's counters, times and (optionally) timeline.
@@ -147,17 +156,23 @@ def simulate(
                 return False
             now = max(now, min(arrival.values()))  # wait for an in-flight load to land
 
-    def prefetch(guess: tuple[int, ...], layer: int, keep: tuple[Key, ...]) -> None:
+    def prefetch(ahead: Sequence[Key], protect: Iterable[Key]) -> tuple[Key, ...]:
+        # ExpertCache.prefetch's rules: a key never evicts one due no later than itself (its own
+        # layer's or an earlier one's), the policy may veto victims, and the first key without room
+        # stops the rest (returned, to retry once room may have been made); never waits.
         nonlocal issued
-        keep = keep + tuple((layer, e) for e in guess)  # nor what the same prediction brought in
-        for e in guess:
-            key = (layer, e)
+        ahead = tuple(ahead)
+        keep, end = set(protect), 0
+        for i, key in enumerate(ahead):
+            while end < len(ahead) and (end <= i or ahead[end][0] == key[0]):
+                keep.add(ahead[end])
+                end += 1
             if key not in sizes or key in book.cached:
                 continue
             settle()
-            victims = book.room_for(key, keep=keep)
+            victims = book.room_for(key, keep=keep, prefetch=True)
             if victims is None:
-                break  # prefetches never wait
+                return ahead[i:]
             for v in victims:
                 book.evict(v)
                 prefetched.discard(v)
@@ -166,6 +181,16 @@ def simulate(
             prefetched.add(key)
             issued += 1
             memory.append((now, book.used))
+        return ()
+
+    def plan_ahead(i: int) -> list[Key]:
+        step, nxt = trace.steps[i], trace.steps[i + 1] if i + 1 < len(trace.steps) else None
+        near, pregate = predictor, None
+        if isinstance(predictor, PreGate):
+            # the runtime runs the next layer's gate only within a unit
+            same = nxt is not None and nxt.unit == step.unit and nxt.layer == step.layer + 1
+            near, pregate = (predictor, nxt.pregate) if same and step.layer + 1 < trace.num_layers else (None, None)
+        return lookahead(near, far, step.layer, step.experts, pregate, trace.num_layers, depth)
 
     loaded_before = book.bytes_loaded
     for key in warm:
@@ -175,26 +200,27 @@ def simulate(
     book.bytes_loaded = loaded_before
     for i, step in enumerate(trace.steps):
         keys = trace.keys(i)
+        prev = trace.steps[i - 1] if i else None
+        if predictor is not None and far is not None and (prev is None or prev.unit != step.unit):
+            # a unit's first layers, from the calibration order, before it starts (as Session.run)
+            prefetch(lookahead(None, far, -1, (), None, trace.num_layers, depth), resident)
         policy.begin_step(i, step.layer, keys)
+        ahead: list[Key] = plan_ahead(i) if predictor is not None else []
         nxt = trace.steps[i + 1] if i + 1 < len(trace.steps) else None
-        guess: tuple[int, ...] = ()
-        if predictor is not None and nxt is not None and nxt.unit == step.unit and nxt.layer == step.layer + 1:
-            guess = predictor.predict(step.layer, step.experts, nxt.pregate)
-            named += len(set(guess) & set(nxt.experts))
+        if ahead and nxt is not None and nxt.unit == step.unit and nxt.layer == step.layer + 1:
+            named += len({e for layer, e in ahead if layer == nxt.layer} & set(nxt.experts))
             needed += len(nxt.experts)
 
         # Prefetch when the routing is known (sparing this step's experts), and again after each
-        # expert is done (its slot may then take one of the next layer's), as the runtime does.
-        if guess:
-            prefetch(guess, nxt.layer, keys + resident)
-        prev = trace.steps[i - 1] if i else None
-        ahead = prev is not None and prev.unit == step.unit and prev.layer + 1 == step.layer
+        # expert is done (its slot may then take a pending one), as the runtime does.
+        pending = prefetch(ahead, keys + resident) if ahead else ()
+        ahead_step = prev is not None and prev.unit == step.unit and prev.layer + 1 == step.layer
         for j, (key, tokens) in enumerate(zip(keys, step.tokens, strict=True)):
             settle()
-            ahead_accesses += ahead
+            ahead_accesses += ahead_step
             if key in book.cached:
                 book.hits += 1
-                ahead_hits += ahead
+                ahead_hits += ahead_step
                 if key in arrival:  # still loading: wait for it
                     if keep_timeline:
                         timeline.append((now, arrival[key], "stall", *key))
@@ -222,8 +248,9 @@ def simulate(
             now += dt
             compute += dt
             memory.append((now, book.used))
-            if guess:  # the experts done so far may make room, as in the runtime
-                prefetch(guess, nxt.layer, keys[j + 1 :] + resident)
+            if pending and key not in resident:  # the expert just done may make room, as in the runtime
+                issued_keys = tuple(ahead[: len(ahead) - len(pending)])
+                pending = prefetch(pending, keys[j + 1 :] + resident + issued_keys)
     for key in arrival:  # prefetches still in flight land (times unchanged: nothing waits for them)
         book.ready(key)
     accesses = book.hits + book.misses
