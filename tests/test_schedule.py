@@ -98,6 +98,25 @@ def test_budget_checks(bundle):
 
 
 # -- simulator ---------------------------------------------------------------------------------
+def test_planned_prefetch_veto_uses_the_predicted_step():
+    # A prefetched expert is due at its layer's next visit; its prior (recency) estimate may lie far
+    # later, and comparing victims against that vetoed nearly every prefetch on token-routed plans.
+    from edgemoe.schedule.policies import Planned
+
+    policy = Planned([[0.25] * 8] * 4, [[1.0, 3.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0]] * 4)
+    steps = [[(0, 1), (0, 2)], [(1, 6)], [(2, 3)], [(3, 3)], [(0, 1)]]
+    for i, keys in enumerate(steps[:-1]):
+        policy.begin_step(i, i % 4, keys)
+        for key in keys:
+            policy.touch(key)
+    policy.begin_step(4, 0, steps[-1])
+    assert policy.expected_next_use((2, 0)) > policy.expected_next_use((0, 2)) > 2  # prior: (2, 0) far off
+    assert policy.outliving([(0, 2), (3, 5)], (2, 0)) == [(0, 2), (3, 5)]
+    # (1, 6) is reused at every visit: due at the next layer, before (2, 0), so a prefetch may not evict it
+    assert policy.expected_next_use((1, 6)) == 1
+    assert policy.outliving([(1, 6), (0, 2)], (2, 0)) == [(0, 2)]
+
+
 def test_belady_bounds_every_policy_and_memory_stays_in_budget(bundle):
     m = read_manifest(bundle)
     sizes = expert_sizes(m, "semseg")

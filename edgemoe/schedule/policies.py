@@ -170,7 +170,10 @@ class Planned(Policy):
         return max(candidates, key=lambda k: (self.expected_next_use(k), -self.last_use.get(k, -1)))
 
     def outliving(self, candidates: list[Key], key: Key) -> list[Key]:
-        due = self.expected_next_use(key)
+        # A prefetch names ``key`` for its layer's next visit: it is due then, whatever its prior estimate
+        # (on token-routed plans the recency estimate of a predicted expert lies many visits away, and
+        # comparing against it vetoed nearly every prefetch).
+        due = (key[0] - self.layer) % self.layers or self.layers
         return [v for v in candidates if self.expected_next_use(v) > due]
 
     def new_task(
