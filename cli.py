@@ -493,9 +493,7 @@ def bench_cmd(bundle, task, rpc, repeat, batch, timeout, as_json):
 @click.option(
     "-o", "--output", "output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Database folder."
 )
-@click.option(
-    "--device", default="host", show_default=True, help="Device profile (measured on this CPU unless --rpc)."
-)
+@click.option("--device", default="host", show_default=True, help="Device profile (measured on this CPU unless --rpc).")
 @click.option("--trials", default=64, show_default=True, type=click.IntRange(1), help="Measured candidates in all.")
 @click.option(
     "--token-buckets", default="16,64,256", show_default=True, help="Expert kernels: token counts of tuned copies."

@@ -95,8 +95,15 @@ def _choices(n=96, seed=0):
     out = []
     for i in range(n):
         err = {2: float(rng.uniform(0.05, 0.3)), 4: float(rng.uniform(0.004, 0.02)), 8: float(rng.uniform(1e-5, 1e-4))}
-        out.append(ExpertChoice((i // 16, i % 16), float(rng.exponential()), 147456,
-                                {b: nbits_bytes(192, 384, b, 32) * 2 for b in (2, 4, 8)}, err))
+        out.append(
+            ExpertChoice(
+                (i // 16, i % 16),
+                float(rng.exponential()),
+                147456,
+                {b: nbits_bytes(192, 384, b, 32) * 2 for b in (2, 4, 8)},
+                err,
+            )
+        )
     return out
 
 
@@ -174,8 +181,10 @@ def test_each_scheme_runs_through_the_runtime(quant_bundles, bundle_factory, sch
 
 
 def test_bits_follow_the_scheme(quant_bundles):
-    bits = {name: {e["bits"] for layer in read_manifest(b)["moe_layers"] for e in layer["experts"]}
-            for name, b in quant_bundles.items()}
+    bits = {
+        name: {e["bits"] for layer in read_manifest(b)["moe_layers"] for e in layer["experts"]}
+        for name, b in quant_bundles.items()
+    }
     assert bits["fp16"] == {16} and bits["int8"] == {8} and bits["int8-dynamic"] == {8} and bits["int4"] == {4}
     assert bits["mixed"] <= {2, 4, 8}
     mp = read_manifest(quant_bundles["mixed"])["quantization"]

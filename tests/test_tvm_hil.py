@@ -184,8 +184,17 @@ def _fleet(boards: int, key: str):
     pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado")
     port = _free_port()
     tracker = subprocess.Popen(
-        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
-         "--port-end", str(port + 1)],
+        [
+            sys.executable,
+            "-m",
+            "tvm.exec.rpc_tracker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--port-end",
+            str(port + 1),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -88,9 +88,7 @@ def test_int8_token_model_on_tvm(tvm_quant, bundle_factory):
     assert cos > 0.98 and not np.array_equal(got, ref)
 
 
-@pytest.mark.parametrize(
-    "quant", [QuantConfig(scheme="int4"), QuantConfig(avg_bits=3.0)], ids=["int4", "mixed"]
-)
+@pytest.mark.parametrize("quant", [QuantConfig(scheme="int4"), QuantConfig(avg_bits=3.0)], ids=["int4", "mixed"])
 def test_group_wise_nbits_is_refused_at_compile_time(tmp_path, quant):
     with pytest.raises(TargetError, match=r"not support quantization scheme .* --target onnx"):
         compile_model(CompileConfig("m3vit-micro", target="tvm", quant=quant, calib_samples=2), tmp_path / "b")

@@ -26,9 +26,7 @@ class ExpertSets:
         return tuple(sorted({e for sets in self.kept.values() for e in sets[layer]}))
 
 
-def prune_experts(
-    captured: CapturedModel, profile: RoutingProfile, prune: bool, min_share: float = 0.0
-) -> ExpertSets:
+def prune_experts(captured: CapturedModel, profile: RoutingProfile, prune: bool, min_share: float = 0.0) -> ExpertSets:
     """Keep, per task and layer, the experts its gate can reach and (if pruning) actually chose.
 
     Experts outside a task's window can never be chosen, so they are dropped even without

@@ -295,9 +295,7 @@ def _plan(staging, manifest, quant, executor, calib, profile, progress) -> BitPl
                     approx[m] = dequantize_nbits(packed, scales, shapes[m][0], b, quant.group_size)
                 errors[b] = _relative_error(kernel, tokens, weights, approx)
                 sizes[b] = extra + sum(nbits_bytes(*shapes[m], b, quant.group_size) for m in matrices)
-            choices.append(
-                ExpertChoice(key, 0.0, sum(int(np.prod(shapes[m])) for m in matrices), sizes, errors)
-            )
+            choices.append(ExpertChoice(key, 0.0, sum(int(np.prod(shapes[m])) for m in matrices), sizes, errors))
     lowest = min(quant.bit_choices)
     weights = balance_tasks(importance, {c.key: c.error[lowest] for c in choices})
     choices = [dataclasses.replace(c, importance=weights.get(c.key, 0.0)) for c in choices]

@@ -580,7 +580,5 @@ def tune_model(
     captured = capture_model(cfg)
     plan = partition_model(captured, prune_experts(captured, profile_routing(captured, 1, 0), False, 0.0))
     parts = [p for p in plan.graphs() if p.kind in kinds]
-    out = tune_partitions(
-        parts, tvm_target(profile_dev), db_dir, trials, shapes, seed=seed, rpc=rpc, progress=progress
-    )
+    out = tune_partitions(parts, tvm_target(profile_dev), db_dir, trials, shapes, seed=seed, rpc=rpc, progress=progress)
     return {"model": model, "device": device, "partitions": [p.name for p in parts], **out}
