@@ -206,6 +206,33 @@ def test_simulator_prefetches_as_the_runtime(bundle, depth):
     session.close()
 
 
+def test_simulator_times_dense_compute_and_loads_overlap_it(bundle):
+    import dataclasses
+
+    from edgemoe.schedule.planner import dense_cost
+    from edgemoe.schedule.predict import Static
+
+    m = read_manifest(bundle)
+    sizes, dense = expert_sizes(m, "semseg"), dense_cost(m, "semseg")
+    task = m["tasks"]["semseg"]
+    graphs = [*m["segments"], *task["gates"], task["head"]]
+    assert sum(dense.before) + dense.after == sum(m["graphs"][g]["bytes"] for g in graphs)
+    trace = record_trace(bundle, "semseg", _inputs(bundle, 3), "run")
+    profile = dataclasses.replace(get_device("jetson-orin-nano-8gb"), compute_gflops=5.0)
+    prob = trace.probabilities()
+    resident = simulate(trace, sizes, sum(sizes.values()), make_policy("lru"), profile, warm=list(sizes), dense=dense)
+    tokens = sum(trace.steps[0].tokens) / dense.top_k[0]  # every image has the same patches
+    # 2 FLOP per fp32 weight per token, experts (by their routed tokens) and dense graphs (every token)
+    experts = sum(n * sizes[(s.layer, e)] for s in trace.steps for e, n in zip(s.experts, s.tokens, strict=True))
+    want = (experts + 3 * tokens * (sum(dense.before) + dense.after)) / 2 / 5e9
+    assert resident.stall_s == 0 and resident.time_s == pytest.approx(want)
+    cap = 3 * max(sizes.values())
+    kw = {"predictor": make_predictor("static", trace), "far": Static.from_probabilities(prob), "depth": 2}
+    without = simulate(trace, sizes, cap, make_policy("planned", prob), profile, **kw)
+    with_dense = simulate(trace, sizes, cap, make_policy("planned", prob), profile, dense=dense, **kw)
+    assert with_dense.compute_s > without.compute_s and with_dense.stall_s < without.stall_s  # loads overlap it
+
+
 def test_outputs_identical_across_budgets_and_prefetch(bundle):
     x = _inputs(bundle, 3)
     want = Session(bundle, "depth").run(x)

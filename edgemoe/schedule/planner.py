@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..quantization import parse_bytes
 from .policies import POLICIES, Belady, CacheBook, Key, make_policy
 from .predict import PREDICTORS, PREFETCH_DEPTH, Static, make_predictor, predictor_from_json
-from .simulate import SimResult, SwitchResult, simulate, simulate_switch
+from .simulate import DenseCost, SimResult, SwitchResult, simulate, simulate_switch
 from .traces import Trace, bundle_traces
 
 # Experts used in at least this fraction of their layer's calibration steps are kept resident,
@@ -45,6 +45,20 @@ def expert_sizes(manifest: dict, task: str | None = None) -> dict[Key, int]:
         for e in layer["experts"]
         if kept is None or e["index"] in kept[li]
     }
+
+
+def dense_cost(manifest: dict, task: str) -> DenseCost:
+    """Bytes of ``task``'s dense graphs around each MoE layer, for the simulator's compute time."""
+    graphs, segments, record = manifest["graphs"], manifest["segments"], manifest["tasks"][task]
+    layers = len(manifest["moe_layers"])
+
+    def size(name: str | None) -> int:
+        return int(graphs[name]["bytes"]) if name in graphs else 0
+
+    gates = list(record.get("gates", []))
+    before = tuple(size(segments[li]) + size(gates[li] if li < len(gates) else None) for li in range(layers))
+    after = sum(size(name) for name in segments[layers:]) + size(record.get("head"))
+    return DenseCost(before, after, tuple(int(layer["top_k"]) for layer in manifest["moe_layers"]))
 
 
 def shared_bytes(manifest: dict) -> int:
@@ -259,23 +273,34 @@ def score_policies(
     per_pred: dict[str, list[SimResult]] = {p: [] for p in predictors}
     kept: dict[str, SimResult] = {}
     for task, (calib, held) in traces.items():
-        sizes = expert_sizes(manifest, task)
+        sizes, dense = expert_sizes(manifest, task), dense_cost(manifest, task)
         prob, recency = calib.probabilities(), _recency(calib, sizes, capacity)
         for name in policies:
             policy = make_policy(name, prob, recency)
-            r = simulate(held, sizes, capacity, policy, profile, keep_timeline=name == keep_timeline)
+            r = simulate(held, sizes, capacity, policy, profile, keep_timeline=name == keep_timeline, dense=dense)
             per_policy[name].append(r)
             if name == keep_timeline:
                 kept[task] = r
         steps = [held.keys(i) for i in range(len(held.steps))]
-        per_policy["belady"].append(simulate(held, sizes, capacity, Belady(steps), profile))
+        per_policy["belady"].append(simulate(held, sizes, capacity, Belady(steps), profile, dense=dense))
         resident = _resident(prob, sizes, resident_room(capacity, sizes))
         far = Static.from_trace(calib)  # the runtime's order beyond the next layer
         for name in predictors:
             pred = make_predictor(name, calib)
             policy = make_policy(plan_policy, prob, recency)
             per_pred[name].append(
-                simulate(held, sizes, capacity, policy, profile, pred, resident=resident, far=far, depth=PREFETCH_DEPTH)
+                simulate(
+                    held,
+                    sizes,
+                    capacity,
+                    policy,
+                    profile,
+                    pred,
+                    resident=resident,
+                    far=far,
+                    depth=PREFETCH_DEPTH,
+                    dense=dense,
+                )
             )
     policies_out = {name: _combine(rs) for name, rs in per_policy.items()}
     preds_out = {}
@@ -283,6 +308,36 @@ def score_policies(
         c = _combine(rs)
         preds_out[name] = {"accuracy": c["hit_rate"], **c}
     return policies_out, preds_out, kept
+
+
+def choose_predictor(
+    traces: dict[str, tuple[Trace, Trace]], manifest: dict, capacity: int, profile: DeviceProfile, policy: str
+) -> str:
+    """The prefetch predictor of the plan: the most accurate replaying the calibration traces (ties: pre-gating).
+
+    The held-out traces only score the plan, so they do not pick its parts either.
+    """
+    score: dict[str, list[int]] = {name: [0, 0] for name in PREDICTORS}
+    for task, (calib, _) in traces.items():
+        sizes, prob = expert_sizes(manifest, task), calib.probabilities()
+        recency = _recency(calib, sizes, capacity)
+        resident = _resident(prob, sizes, resident_room(capacity, sizes))
+        for name in PREDICTORS:
+            r = simulate(
+                calib,
+                sizes,
+                capacity,
+                make_policy(policy, prob, recency),
+                profile,
+                make_predictor(name, calib),
+                resident=resident,
+                far=Static.from_trace(calib),
+                depth=PREFETCH_DEPTH,
+                dense=dense_cost(manifest, task),
+            )
+            score[name][0] += r.hits
+            score[name][1] += r.accesses
+    return max(PREDICTORS, key=lambda p: (score[p][0] / max(score[p][1], 1), p == "pregate"))
 
 
 def predict_switch(
@@ -310,7 +365,17 @@ def predict_switch(
     static = plan_a["predictors"].get("static")
     far = predictor_from_json(static) if static else Static.from_probabilities(plan_a["probability"])
     simulate(
-        held, sizes, capacity, book.policy, profile, pred, resident=resident, book=book, far=far, depth=PREFETCH_DEPTH
+        held,
+        sizes,
+        capacity,
+        book.policy,
+        profile,
+        pred,
+        resident=resident,
+        book=book,
+        far=far,
+        depth=PREFETCH_DEPTH,
+        dense=dense_cost(manifest, source),
     )
     return simulate_switch(
         book,
@@ -375,7 +440,7 @@ def plan_bundle(
     policies, prefetch, kept = score_policies(
         traces, manifest, capacity, profile, keep_timeline=policy if keep_timeline else None
     )
-    best = predictor or max(prefetch, key=lambda p: (prefetch[p]["accuracy"], p == "pregate"))
+    best = predictor or choose_predictor(traces, manifest, capacity, profile, policy)
     tasks, residents = {}, {}
     for task, (calib, _) in traces.items():
         prob = calib.probabilities()
@@ -466,13 +531,27 @@ def render_plan(result: dict) -> str:
     belady = result["policies"]["belady"]["hit_rate"]
     for name, r in result["policies"].items():
         rel = f"  ({r['hit_rate'] / belady:.2f} x Belady)" if belady and name != "belady" else ""
-        lines.append(f"  {name:8s} {r['hit_rate']:.3f}  misses {r['misses']:5d}  moved {r['bytes_moved']:>11d} B{rel}")
-    lines.append(f"prefetch with the '{result['policy']}' policy (accuracy: needed experts loaded or loading):")
+        lines.append(
+            f"  {name:8s} {r['hit_rate']:.3f}  misses {r['misses']:5d}  moved {r['bytes_moved']:>11d} B  "
+            f"stall {r['stall_s'] * 1e3:.2f} ms{rel}"
+        )
+    lines.append(
+        f"prefetch with the '{result['policy']}' policy (accuracy: needed experts loaded or loading; stall on "
+        f"{result['device']}, loads overlapping compute):"
+    )
     for name, r in result["prefetch"].items():
         recall = "-" if r["recall"] is None else f"{r['recall']:.3f}"
         stall = r["stall_s"] * 1e3
         lines.append(f"  {name:8s} accuracy {r['accuracy']:.3f}  predictor recall {recall}  stall {stall:.2f} ms")
     lines.append(f"plan: policy {result['policy']}, prefetch {result['predictor']}")
+    demand = result["policies"].get(result["policy"], {}).get("stall_s")
+    chosen = result["prefetch"].get(result["predictor"], {}).get("stall_s")
+    if demand is not None and chosen is not None and chosen > demand:
+        lines.append(
+            f"note: on {result['device']} prefetch is expected to add stall ({chosen * 1e3:.2f} ms vs "
+            f"{demand * 1e3:.2f} ms loading on demand): loads outweigh the compute they could hide, and wrong "
+            "guesses cost loads; consider running without prefetch"
+        )
     for name, entry in result["schedule"]["task_switch"].items():
         cost = entry.get("cost")
         if cost:

@@ -2,7 +2,9 @@
 
 Time model: one loader channel moves experts at the profile's load bandwidth (slowest tier from
 storage to where experts run), serially; experts compute at the profile's throughput (2 FLOP per
-fp32 weight per token); the trunk's dense compute is left out. A step accesses its experts in
+fp32 weight per token), and so do the dense graphs between MoE layers when their bytes are given
+(:class:`DenseCost`; attention's term quadratic in tokens is left out): loads overlap that compute,
+as they do in the runtime. A step accesses its experts in
 ascending order, as the runtime does; a miss stalls until its load lands. Prefetch follows the
 runtime's rules: when a step's routing is known, the experts of the next ``depth`` steps
 (:func:`~edgemoe.schedule.predict.lookahead`: the predictor for the next layer, the calibration
@@ -26,6 +28,22 @@ from .traces import Trace
 
 
 @dataclass(frozen=True)
+class DenseCost:
+    """Bytes of a task's dense graphs around its MoE layers, for the simulated compute time.
+
+    Attributes:
+        before: Per MoE layer, bytes of what runs before it (the segment and the gate; the first
+            segment also embeds the input).
+        after: Bytes of what runs after the last MoE layer (the last segment and the task's head).
+        top_k: Per MoE layer, experts per token (a step's tokens are its routed slots over ``top_k``).
+    """
+
+    before: tuple[int, ...]
+    after: int
+    top_k: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class SimResult:
     """Outcome of one replay.
 
@@ -41,7 +59,7 @@ class SimResult:
         evictions: Experts evicted.
         peak_bytes: Most bytes cached or in flight at once (never above the capacity).
         time_s: Simulated time of the trace.
-        compute_s: Expert compute time.
+        compute_s: Compute time (experts, and dense graphs when their cost was given).
         stall_s: Time compute waited for loads.
         prefetch_issued: Prefetch loads issued.
         prefetch_used: Prefetched experts accessed before being evicted.
@@ -92,6 +110,7 @@ def simulate(
     book: CacheBook | None = None,
     far: Static | None = None,
     depth: int = 1,
+    dense: DenseCost | None = None,
 ) -> SimResult:
     """Replay ``trace``.
 
@@ -111,6 +130,7 @@ def simulate(
         far: Calibration order for the prefetch steps beyond the next one and for a unit's first
             layers (the runtime's; None: the predictor's next layer only).
         depth: Steps a prefetch looks ahead (the runtime's ``prefetch_depth``; 1: the next layer).
+        dense: Dense graphs' bytes, to time their compute (None: only experts compute).
 
     Returns:
         The replay's counters, times and (optionally) timeline.
@@ -127,6 +147,14 @@ def simulate(
     resident = tuple(resident)
     timeline: list = []
     memory: list = [(0.0, 0)]
+
+    def run_dense(nbytes: int, tokens: float, layer: int) -> None:
+        nonlocal now, compute
+        dt = tokens * nbytes / 2 / flops if flops and nbytes else 0.0  # as experts: 2 FLOP per fp32 weight
+        if keep_timeline and dt:
+            timeline.append((now, now + dt, "dense", layer, -1))
+        now += dt
+        compute += dt
 
     def load(key: Key) -> float:
         nonlocal loader_free
@@ -204,6 +232,9 @@ def simulate(
         if predictor is not None and far is not None and (prev is None or prev.unit != step.unit):
             # a unit's first layers, from the calibration order, before it starts (as Session.run)
             prefetch(lookahead(None, far, -1, (), None, trace.num_layers, depth), resident)
+        unit_tokens = sum(step.tokens) / dense.top_k[step.layer] if dense else 0.0
+        if dense:  # the segment (and gate) before this MoE layer; loads in flight proceed meanwhile
+            run_dense(dense.before[step.layer], unit_tokens, step.layer)
         policy.begin_step(i, step.layer, keys)
         ahead: list[Key] = plan_ahead(i) if predictor is not None else []
         nxt = trace.steps[i + 1] if i + 1 < len(trace.steps) else None
@@ -251,6 +282,8 @@ def simulate(
             if pending and key not in resident:  # the expert just done may make room, as in the runtime
                 issued_keys = tuple(ahead[: len(ahead) - len(pending)])
                 pending = prefetch(pending, keys[j + 1 :] + resident + issued_keys)
+        if dense and (nxt is None or nxt.unit != step.unit):
+            run_dense(dense.after, unit_tokens, trace.num_layers)  # the last segment and the head
     for key in arrival:  # prefetches still in flight land (times unchanged: nothing waits for them)
         book.ready(key)
     accesses = book.hits + book.misses
