@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -174,6 +175,30 @@ def test_every_task_runs_remotely_like_torch(bundle_factory, address, model):
             err = float(np.abs(got.astype(np.float64) - ref).max())
             assert err <= 1e-4, f"{model}/{task} over RPC: max abs error {err:.3g}"
             np.testing.assert_array_equal(got, Session(bundle, task).run(x))
+        finally:
+            session.executor.close()
+
+
+def test_expert_weights_are_sent_once_per_load(bundle, address):
+    # An expert is data: the remote keeps each loaded expert's tensors until the cache evicts it,
+    # instead of receiving them with every kernel call.
+    m = read_manifest(bundle)
+    x = sample_input(m["input"], batch=2, seed=7)
+    want = Session(bundle, "semseg").run(x)
+    largest = max(int(e["bytes"]) for layer in m["moe_layers"] for e in layer["experts"])
+    for budget in (None, 2 * largest):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the small budget thrashes, on purpose
+            session = remote_session(bundle, "semseg", address, timeout=60, memory_budget=budget, policy="lru")
+        try:
+            np.testing.assert_array_equal(session.run(x), want)
+            sent = session.executor.weight_bytes_sent
+            assert sent == session.stats.expert_bytes_loaded > 0
+            np.testing.assert_array_equal(session.run(x), want)
+            if budget is None:  # every expert stayed loaded: nothing sent again
+                assert session.executor.weight_bytes_sent == sent
+            else:  # evicted experts are sent again when reloaded, once per load
+                assert session.executor.weight_bytes_sent == session.stats.expert_bytes_loaded > sent
         finally:
             session.executor.close()
 

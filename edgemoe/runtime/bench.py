@@ -110,7 +110,10 @@ def _bench_task(root: Path, m: dict, task: str, remote, timer, repeat: int, batc
     calls: dict[str, list[tuple[np.ndarray, ...]]] = {}
 
     def record(name: str, inputs: tuple[np.ndarray, ...]) -> None:
-        calls.setdefault(name, []).append(tuple(np.array(x, copy=True) for x in inputs))
+        # Expert weights the executor placed on the device stay there (they do not change while loaded).
+        calls.setdefault(name, []).append(
+            tuple(np.array(x, copy=True) if isinstance(x, np.ndarray) else x for x in inputs)
+        )
 
     session = Session(root, task, executor=remote)
     x = sample_input(session.input_spec, batch=batch, seed=0)

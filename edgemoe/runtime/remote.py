@@ -389,9 +389,11 @@ class RemoteGraph(Graph):
         self.output_names = tuple(output_names)
 
     def _set_inputs(self, inputs) -> None:
-        tensor = self._remote._tvm.runtime.tensor
+        tensor, placed = self._remote._tvm.runtime.tensor, self._remote._tvm.runtime.Tensor
+        # Expert weights the executor placed on the remote already pass as they are; the rest is sent.
+        args = (x if isinstance(x, placed) else tensor(np.ascontiguousarray(x), self._device) for x in inputs)
         # The stateful API: a VM function returning a tuple cannot be called directly over RPC.
-        self._vm.set_input("main", *(tensor(np.ascontiguousarray(x), self._device) for x in inputs))
+        self._vm.set_input("main", *args)
 
     def run(self, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
         def go():
@@ -456,6 +458,7 @@ class RemoteExecutor(Executor):
         self._devices: dict[str, object] = {}
         self.remote._owners.append(self)
         self._targets: dict[Path, str] = {}
+        self.weight_bytes_sent = 0  # expert bytes uploaded by place(): once per load
 
     def _bundle_device(self, root: Path) -> str:
         """``cuda`` or ``cpu``: what the bundle's libraries hold code for (from its manifest)."""
@@ -469,6 +472,25 @@ class RemoteExecutor(Executor):
             kind = str((target.get("tvm_target") or {}).get("kind", "llvm"))
             self._targets[key] = "cuda" if kind == "cuda" else "cpu"
         return self._targets[key]
+
+    def place(self, weights: dict[str, np.ndarray]) -> dict[str, object]:
+        """Upload an expert to the remote device once per load (it is sent again only after an eviction).
+
+        Raises:
+            RemoteError: The upload fails or times out.
+        """
+        if len(self._devices) != 1:
+            return weights  # no graph loaded yet, or graphs on two devices: send with each call
+        device = next(iter(self._devices.values()))
+        tensor = self.remote._tvm.runtime.tensor
+        nbytes = sum(int(w.nbytes) for w in weights.values())
+
+        def upload():
+            return {name: tensor(np.ascontiguousarray(w), device) for name, w in weights.items()}
+
+        placed = self.remote.call(f"upload expert weights ({nbytes} bytes)", upload)
+        self.weight_bytes_sent += nbytes
+        return placed
 
     def load(self, root: Path, record: dict) -> Graph:
         inputs, outputs = record.get("inputs"), record.get("outputs")

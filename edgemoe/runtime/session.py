@@ -285,14 +285,15 @@ class Session:
             out.append(np.minimum(1.0, c / max(c.sum(), 1.0) * int(layer["top_k"])).tolist())
         return out or [[1.0] * int(layer["num_experts"]) for layer in self.layers]
 
-    def _read_expert(self, key: tuple[int, int], into: bytearray) -> dict[str, np.ndarray]:
-        """Read an expert blob into ``into`` (its size), sha256-checked on its first load.
+    def _read_expert(self, key: tuple[int, int], into: bytearray) -> dict[str, object]:
+        """Read an expert blob into ``into`` (its size), sha256-checked on its first load, and place it.
 
         A reload after eviction skips the hash when the file's size, mtime and inode are still
         those it had when it was checked (hashing on every swap would cost more than the read).
 
         Returns:
-            The expert's tensors, views on ``into``.
+            The expert's tensors: views on ``into``, or the executor's copies on its device
+            (:meth:`~edgemoe.runtime.executors.base.Executor.place`).
         """
         record = self._records[key[0]][key[1]]
         known = self._verified.get(key)
@@ -304,7 +305,7 @@ class Session:
                     st = os.fstat(fd)
                     # One read straight into the buffer the tensors will view.
                     if (st.st_size, st.st_mtime_ns, st.st_ino) == signature and os.readv(fd, [into]) == len(into):
-                        return decode_expert(into, record["tensors"])
+                        return self.executor.place(decode_expert(into, record["tensors"]))
                 finally:
                     os.close(fd)
             except OSError:
@@ -315,7 +316,7 @@ class Session:
         weights = decode_expert(into, record["tensors"])
         if st is not None:
             self._verified[key] = (path, (st.st_size, st.st_mtime_ns, st.st_ino))
-        return weights
+        return self.executor.place(weights)
 
     # -- loading ---------------------------------------------------------------------------
     @staticmethod
@@ -332,7 +333,7 @@ class Session:
     def _shared_weights(self, record: dict) -> dict[str, np.ndarray]:
         weights = decode_expert(read_verified(self.root, record), record["tensors"])
         self._shared_bytes += int(record["bytes"])
-        return weights
+        return self.executor.place(weights)
 
     def _load_graph(self, name: str) -> Graph:
         try:
@@ -584,7 +585,7 @@ class Session:
         task_bytes = sum(int(self._records[li][e]["bytes"]) for li, kept in enumerate(self.kept) for e in kept)
         cache, book = self._cache, self._cache.book
         with cache._cond:
-            data = list(cache.data.values())
+            resident = sum(book.sizes[k] for k in cache.data)  # blob bytes (weights may sit on a device)
             accesses = book.hits + book.misses
             counters = {
                 "memory_budget": self.memory_budget,
@@ -612,7 +613,7 @@ class Session:
             expert_bytes_loaded=book.bytes_loaded,
             expert_bytes_task=task_bytes,
             expert_bytes_total=int(totals["expert_bytes_model"]),
-            resident_expert_bytes=sum(sum(a.nbytes for a in w.values()) for w in data) + self._shared_bytes,
+            resident_expert_bytes=resident + self._shared_bytes,
             shared_expert_bytes=self._shared_bytes,
             graph_bytes=self._graph_bytes,
             runs=self._runs,

@@ -31,3 +31,13 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def load(self, root: Path, record: dict) -> Graph:
         """Load the graph described by a manifest ``graphs`` entry."""
+
+    def place(self, weights: dict[str, np.ndarray]) -> dict[str, object]:
+        """Put a just-loaded expert's tensors where this executor's graphs read them.
+
+        Called once per expert load (on the loader thread for a prefetch); the expert cache keeps
+        what it returns and hands those values to the expert kernels until the expert is evicted,
+        so an executor on a device copies each expert there once per load, not once per call. The
+        default keeps the host arrays (graphs on the host read them in place).
+        """
+        return weights

@@ -138,8 +138,9 @@ class TvmGraph(Graph):
         return cls(tvm.runtime.vm.VirtualMachine(lib, device), device, name, input_names, output_names)
 
     def run(self, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
-        tensor = self._tvm.runtime.tensor
-        args = [tensor(np.ascontiguousarray(x), self._device) for x in inputs]
+        tensor, placed = self._tvm.runtime.tensor, self._tvm.runtime.Tensor
+        # Tensors the executor placed on the device already (expert weights) pass as they are.
+        args = [x if isinstance(x, placed) else tensor(np.ascontiguousarray(x), self._device) for x in inputs]
         try:
             with self._lock:
                 out = self._main(*args)
@@ -175,6 +176,15 @@ class TvmExecutor(Executor):
             # Affinity mode 1 ("big" cores) with `threads` workers: TVM's runtime.config_threadpool.
             self._tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
         self.threads = threads
+        self._devices: set[str] = set()  # devices of the graphs loaded ("cpu:0", "cuda:0")
+        self._device = None
+
+    def place(self, weights: dict[str, np.ndarray]) -> dict[str, object]:
+        """Copy an expert to the GPU once per load when the graphs run there (host graphs read numpy)."""
+        if len(self._devices) != 1 or self._device is None or self._device.dlpack_device_type() == 1:  # 1: kDLCPU
+            return weights
+        tensor = self._tvm.runtime.tensor
+        return {name: tensor(np.ascontiguousarray(w), self._device) for name, w in weights.items()}
 
     def load(self, root: Path, record: dict) -> Graph:
         inputs, outputs = record.get("inputs"), record.get("outputs")
@@ -188,4 +198,7 @@ class TvmExecutor(Executor):
         with tempfile.TemporaryDirectory(prefix="edgemoe-tvm-") as tmp:
             path = Path(tmp) / Path(record["file"]).name
             path.write_bytes(data)
-            return TvmGraph.from_path(path, record["file"], inputs, outputs)
+            graph = TvmGraph.from_path(path, record["file"], inputs, outputs)
+        self._devices.add(str(graph._device))
+        self._device = graph._device
+        return graph
