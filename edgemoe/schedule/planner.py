@@ -489,6 +489,7 @@ def plan_bundle(
     out = {
         "bundle": str(bundle),
         "device": profile.name,
+        "compute_gflops": profile.compute_gflops,
         "budget_bytes": budget_bytes,
         "cache_bytes": capacity,
         "expert_bytes": routed,
@@ -550,7 +551,9 @@ def render_plan(result: dict) -> str:
         lines.append(
             f"note: on {result['device']} prefetch is expected to add stall ({chosen * 1e3:.2f} ms vs "
             f"{demand * 1e3:.2f} ms loading on demand): loads outweigh the compute they could hide, and wrong "
-            "guesses cost loads; consider running without prefetch"
+            f"guesses cost loads; consider running without prefetch. This rests on the profile's compute figure "
+            f"({result['compute_gflops']:g} GFLOP/s, often a peak): with a measured sustained figure in a user profile "
+            "(--device FILE) compute takes longer and prefetch may pay"
         )
     for name, entry in result["schedule"]["task_switch"].items():
         cost = entry.get("cost")
