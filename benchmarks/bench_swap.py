@@ -47,9 +47,9 @@ from edgemoe.config import CompileConfig
 from edgemoe.devices import get_device
 from edgemoe.runtime import Session
 from edgemoe.schedule import ThrashWarning, plan_bundle, simulate, trace_inputs
-from edgemoe.schedule.planner import _recency, dense_cost, expert_sizes
+from edgemoe.schedule.planner import _recency, expert_sizes, replay_prefetch, stored_plan
 from edgemoe.schedule.policies import Belady, Planned, make_policy
-from edgemoe.schedule.predict import PREFETCH_DEPTH, predictor_from_json
+from edgemoe.schedule.predict import predictor_from_json
 from edgemoe.schedule.traces import Trace, record_trace
 
 NAME = "bench_swap"
@@ -152,34 +152,26 @@ def simulated(bundle: Path, task: str, held, warmup: int, runs: int, configs: di
     number); the other configurations are predictions.
     """
     manifest = read_manifest(bundle)
-    plan = manifest["schedule"]["tasks"][task]
+    entry = manifest["schedule"]["tasks"][task]
+    plan = stored_plan(manifest, task, entry)
     trace = record_trace(bundle, task, held, "run")
     first = dataclasses.replace(trace, steps=trace.steps[: warmup * trace.num_layers])
-    sizes, dense = expert_sizes(manifest, task), dense_cost(manifest, task)
-    far = predictor_from_json(plan["predictors"]["static"])
+    sizes = plan.sizes
 
     def per_run(profile, kw) -> tuple[float, float, float]:
         budget, name = kw["memory_budget"], kw["prefetch"]
         capacity = sum(sizes.values()) if budget is None else budget - manifest["schedule"]["shared_bytes"]
-        extra = {}
-        if name:
-            pred = predictor_from_json(plan["predictors"][name])
-            extra = {"predictor": pred, "far": far, "depth": PREFETCH_DEPTH}
-            extra["resident"] = [tuple(k) for k in plan["resident"]]
-        if budget is None:
-            extra["warm"] = list(sizes)  # warmed by running every held-out image first
-        a, b = (
-            simulate(
-                t,
-                sizes,
-                capacity,
-                make_policy("planned", plan["probability"], plan.get("recency")),
-                profile,
-                dense=dense,
-                **extra,
-            )
-            for t in (first, trace)
-        )
+
+        def replay(t):
+            if name:
+                pred = predictor_from_json(entry["predictors"][name])
+                return replay_prefetch(t, plan, capacity, profile, "planned", pred)
+            policy = make_policy("planned", plan.prob, plan.recency)
+            # all resident: warmed by running every held-out image first
+            warm = list(sizes) if budget is None else []
+            return simulate(t, sizes, capacity, policy, profile, warm=warm, dense=plan.dense)
+
+        a, b = replay(first), replay(trace)
         return (
             (b.time_s - a.time_s) / runs * 1e3,
             (b.stall_s - a.stall_s) / runs * 1e3,

@@ -22,7 +22,7 @@ from ..devices import DeviceProfile, get_device
 from ..errors import ConfigError
 from ..quantization import parse_bytes
 from .policies import POLICIES, Belady, CacheBook, Key, make_policy
-from .predict import PREDICTORS, PREFETCH_DEPTH, Static, make_predictor, predictor_from_json
+from .predict import PREDICTORS, PREFETCH_DEPTH, Predictor, Static, make_predictor, predictor_from_json
 from .simulate import DenseCost, SimResult, SwitchResult, simulate, simulate_switch
 from .traces import Trace, bundle_traces
 
@@ -231,6 +231,81 @@ def _recency(calib: Trace, sizes: dict[Key, int], capacity: int) -> list[list[fl
     return table if with_table >= simulate(calib, sizes, capacity, make_policy("planned", prob)).hits else None
 
 
+@dataclass(frozen=True, eq=False)
+class TaskPlan:
+    """What a task's plan learns from its calibration trace, computed once per plan.
+
+    Attributes:
+        sizes: Bytes of each of the task's routed experts.
+        prob: Per layer, per expert: share of calibration steps that use it.
+        recency: The planned policy's recency table, or None (see :func:`_recency`).
+        resident: The always-resident experts.
+        far: Calibration order the runtime prefetches from beyond the next layer.
+        dense: Dense graphs' bytes, for the simulated compute time.
+    """
+
+    sizes: dict[Key, int]
+    prob: list[list[float]]
+    recency: list[list[float]] | None
+    resident: list[Key]
+    far: Static
+    dense: DenseCost
+
+
+def task_plan(manifest: dict, task: str, calib: Trace, capacity: int) -> TaskPlan:
+    """Learn ``task``'s plan parts from its calibration trace for a cache of ``capacity`` bytes."""
+    sizes, prob = expert_sizes(manifest, task), calib.probabilities()
+    return TaskPlan(
+        sizes=sizes,
+        prob=prob,
+        recency=_recency(calib, sizes, capacity),
+        resident=_resident(prob, sizes, resident_room(capacity, sizes)),
+        far=Static.from_trace(calib),
+        dense=dense_cost(manifest, task),
+    )
+
+
+def stored_plan(manifest: dict, task: str, entry: dict) -> TaskPlan:
+    """A task's plan as the runtime reads it: from its ``schedule.tasks`` ``entry`` in the manifest."""
+    static = entry["predictors"].get("static")
+    return TaskPlan(
+        sizes=expert_sizes(manifest, task),
+        prob=entry["probability"],
+        recency=entry.get("recency"),
+        resident=[tuple(k) for k in entry["resident"]],
+        far=predictor_from_json(static) if static else Static.from_probabilities(entry["probability"]),
+        dense=dense_cost(manifest, task),
+    )
+
+
+def replay_prefetch(
+    trace: Trace,
+    plan: TaskPlan,
+    capacity: int,
+    profile: DeviceProfile,
+    policy: str,
+    predictor: Predictor,
+    book: CacheBook | None = None,
+) -> SimResult:
+    """Replay ``trace`` under ``plan`` with ``predictor`` prefetching by the runtime's rules.
+
+    ``book`` continues on that cache (built with ``plan``'s policy) instead of an empty one.
+    """
+    return simulate(
+        trace,
+        plan.sizes,
+        capacity,
+        book.policy if book else make_policy(policy, plan.prob, plan.recency),
+        profile,
+        predictor,
+        resident=plan.resident,
+        book=book,
+        far=plan.far,
+        depth=PREFETCH_DEPTH,
+        dense=plan.dense,
+    )
+
+
 def _combine(results: list[SimResult]) -> dict:
     accesses = sum(r.accesses for r in results)
     hits = sum(r.hits for r in results)
@@ -260,10 +335,12 @@ def score_policies(
     predictors: tuple[str, ...] = PREDICTORS,
     plan_policy: str = "planned",
     keep_timeline: str | None = None,
+    plans: dict[str, TaskPlan] | None = None,
 ) -> tuple[dict, dict, dict[str, SimResult]]:
     """Replay each task's held-out trace under every policy, Belady's MIN and every predictor.
 
-    Plans (probabilities, affinity tables) come from the calibration trace only.
+    Plans (probabilities, affinity tables) come from the calibration trace only; ``plans`` passes
+    each task's :func:`task_plan` when already computed.
 
     Returns:
         (per-policy summaries incl. ``belady``, per-predictor summaries with ``accuracy``,
@@ -273,35 +350,19 @@ def score_policies(
     per_pred: dict[str, list[SimResult]] = {p: [] for p in predictors}
     kept: dict[str, SimResult] = {}
     for task, (calib, held) in traces.items():
-        sizes, dense = expert_sizes(manifest, task), dense_cost(manifest, task)
-        prob, recency = calib.probabilities(), _recency(calib, sizes, capacity)
+        plan = plans[task] if plans else task_plan(manifest, task, calib, capacity)
+        sizes, dense = plan.sizes, plan.dense
         for name in policies:
-            policy = make_policy(name, prob, recency)
+            policy = make_policy(name, plan.prob, plan.recency)
             r = simulate(held, sizes, capacity, policy, profile, keep_timeline=name == keep_timeline, dense=dense)
             per_policy[name].append(r)
             if name == keep_timeline:
                 kept[task] = r
         steps = [held.keys(i) for i in range(len(held.steps))]
         per_policy["belady"].append(simulate(held, sizes, capacity, Belady(steps), profile, dense=dense))
-        resident = _resident(prob, sizes, resident_room(capacity, sizes))
-        far = Static.from_trace(calib)  # the runtime's order beyond the next layer
         for name in predictors:
             pred = make_predictor(name, calib)
-            policy = make_policy(plan_policy, prob, recency)
-            per_pred[name].append(
-                simulate(
-                    held,
-                    sizes,
-                    capacity,
-                    policy,
-                    profile,
-                    pred,
-                    resident=resident,
-                    far=far,
-                    depth=PREFETCH_DEPTH,
-                    dense=dense,
-                )
-            )
+            per_pred[name].append(replay_prefetch(held, plan, capacity, profile, plan_policy, pred))
     policies_out = {name: _combine(rs) for name, rs in per_policy.items()}
     preds_out = {}
     for name, rs in per_pred.items():
@@ -311,7 +372,11 @@ def score_policies(
 
 
 def choose_predictor(
-    traces: dict[str, tuple[Trace, Trace]], manifest: dict, capacity: int, profile: DeviceProfile, policy: str
+    traces: dict[str, tuple[Trace, Trace]],
+    plans: dict[str, TaskPlan],
+    capacity: int,
+    profile: DeviceProfile,
+    policy: str,
 ) -> str:
     """The prefetch predictor of the plan: the most accurate replaying the calibration traces (ties: pre-gating).
 
@@ -319,22 +384,8 @@ def choose_predictor(
     """
     score: dict[str, list[int]] = {name: [0, 0] for name in PREDICTORS}
     for task, (calib, _) in traces.items():
-        sizes, prob = expert_sizes(manifest, task), calib.probabilities()
-        recency = _recency(calib, sizes, capacity)
-        resident = _resident(prob, sizes, resident_room(capacity, sizes))
         for name in PREDICTORS:
-            r = simulate(
-                calib,
-                sizes,
-                capacity,
-                make_policy(policy, prob, recency),
-                profile,
-                make_predictor(name, calib),
-                resident=resident,
-                far=Static.from_trace(calib),
-                depth=PREFETCH_DEPTH,
-                dense=dense_cost(manifest, task),
-            )
+            r = replay_prefetch(calib, plans[task], capacity, profile, policy, make_predictor(name, calib))
             score[name][0] += r.hits
             score[name][1] += r.accesses
     return max(PREDICTORS, key=lambda p: (score[p][0] / max(score[p][1], 1), p == "pregate"))
@@ -357,26 +408,10 @@ def predict_switch(
     Returns:
         The :class:`~edgemoe.schedule.simulate.SwitchResult`: bytes freed and loaded, load time.
     """
-    plan_a, plan_b = tasks[source], tasks[target]
-    sizes = expert_sizes(manifest, source)
-    book = CacheBook(capacity, sizes, make_policy(policy, plan_a["probability"], plan_a.get("recency")))
-    resident = [tuple(k) for k in plan_a["resident"]]
-    pred = predictor_from_json(plan_a["predictors"].get(predictor, {"name": predictor}))
-    static = plan_a["predictors"].get("static")
-    far = predictor_from_json(static) if static else Static.from_probabilities(plan_a["probability"])
-    simulate(
-        held,
-        sizes,
-        capacity,
-        book.policy,
-        profile,
-        pred,
-        resident=resident,
-        book=book,
-        far=far,
-        depth=PREFETCH_DEPTH,
-        dense=dense_cost(manifest, source),
-    )
+    plan_a, plan_b = stored_plan(manifest, source, tasks[source]), tasks[target]
+    book = CacheBook(capacity, plan_a.sizes, make_policy(policy, plan_a.prob, plan_a.recency))
+    pred = predictor_from_json(tasks[source]["predictors"].get(predictor, {"name": predictor}))
+    replay_prefetch(held, plan_a, capacity, profile, policy, pred, book=book)
     return simulate_switch(
         book,
         expert_sizes(manifest, target),
@@ -437,25 +472,24 @@ def plan_bundle(
         )
     capacity = check_budget(manifest, budget_bytes)
     traces = bundle_traces(bundle, granularity, heldout)
+    plans = {task: task_plan(manifest, task, calib, capacity) for task, (calib, _) in traces.items()}
     policies, prefetch, kept = score_policies(
-        traces, manifest, capacity, profile, keep_timeline=policy if keep_timeline else None
+        traces, manifest, capacity, profile, keep_timeline=policy if keep_timeline else None, plans=plans
     )
-    best = predictor or choose_predictor(traces, manifest, capacity, profile, policy)
+    best = predictor or choose_predictor(traces, plans, capacity, profile, policy)
     tasks, residents = {}, {}
     for task, (calib, _) in traces.items():
-        prob = calib.probabilities()
-        sizes = expert_sizes(manifest, task)
-        residents[task] = _resident(prob, sizes, resident_room(capacity, sizes))
+        plan = plans[task]
+        residents[task] = plan.resident
         tasks[task] = {
-            "resident": [list(k) for k in residents[task]],
-            "resident_bytes": sum(sizes[k] for k in residents[task]),
-            "probability": [[round(p, 4) for p in ps] for ps in prob],
+            "resident": [list(k) for k in plan.resident],
+            "resident_bytes": sum(plan.sizes[k] for k in plan.resident),
+            "probability": [[round(p, 4) for p in ps] for ps in plan.prob],
             "prefetch": make_predictor(best, calib).to_json(),
             "predictors": {name: make_predictor(name, calib).to_json() for name in PREDICTORS},
         }
-        recency = _recency(calib, sizes, capacity)
-        if recency is not None:
-            tasks[task]["recency"] = recency
+        if plan.recency is not None:
+            tasks[task]["recency"] = plan.recency
     switch = {}
     for a in traces:
         for b in traces:

@@ -176,15 +176,17 @@ class TvmExecutor(Executor):
             # Affinity mode 1 ("big" cores) with `threads` workers: TVM's runtime.config_threadpool.
             self._tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
         self.threads = threads
-        self._devices: set[str] = set()  # devices of the graphs loaded ("cpu:0", "cuda:0")
-        self._device = None
+        self._devices: dict[str, object] = {}  # the devices of the graphs loaded, by name ("cpu:0", "cuda:0")
 
     def place(self, weights: dict[str, np.ndarray]) -> dict[str, object]:
         """Copy an expert to the GPU once per load when the graphs run there (host graphs read numpy)."""
-        if len(self._devices) != 1 or self._device is None or self._device.dlpack_device_type() == 1:  # 1: kDLCPU
+        if len(self._devices) != 1:
+            return weights  # no graph loaded yet, or graphs on two devices: copied with each call
+        device = next(iter(self._devices.values()))
+        if device.dlpack_device_type() == 1:  # kDLCPU
             return weights
         tensor = self._tvm.runtime.tensor
-        return {name: tensor(np.ascontiguousarray(w), self._device) for name, w in weights.items()}
+        return {name: tensor(np.ascontiguousarray(w), device) for name, w in weights.items()}
 
     def load(self, root: Path, record: dict) -> Graph:
         inputs, outputs = record.get("inputs"), record.get("outputs")
@@ -199,6 +201,5 @@ class TvmExecutor(Executor):
             path = Path(tmp) / Path(record["file"]).name
             path.write_bytes(data)
             graph = TvmGraph.from_path(path, record["file"], inputs, outputs)
-        self._devices.add(str(graph._device))
-        self._device = graph._device
+        self._devices[str(graph._device)] = graph._device
         return graph
