@@ -89,6 +89,11 @@ def _budget_warnings(notes: list[str]):
         yield
 
 
+def _comma_list(text: str) -> tuple[str, ...]:
+    """The non-empty items of a comma-separated option value, stripped."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def _emit(obj: dict, as_json: bool, render) -> None:
     click.echo(json.dumps(obj, indent=1) if as_json else render(obj))
 
@@ -242,7 +247,7 @@ def compile_cmd(
         model=model,
         target=target,
         device=device,
-        tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+        tasks=_comma_list(tasks),
         prune=prune,
         prune_below=prune_below,
         calib_samples=calib_samples,
@@ -529,7 +534,7 @@ def tune_cmd(model, output, device, trials, token_buckets, batch, seq, kinds, we
     from edgemoe.targets.tvm.tune import TuningShapes, tune_model
 
     try:
-        buckets = tuple(int(b) for b in token_buckets.split(",") if b.strip())
+        buckets = tuple(int(b) for b in _comma_list(token_buckets))
     except ValueError:
         raise ConfigError(f"--token-buckets takes comma-separated integers, got '{token_buckets}'") from None
     dims = {"batch": batch, **({"seq": seq} if seq else {})}
@@ -540,7 +545,7 @@ def tune_cmd(model, output, device, trials, token_buckets, batch, seq, kinds, we
         trials,
         device=device,
         shapes=shapes,
-        kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+        kinds=_comma_list(kinds),
         weights=weights,
         seed=seed,
         rpc=rpc,
