@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import shutil
 import time
 import warnings
@@ -115,6 +116,32 @@ def test_planned_prefetch_veto_uses_the_predicted_step():
     # (1, 6) is reused at every visit: due at the next layer, before (2, 0), so a prefetch may not evict it
     assert policy.expected_next_use((1, 6)) == 1
     assert policy.outliving([(1, 6), (0, 2)], (2, 0)) == [(0, 2)]
+
+
+def test_planned_keeps_an_expert_calibration_never_saw_once_it_is_in_use():
+    # Short calibration traces of a model with sticky routing can miss an expert entirely (p = 0).
+    # Rating it "never needed" evicted it first even while every token used it.
+    from edgemoe.schedule.policies import Planned
+
+    for recency in ([[1.1, 6.0, 8.0, 8.0]] * 2, None):
+        policy = Planned([[0.5, 0.0, 0.5, 0.25], [0.5, 0.5, 0.5, 0.5]], recency)
+        assert policy.expected_next_use((0, 1)) == math.inf  # unseen anywhere: not expected back
+        for step in range(4):
+            keys = [(0, 1), (0, 2)] if step % 2 == 0 else [(1, 0)]
+            policy.begin_step(step, step % 2, keys)
+            for key in keys:
+                policy.touch(key)
+        policy.begin_step(4, 0, [(0, 1), (0, 2)])
+        policy.touch((0, 1))
+        policy.touch((0, 2))
+        policy.begin_step(5, 1, [(1, 0)])
+        # (0, 1) was used at every visit of layer 0 (and (0, 3) never): the victim is (0, 3), not (0, 1)
+        assert policy.expected_next_use((0, 1)) < math.inf
+        assert policy.victim([(0, 1), (0, 3)]) == (0, 3)
+        # A task switch to probabilities without it: the new task never uses it, so it goes first again.
+        policy.new_task([[0.5, 0.0, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5]])
+        assert policy.expected_next_use((0, 1)) == math.inf
+        assert policy.victim([(0, 2), (0, 1)]) == (0, 1)
 
 
 def test_belady_bounds_every_policy_and_memory_stays_in_budget(bundle):

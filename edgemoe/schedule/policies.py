@@ -154,7 +154,12 @@ class Planned(Policy):
         layer, expert = key
         p = self.prob[layer][expert] if layer < self.layers and expert < len(self.prob[layer]) else 0.0
         if p <= 0:
-            return math.inf
+            # Never used in calibration. Unless this session has used it since (calibration traces are
+            # short: a model with sticky routing can leave an expert out of them), it is not expected back.
+            if layer >= self.layers or expert not in self.since.get(layer, {}):
+                return math.inf
+            # It is in use after all: with no recency table, rate it as the layer's rarest calibrated expert.
+            p = min((q for q in self.prob[layer] if q > 0), default=1.0)
         d = (layer - self.layer) % self.layers
         if d == 0 and (key in self.done or key not in self.step_keys):
             d = self.layers
@@ -179,10 +184,15 @@ class Planned(Policy):
     def new_task(
         self, prob: Sequence[Sequence[float]] | None, recency: Sequence[Sequence[float]] | None = None
     ) -> None:
-        # The old task's experts the new one never uses get p = 0: evicted first. Recency counters stay.
+        # The old task's experts the new one never uses get p = 0: evicted first. Recency counters stay,
+        # except theirs: the old task's use of them says nothing of the new one's.
         if prob is not None:
             self.prob = [list(map(float, p)) for p in prob]
             self.layers = len(self.prob)
+            for layer, since in self.since.items():
+                row = self.prob[layer] if layer < self.layers else []
+                for e in [e for e in since if e >= len(row) or row[e] <= 0]:
+                    del since[e]
             self._due.clear()
         if recency is not None:
             self.recency = [list(map(float, r)) for r in recency]
