@@ -176,6 +176,12 @@ def _resident(prob: list[list[float]], sizes: dict[Key, int], room: int) -> list
 # with the weight of this many visits (calibration traces are short).
 RECENCY_VISITS = 8
 RECENCY_PRIOR = 4.0
+# The (visits, prior) pairs a plan chooses from on its calibration trace: sticky routing (long runs of
+# one expert, long gaps after) is told apart further back than routing that changes at every token.
+RECENCY_CHOICES = (
+    (RECENCY_VISITS, RECENCY_PRIOR),
+    *((v, p) for v in (8, 16, 32, 64) for p in (4.0, 32.0) if (v, p) != (RECENCY_VISITS, RECENCY_PRIOR)),
+)
 
 
 def recency_table(trace: Trace, visits: int = RECENCY_VISITS, prior: float = RECENCY_PRIOR) -> list[list[float]]:
@@ -219,16 +225,18 @@ def _recency(calib: Trace, sizes: dict[Key, int], capacity: int) -> list[list[fl
     """The planned policy's recency table for a calibration trace, if it pays there (token traces only).
 
     A task-level model's runs all route to the task's experts, so recency adds nothing there. On a
-    token trace the table is kept when replaying the calibration trace itself at this capacity hits at
-    least as often with it as with frequencies alone: routing without temporal locality (random-weight
-    models) is better served by per-expert frequencies, which the pooled table gives up. The choice
-    sees calibration traces only.
+    token trace, each table of :data:`RECENCY_CHOICES` and frequencies alone (None) replay the
+    calibration trace at this capacity, and the one that hits most is kept (ties: the earlier, the
+    default table first): routing without temporal locality (random-weight models) is better served by
+    per-expert frequencies, which a pooled table gives up. The choice sees calibration traces only.
     """
     if calib.granularity != "token":
         return None
-    prob, table = calib.probabilities(), recency_table(calib)
-    with_table = simulate(calib, sizes, capacity, make_policy("planned", prob, table)).hits
-    return table if with_table >= simulate(calib, sizes, capacity, make_policy("planned", prob)).hits else None
+    prob = calib.probabilities()
+    tables = [recency_table(calib, v, p) for v, p in RECENCY_CHOICES]
+    tables.insert(1, None)
+    hits = [simulate(calib, sizes, capacity, make_policy("planned", prob, t)).hits for t in tables]
+    return tables[max(range(len(tables)), key=lambda i: (hits[i], -i))]
 
 
 @dataclass(frozen=True, eq=False)
