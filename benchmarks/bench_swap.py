@@ -7,7 +7,8 @@ cache holds 25% or 50% of the bundle's routed expert bytes. Task-level m3vit-tin
 run (one step per layer per image, as the runtime executes a batch); token-routed LMs per token
 (one step per layer per token, as decoding executes). mixtral-lm-bytes is the trained byte-level LM
 (models/moe_lm/train.py): its calibration and held-out inputs are disjoint windows of real text,
-so its routing depends on the text, unlike the random-weight LMs beside it.
+so its routing depends on the text, unlike the random-weight LMs beside it. mixtral-lm-bytes-local
+is the same architecture trained with a routing-locality loss (consecutive bytes keep their experts).
 
 * Hit rate: LRU, LFU and the trace-planned policy vs Belady's MIN on the same held-out trace
   (cold cache; hits / expert accesses).
@@ -252,7 +253,7 @@ def main() -> None:
     lms = (
         ["switch-lm-micro"]
         if quick
-        else ["mixtral-lm-bytes", "mixtral-lm-micro", "deepseek-lm-micro", "mixtral-lm-tiny"]
+        else ["mixtral-lm-bytes-local", "mixtral-lm-bytes", "mixtral-lm-micro", "deepseek-lm-micro", "mixtral-lm-tiny"]
     )
     heldout = 2 if quick else 16
     budgets = ("25%", "50%")
@@ -281,7 +282,9 @@ def main() -> None:
         f"Held-out traces ({heldout} inputs per task; plans from calibration traces only), cold cache, "
         f"{DEVICE} profile. Cache = budget share of routed expert bytes. Weights sha256: "
         + ", ".join(
-            f"{m} {str(data['weights_sha256'][m])[:12]}" for m in (vit, "mixtral-lm-bytes") if m in data["models"]
+            f"{m} {str(data['weights_sha256'][m])[:12]}"
+            for m in (vit, "mixtral-lm-bytes", "mixtral-lm-bytes-local")
+            if m in data["models"]
         )
         + ". Token-routed plans add recency (expected visits to the next use by visits since the last, "
         "from calibration traces) to the planned policy's per-expert frequencies.",

@@ -1,4 +1,5 @@
-"""The shipped trained byte-level LM (mixtral-lm-bytes): checkpoint, held-out text, data splits, swap plan."""
+"""The shipped trained byte-level LMs (mixtral-lm-bytes, mixtral-lm-bytes-local): checkpoints, held-out text,
+data splits, routing locality, swap plans."""
 
 import json
 import warnings
@@ -9,7 +10,7 @@ import pytest
 import torch
 from edgemoe.models import resolve_model
 from edgemoe.models.moe_lm import text
-from edgemoe.models.moe_lm.train import balance_loss, heldout_bits, train
+from edgemoe.models.moe_lm.train import balance_loss, expert_usage, heldout_bits, locality_loss, train
 
 from edgemoe.bundle.format import read_manifest, sha256_file
 from edgemoe.frontends.moe_lm import MoELMAdapter
@@ -20,16 +21,14 @@ from edgemoe.schedule.simulate import simulate
 from edgemoe.schedule.traces import Step, Trace
 
 HERE = Path(__file__).resolve().parents[1] / "models" / "moe_lm"
-CKPT = HERE / "mixtral-lm-bytes.safetensors"
-METRICS = HERE / "mixtral-lm-bytes.metrics.json"
+TRAINED = ("mixtral-lm-bytes", "mixtral-lm-bytes-local")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def metrics() -> dict:
-    return json.loads(METRICS.read_text())
+def metrics_of(name: str) -> dict:
+    return json.loads((HERE / f"{name}.metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -37,21 +36,42 @@ def trained():
     return resolve_model("mixtral-lm-bytes").build()
 
 
-def test_checkpoint_is_the_recorded_one(metrics):
-    assert metrics["checkpoint_sha256"] == sha256_file(CKPT)
-    assert metrics["checkpoint_bytes"] == CKPT.stat().st_size <= 5 * 2**20
-    assert resolve_model("mixtral-lm-bytes").weights == str(CKPT)
+@pytest.mark.parametrize("name", TRAINED)
+def test_checkpoint_is_the_recorded_one(name):
+    metrics, ckpt = metrics_of(name), HERE / f"{name}.safetensors"
+    assert metrics["checkpoint_sha256"] == sha256_file(ckpt)
+    assert metrics["checkpoint_bytes"] == ckpt.stat().st_size <= 5 * 2**20
+    assert resolve_model(name).weights == str(ckpt)
     assert resolve_model("mixtral-lm-micro").weights is None  # the random-weight configs stay as they were
 
 
-def test_heldout_bits_per_byte_beat_the_unigram_baseline(trained, metrics):
+@pytest.mark.parametrize("name", TRAINED)
+def test_heldout_bits_per_byte_beat_the_unigram_baseline(name):
+    metrics = metrics_of(name)
     held = text.split("heldout")
-    bits = heldout_bits(trained, held, limit=8)  # 1024 held-out bytes
+    bits = heldout_bits(resolve_model(name).build(), held, limit=8)  # 1024 held-out bytes
     unigram = text.unigram_bits(text.split("train"), held[: 8 * 128 + 1])
     assert bits < unigram - 2.0, (bits, unigram)
     if text.corpus_sha256() == metrics["corpus"]["sha256"]:  # same Python docs as at training time
         assert metrics["heldout"]["bits_per_byte"] < metrics["heldout"]["unigram_bits_per_byte"] - 2.0
         assert abs(bits - metrics["heldout"]["bits_per_byte"]) < 0.5
+
+
+def test_locality_training_keeps_experts_from_byte_to_byte():
+    """The locality loss makes consecutive bytes share experts, at a small cost in held-out bits."""
+    held = text.split("heldout")
+    kept, bits = {}, {}
+    for name in TRAINED:
+        model = resolve_model(name).build()
+        kept[name] = np.mean(expert_usage(model, held, windows=32)["kept_from_previous_token"])
+        bits[name] = heldout_bits(model, held, limit=8)
+    assert (
+        metrics_of("mixtral-lm-bytes-local")["training"]["locality"]
+        > 0
+        == metrics_of(TRAINED[0])["training"].get("locality", 0)
+    )
+    assert kept["mixtral-lm-bytes"] < 0.6 < 0.8 < kept["mixtral-lm-bytes-local"], kept
+    assert bits["mixtral-lm-bytes-local"] < bits["mixtral-lm-bytes"] + 0.3, bits
 
 
 def test_splits_are_disjoint_and_the_adapter_draws_from_them(trained):
@@ -85,6 +105,27 @@ def test_training_is_seeded_and_balances_experts():
     assert balance_loss(uniform, 8).item() == pytest.approx(1.0)
     skewed = [(torch.tensor([[9.0] + [0.0] * 7] * 4), torch.zeros(4, 1, dtype=torch.long))]
     assert balance_loss(skewed, 8).item() > 7.9
+
+
+def test_locality_loss_counts_router_mass_off_the_previous_tokens_experts():
+    # One window of 6 tokens, 8 experts, top-2, router mass all on the chosen pair.
+    def records(pairs):
+        idx = torch.tensor(pairs)
+        logits = torch.full((len(pairs), 8), -30.0).scatter(1, idx, 30.0)
+        return [(logits, idx)]
+
+    sticky = records([[0, 1]] * 6)
+    assert locality_loss(sticky, 1, 8).item() == pytest.approx(0.0, abs=1e-6)
+    flip = records([[0, 1], [2, 3]] * 3)  # every token leaves both of its predecessor's experts
+    assert locality_loss(flip, 1, 8).item() == pytest.approx(1.0, abs=1e-6)
+    half = records([[0, 1], [1, 2]] * 3)  # one expert kept: half the mass stays
+    assert locality_loss(half, 1, 8).item() == pytest.approx(0.5, abs=1e-6)
+    # Two windows of 3: the step from one window's last token to the next window's first is not counted.
+    assert locality_loss(records([[0, 1]] * 3 + [[2, 3]] * 3), 2, 8).item() == pytest.approx(0.0, abs=1e-6)
+    # The loss trains: its gradient moves router mass toward the previous token's experts.
+    logits = torch.zeros(4, 8, requires_grad=True)
+    locality_loss([(logits, torch.tensor([[0, 1]] * 4))], 1, 8).backward()
+    assert (logits.grad[1:, :2] < 0).all() and (logits.grad[1:, 2:] > 0).all()
 
 
 def test_recency_table_counts_visits_since_last_use():
@@ -122,3 +163,17 @@ def test_planned_policy_on_the_trained_lm(bundle_factory):
     sim = simulate(trace, sizes, budget, make_policy("planned", plan["probability"], plan["recency"]))
     st = session.stats
     assert st.cache_misses == sim.misses > 0 and st.cache_hits == sim.hits and st.evictions == sim.evictions
+
+
+@pytest.mark.parametrize("budget", ["25%", "50%"])
+def test_planned_policy_near_belady_on_the_locality_lm(bundle_factory, budget):
+    """Per-token decode traces of held-out text: the plan (calibration only) reaches 0.95 x Belady's MIN."""
+    bundle = bundle_factory("mixtral-lm-bytes-local")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ThrashWarning)
+        r = plan_bundle(bundle, "jetson-orin-nano-8gb", budget, "planned", heldout=16, write=False)
+    p = r["policies"]
+    assert r["schedule"]["granularity"] == "token"
+    assert p["planned"]["hit_rate"] >= 0.95 * p["belady"]["hit_rate"], {k: v["hit_rate"] for k, v in p.items()}
+    if budget == "50%":  # at 25 % the cache holds one byte's experts: a wrong guess evicts a needed one
+        assert max(q["accuracy"] for q in r["prefetch"].values()) >= 0.8

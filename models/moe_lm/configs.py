@@ -62,6 +62,20 @@ CONFIGS: dict[str, MoELMConfig] = {
         top_k=2,
         normalize=True,
     ),
+    # The same architecture trained with a routing-locality loss (train.py --locality): consecutive bytes
+    # keep their experts, so an expert cache serving token-by-token decoding hits far more often.
+    "mixtral-lm-bytes-local": MoELMConfig(
+        name="mixtral-lm-bytes-local",
+        vocab_size=256,
+        dim=64,
+        heads=4,
+        depth=4,
+        mlp_hidden=128,
+        expert_hidden=128,
+        num_experts=8,
+        top_k=2,
+        normalize=True,
+    ),
     # Benchmark sizes.
     "mixtral-lm-tiny": MoELMConfig(
         name="mixtral-lm-tiny",

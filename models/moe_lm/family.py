@@ -13,12 +13,16 @@ DESCRIPTIONS = {
     "mixtral-lm-micro": "tiny test LM, Mixtral-style: vocab 512, dim 64, 3 MoE blocks, 8 experts, top-2 renormalised",
     "deepseek-lm-micro": "tiny test LM, DeepSeekMoE-style: dim 48, 3 blocks (first dense), 16 experts top-4 + 2 shared",
     "mixtral-lm-bytes": "byte-level Mixtral-style LM: dim 64, 4 MoE blocks, 8 experts top-2, trained on Python's docs",
+    "mixtral-lm-bytes-local": "mixtral-lm-bytes trained with a routing-locality loss: consecutive bytes share experts",
     "mixtral-lm-tiny": "Mixtral-style LM: vocab 4096, dim 256, 6 MoE blocks, 8 experts (hidden 704), top-2",
     "deepseek-lm-tiny": "DeepSeekMoE-style LM: vocab 4096, dim 256, 6 blocks (1st dense), 32 experts top-4 + 2 shared",
 }
 
 # Shipped checkpoints (file names beside this module), by config name.
-WEIGHTS: dict[str, str] = {"mixtral-lm-bytes": "mixtral-lm-bytes.safetensors"}
+WEIGHTS: dict[str, str] = {
+    "mixtral-lm-bytes": "mixtral-lm-bytes.safetensors",
+    "mixtral-lm-bytes-local": "mixtral-lm-bytes-local.safetensors",
+}
 
 
 def config_class():

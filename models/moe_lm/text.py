@@ -25,7 +25,7 @@ SPLITS = {"train": (0.0, 0.90), "calibration": (0.90, 0.95), "heldout": (0.95, 1
 VOCAB = 256
 
 # Registry configs trained on this corpus: their adapter draws calibration and evaluation inputs from it.
-TEXT_MODELS = ("mixtral-lm-bytes",)
+TEXT_MODELS = ("mixtral-lm-bytes", "mixtral-lm-bytes-local")
 
 
 _corpus_file: str | None = None

@@ -7,8 +7,12 @@ cross-entropy plus ``aux`` times the Switch Transformer load-balancing loss of e
 expert ``e``, ``P_e`` its mean router probability (Fedus et al. 2021; Mixtral trains with the
 same term). A small coefficient keeps every expert in use without flattening the router: routing
 stays a function of the token and its context, which is what an expert cache can learn from.
+With ``--locality`` it also minimises :func:`locality_loss`, the router mass each byte puts off
+the experts its predecessor used, so that routing changes only when the text does: an expert
+cache serving byte-by-byte decoding then hits far more often (``mixtral-lm-bytes-local``).
 AdamW with linear warm-up and cosine decay, gradients clipped at norm 1, one CPU thread and
 deterministic kernels: the same command gives the same checkpoint on the same torch build.
+Each shipped config's loss coefficients are the command line's defaults for it (:data:`RECIPES`).
 
 Writes ``<out>`` (fp32 safetensors), ``<stem>.metrics.json`` (checkpoint sha256, held-out bits
 per byte against the unigram baseline, expert usage) and ``<stem>.train.json`` (loss curve).
@@ -18,6 +22,10 @@ Reproduce the shipped checkpoint (1200 steps, ~9 minutes on one core; it was tra
 
     python -c "from edgemoe.models.moe_lm import text; open('corpus.bin', 'wb').write(text.corpus())"
     nice -n 19 python -m edgemoe.models.moe_lm.train --corpus corpus.bin
+
+and the locality-trained one (trained here, Python 3.11.7, torch 2.13.0 CPU)::
+
+    python -m edgemoe.models.moe_lm.train --config mixtral-lm-bytes-local
 """
 
 from __future__ import annotations
@@ -51,6 +59,11 @@ from .configs import CONFIGS
 from .model import MoELM, build_moe_lm
 
 DEFAULT_CONFIG = "mixtral-lm-bytes"
+# Loss coefficients each shipped checkpoint was trained with (the command line's defaults for its config).
+RECIPES: dict[str, dict[str, float]] = {
+    "mixtral-lm-bytes": {"aux": 0.01, "locality": 0.0},
+    "mixtral-lm-bytes-local": {"aux": 1.0, "locality": 1.5},
+}
 EVAL_SEQ = 128  # held-out evaluation: consecutive non-overlapping windows of this many predicted bytes
 
 
@@ -79,6 +92,22 @@ def balance_loss(records: list[tuple[torch.Tensor, torch.Tensor]], num_experts: 
         probs = torch.softmax(logits, dim=-1).reshape(-1, num_experts)
         frac = torch.bincount(idx.reshape(-1), minlength=num_experts).float() / idx.numel()
         total = total + num_experts * (frac * probs.mean(0)).sum()
+    return total / max(1, len(records))
+
+
+def locality_loss(records: list[tuple[torch.Tensor, torch.Tensor]], batch: int, num_experts: int) -> torch.Tensor:
+    """Routing-locality loss, averaged over MoE layers: router mass a token puts off the previous token's experts.
+
+    ``1 - sum_{e in topk(t-1)} p_t(e)`` per token after the first of a window: 0 when every token
+    puts all its router probability on the experts its predecessor used. It asks for sharp routing
+    that changes only when the text does, so consecutive tokens share experts and an expert cache
+    hits more often (the balance loss still spreads experts over the batch).
+    """
+    total = torch.zeros(())
+    for logits, idx in records:
+        probs = torch.softmax(logits, dim=-1).reshape(batch, -1, num_experts)
+        chosen = F.one_hot(idx, num_experts).sum(-2).reshape(batch, -1, num_experts).to(probs.dtype)
+        total = total + (1.0 - (probs[:, 1:] * chosen[:, :-1]).sum(-1)).mean()
     return total / max(1, len(records))
 
 
@@ -143,6 +172,7 @@ def train(
     warmup: int = 100,
     weight_decay: float = 0.01,
     aux: float = 0.01,
+    locality: float = 0.0,
     seed: int = 0,
     log_every: int = 50,
     log=print,
@@ -161,7 +191,7 @@ def train(
         t = (step - warmup) / max(1, steps - warmup)
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
-    history, start, acc = [], time.perf_counter(), {"ce": 0.0, "balance": 0.0}
+    history, start, acc = [], time.perf_counter(), {"ce": 0.0, "balance": 0.0, "locality": 0.0}
     for step in range(steps):
         starts = torch.from_numpy(rng.integers(0, len(data) - seq - 1, size=batch))
         win = data[starts[:, None] + torch.arange(seq + 1)]
@@ -171,25 +201,28 @@ def train(
         logits = model(win[:, :-1])
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), win[:, 1:].reshape(-1))
         bal = balance_loss(tap.records, model.cfg.num_experts)
-        loss = ce + aux * bal
+        loc = locality_loss(tap.records, batch, model.cfg.num_experts)
+        loss = ce + aux * bal + locality * loc
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         acc["ce"] += ce.item()
         acc["balance"] += bal.item()
+        acc["locality"] += loc.item()
         if (step + 1) % log_every == 0 or step + 1 == steps:
             k = (step % log_every) + 1
             rec = {
                 "step": step + 1,
                 "bits_per_byte": round(acc["ce"] / k / math.log(2), 4),
                 "balance": round(acc["balance"] / k, 4),
+                "locality": round(acc["locality"] / k, 4),
                 "lr": round(lr_at(step), 6),
                 "wall_s": round(time.perf_counter() - start, 1),
             }
             history.append(rec)
             log(json.dumps(rec))
-            acc = {"ce": 0.0, "balance": 0.0}
+            acc = {"ce": 0.0, "balance": 0.0, "locality": 0.0}
     tap.close()
     return model.eval(), history
 
@@ -202,12 +235,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32, help="windows per step")
     ap.add_argument("--seq", type=int, default=128, help="predicted bytes per window")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    ap.add_argument("--aux", type=float, default=0.01, help="load-balancing loss coefficient")
+    ap.add_argument("--aux", type=float, default=None, help="load-balancing loss coefficient (default: the recipe's)")
+    ap.add_argument(
+        "--locality",
+        type=float,
+        default=None,
+        help="routing-locality loss coefficient (0: none; see locality_loss; default: the recipe's)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--corpus", default=None, help="train on this dump of the corpus (text.corpus() bytes)")
     ap.add_argument("--out", default=None, help="checkpoint path (default: models/moe_lm/<config>.safetensors)")
     args = ap.parse_args(argv)
+    recipe = RECIPES.get(args.config, {"aux": 0.01, "locality": 0.0})
+    args.aux = recipe["aux"] if args.aux is None else args.aux
+    args.locality = recipe["locality"] if args.locality is None else args.locality
 
     from safetensors.torch import save_file
 
@@ -217,7 +259,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.use_deterministic_algorithms(True)
     out = Path(args.out or Path(__file__).with_name(f"{args.config}.safetensors"))
     t0 = time.perf_counter()
-    model, history = train(args.config, args.steps, args.batch, args.seq, args.lr, aux=args.aux, seed=args.seed)
+    model, history = train(
+        args.config,
+        args.steps,
+        args.batch,
+        args.seq,
+        args.lr,
+        aux=args.aux,
+        locality=args.locality,
+        seed=args.seed,
+    )
     wall = time.perf_counter() - t0
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out), metadata={"config": args.config, "corpus_sha256": text.corpus_sha256()})
@@ -230,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seq": args.seq,
         "lr": args.lr,
         "aux": args.aux,
+        "locality": args.locality,
         "seed": args.seed,
         "threads": args.threads,
         "wall_s": round(wall, 1),
