@@ -283,6 +283,7 @@ def _quantize_dense(path: Path, tmp: Path, scheme: str, feeds, group: int, calib
             _Reader(feeds),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
+            reduce_range=True,  # 7-bit weights: see edgemoe.quantization.INT8_WEIGHT_MAX
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=method,
@@ -294,7 +295,12 @@ def _quantize_dense(path: Path, tmp: Path, scheme: str, feeds, group: int, calib
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(
-            str(path), str(tmp), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+            str(path),
+            str(tmp),
+            per_channel=True,
+            reduce_range=True,  # 7-bit weights: see edgemoe.quantization.INT8_WEIGHT_MAX
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
         )
     elif scheme == "int4":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer

@@ -73,7 +73,8 @@ fx.wrap("dynamic_fake_quant")
 def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per output channel of a Linear/Conv weight (output channels on axis 0)."""
     flat = w.detach().reshape(w.shape[0], -1).T.numpy()  # (fan-in, out): the layout of quantize_int8_per_channel
-    q, scale = quantize_int8_per_channel(flat, "weight")
+    # TVM compiles its own dense kernels (no onnxruntime uint8 x int8 kernel to saturate): full range.
+    q, scale = quantize_int8_per_channel(flat, "weight", limit=127)
     return torch.from_numpy(np.ascontiguousarray(q.T)).reshape(w.shape), torch.from_numpy(scale)
 
 
