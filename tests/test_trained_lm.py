@@ -65,11 +65,9 @@ def test_locality_training_keeps_experts_from_byte_to_byte():
         model = resolve_model(name).build()
         kept[name] = np.mean(expert_usage(model, held, windows=32)["kept_from_previous_token"])
         bits[name] = heldout_bits(model, held, limit=8)
-    assert (
-        metrics_of("mixtral-lm-bytes-local")["training"]["locality"]
-        > 0
-        == metrics_of(TRAINED[0])["training"].get("locality", 0)
-    )
+    # Only the local model was trained with the locality loss.
+    assert metrics_of("mixtral-lm-bytes-local")["training"]["locality"] > 0
+    assert metrics_of("mixtral-lm-bytes")["training"].get("locality", 0) == 0
     assert kept["mixtral-lm-bytes"] < 0.6 < 0.8 < kept["mixtral-lm-bytes-local"], kept
     assert bits["mixtral-lm-bytes-local"] < bits["mixtral-lm-bytes"] + 0.3, bits
 
