@@ -73,7 +73,7 @@ class FutureTokensOracle(Planned):
     """The planned policy told the scored trace's exact routing up to ``units`` tokens ahead: a bound, not a policy.
 
     Keys used again within the current token or the next ``units`` ones are ranked by their true
-    next use (Belady's rule); the rest by the planned policy's expectation, after all of those. No
+    next access (Belady's rule); the rest by the planned policy's expectation, after all of those. No
     online policy has this information (a decoder does not know the next token before it ends the
     current one); it measures how much of MIN's lead comes from routing of tokens not yet decoded.
     """
@@ -98,9 +98,9 @@ class FutureTokensOracle(Planned):
         horizon = self.unit[self.step] + self.units
 
         def rank(key):
-            n = self.min.next_use(key)
-            known = n < len(self.unit) and self.unit[int(n)] <= horizon
-            return (0, n) if known else (1, self.expected_next_use(key))
+            step, pos = self.min.next_access(key)  # per access: MIN's order within a step too
+            known = step < len(self.unit) and self.unit[int(step)] <= horizon
+            return (0, step, pos) if known else (1, self.expected_next_use(key))
 
         return max(candidates, key=rank)
 

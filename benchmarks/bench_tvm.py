@@ -33,7 +33,7 @@ VARIANTS = {"ort": "onnxruntime", "tvm": "TVM untuned", "tuned": "TVM tuned"}
 
 def kernel_graph(bundle: Path, manifest: dict):
     """Layer 0's expert kernel of a bundle, loaded by the bundle's executor, and its input names."""
-    from edgemoe.runtime.executors import get_executor
+    from edgemoe.runtime.executor import get_executor
 
     name = manifest["moe_layers"][0]["kernel"]
     record = manifest["graphs"][name]

@@ -41,8 +41,11 @@ def compile_model(cfg: CompileConfig, out: str | Path, progress: Progress = lamb
     target = get_target(cfg.target)
     device = get_device(cfg.device)
     target.check_device(device)
+    target.check_model(cfg)
     progress(f"capture {cfg.model}")
     captured = capture_model(cfg)
+    for note in captured.source.get("weights_notes", ()):
+        progress(f"checkpoint: {note}")
     progress(f"profile routing on {cfg.calib_samples} calibration inputs x {len(captured.tasks)} tasks")
     profile = profile_routing(captured, cfg.calib_samples, cfg.calib_seed)
     expert_sets = prune_experts(captured, profile, cfg.prune, cfg.prune_below)

@@ -278,7 +278,7 @@ def test_int8_expert_kernel_is_an_integer_matmul(quant_bundles):
     import onnx
 
     from edgemoe.bundle.format import decode_expert, read_verified
-    from edgemoe.runtime.executors import get_executor
+    from edgemoe.runtime.executor import get_executor
 
     bundle = quant_bundles["int8"]
     m = read_manifest(bundle)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -27,6 +28,7 @@ from edgemoe.schedule import (
     simulate,
 )
 from edgemoe.schedule.planner import check_budget, expert_sizes, parse_budget
+from edgemoe.schedule.traces import Step, Trace
 
 NAMED = (
     "host",
@@ -165,6 +167,79 @@ def test_belady_bounds_every_policy_and_memory_stays_in_budget(bundle):
             assert r.time_s >= r.stall_s > 0 and r.bytes_moved == r.misses * max(sizes.values())
         full = simulate(held, sizes, sum(sizes.values()), make_policy("lru"))
         assert full.misses == len({k for ks in steps for k in ks})  # only compulsory misses
+
+
+class _StepMIN(Belady):
+    """The MIN this project used to have: next use in whole steps, ties within a step broken by recency."""
+
+    def victim(self, candidates):
+        return max(candidates, key=lambda k: (self.next_use(k), -self.last_use.get(k, -1)))
+
+
+def _most_hits(accesses, slots):
+    """The most hits any choice of victims gets (exhaustive search over every miss's victims)."""
+
+    @functools.cache
+    def best(i, cached):
+        if i == len(accesses):
+            return 0
+        key = accesses[i]
+        if key in cached:
+            return 1 + best(i + 1, cached)
+        if len(cached) < slots:
+            return best(i + 1, cached | {key})
+        return max(best(i + 1, cached - {v} | {key}) for v in cached)
+
+    return best(0, frozenset())
+
+
+def _trace(layers, experts, steps):
+    steps = tuple(Step(i // layers, i % layers, tuple(es), (1,) * len(es), None) for i, es in enumerate(steps))
+    return Trace("t", "run", layers, (experts,) * layers, steps)
+
+
+def test_belady_is_exact_min_per_access():
+    # Experts of one size: Belady's hits are the most any choice of victims gets, on small random
+    # traces (1-2 layers of 3-6 experts, 1-3 slots, 6-12 steps of 1-3 experts each, ascending as replayed).
+    size = 10
+
+    def hits(trace, slots, policy, extra=0):
+        sizes = {(layer, e): size for layer in range(trace.num_layers) for e in range(trace.num_experts[0])}
+        return simulate(trace, sizes, slots * size + extra, policy).hits
+
+    # (0, 0) and (0, 1) are next needed in one step: evicting (0, 0), accessed first there, as the
+    # step-granular MIN did (least recent), makes its miss evict (0, 2), needed right after.
+    trace = _trace(1, 3, [[0], [1], [2], [0, 1], [2]])
+    keys = [trace.keys(i) for i in range(len(trace.steps))]
+    assert _most_hits(tuple(k for ks in keys for k in ks), 2) == hits(trace, 2, Belady(keys)) == 2
+    assert hits(trace, 2, _StepMIN(keys)) == 1
+
+    rng = np.random.default_rng(15)
+    lost = 0
+    for _ in range(300):
+        layers, experts, slots = int(rng.integers(1, 3)), int(rng.integers(3, 7)), int(rng.integers(1, 4))
+        steps = [
+            sorted(rng.choice(experts, size=int(rng.integers(1, 4)), replace=False).tolist())
+            for _ in range(int(rng.integers(6, 13)))
+        ]
+        trace = _trace(layers, experts, steps)
+        keys = [trace.keys(i) for i in range(len(trace.steps))]
+        best = _most_hits(tuple(k for ks in keys for k in ks), slots)
+        extra = int(rng.integers(0, size))  # a part of a slot holds no expert
+        assert hits(trace, slots, Belady(keys), extra) == best, steps
+        lost += hits(trace, slots, _StepMIN(keys), extra) < best
+        prob = rng.random((layers, experts)) * (rng.random((layers, experts)) < 0.8)  # some never used
+        recency = (1 + 8 * rng.random((layers, 4))).tolist()
+        others = [
+            make_policy("lru"),
+            make_policy("lfu"),
+            make_policy("planned", trace.probabilities()),
+            make_policy("planned", prob.tolist()),
+            make_policy("planned", prob.tolist(), recency),
+        ]
+        for policy in others:
+            assert hits(trace, slots, policy, extra) <= best, (policy.name, steps)
+    assert lost  # the step-granular MIN falls short on some of these traces
 
 
 def test_predictors_on_token_trace(bundle_factory):

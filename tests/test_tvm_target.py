@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import read_manifest
+from helpers import GUARD_CODE, guard_prelude, read_manifest
 
 pytest.importorskip("tvm", reason="Apache TVM is not installed (pip install -e '.[tvm]')")
 
@@ -122,16 +122,14 @@ def test_tvm_runtime_imports_no_torch_and_no_compiler(bundle_factory):
     """A process that runs a TVM bundle loads neither torch (TVM's FFI would import it) nor the compiler."""
     bundle = bundle_factory("m3vit-micro", target="tvm")
     code = (
-        "import sys\n"
-        "from edgemoe.runtime import Session\n"
-        "from edgemoe.bundle import sample_input\n"
-        f"s = Session({str(bundle)!r}, 'depth')\n"
-        "y = s.run(sample_input(s.input_spec, batch=1))\n"
-        "assert s.executor.name == 'tvm' and y.shape == (1, 1, 32, 64), y.shape\n"
-        "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'edgemoe.passes',"
-        " 'edgemoe.compiler', 'edgemoe.frontends', 'edgemoe.models', 'edgemoe.targets'))]\n"
-        "print(bad)\n"
-        "import torch\n"  # the mask on torch is lifted once TVM is loaded
+        guard_prelude()
+        + "from edgemoe.runtime import Session\n"
+        + "from edgemoe.bundle import sample_input\n"
+        + f"s = Session({str(bundle)!r}, 'depth')\n"
+        + "y = s.run(sample_input(s.input_spec, batch=1))\n"
+        + "assert s.executor.name == 'tvm' and y.shape == (1, 1, 32, 64), y.shape\n"
+        + GUARD_CODE
+        + "import torch\n"  # the mask on torch is lifted once TVM is loaded
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -174,7 +172,7 @@ def test_tvm_refuses_what_it_cannot_build(tmp_path):
 
 
 def test_tvm_executor_takes_no_providers():
-    from edgemoe.runtime.executors import get_executor
+    from edgemoe.runtime.executor import get_executor
 
     with pytest.raises(BundleError, match="takes no providers"):
         get_executor("tvm", providers=("CUDAExecutionProvider",))

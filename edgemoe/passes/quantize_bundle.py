@@ -23,7 +23,7 @@ from ..quantization import (
     quantize_int8_per_channel,
     quantize_nbits,
 )
-from ..runtime.executors import get_executor
+from ..runtime.executor import get_executor
 from .calibrate_activations import CalibrationSet, activation_range, uint8_qparams
 from .plan_expert_bits import BitPlan, ExpertChoice, balance_tasks, plan_expert_bits, routing_importance
 from .profile_routing import RoutingProfile

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
-from ..bundle.format import FORMAT_TAG, MANIFEST, SCHEMA_VERSION, encode_expert, file_record, is_bundle
+from ..bundle.format import FORMAT_TAG, MANIFEST, SCHEMA_VERSION, is_bundle
 from ..config import CompileConfig
 from ..devices import DeviceProfile
 from ..errors import OutputPathError
@@ -32,24 +32,6 @@ def check_output_path(out: Path) -> None:
     if out.exists() and not is_bundle(out):
         kind = "folder" if out.is_dir() else "file"
         raise OutputPathError(f"output path {out} exists and is a {kind}, not an edgemoe bundle; choose another path")
-
-
-def _graph_entry(root: Path, path: Path, part) -> dict:
-    entry = file_record(root, path)
-    entry.update(
-        kind=part.kind,
-        inputs=list(part.input_names),
-        outputs=list(part.output_names),
-    )
-    if part.task is not None:
-        entry["task"] = part.task
-    if part.layer is not None and part.kind != "expert_kernel":
-        entry["layer"] = part.layer
-    return entry
-
-
-def _expert_bytes(layer) -> int:
-    return layer.expert.param_count * 4
 
 
 def write_bundle(
@@ -98,39 +80,13 @@ def write_bundle(
 
 
 def _fill(staging, cfg, captured, profile, plan, target, device, progress) -> dict:
-    ir, adapter = captured.ir, captured.adapter
-    graphs: dict[str, dict] = {}
-    parts = plan.graphs()
-    for i, part in enumerate(parts, 1):
-        progress(f"emit {target.name} graph {i}/{len(parts)}: {part.name}")
-        path = target.emit(part, staging / "graphs", cfg)
-        graphs[part.name] = _graph_entry(staging, path, part)
+    from ..targets.base import EmitJob
 
+    ir = captured.ir
+    emitted = target.emit_bundle(EmitJob(staging, cfg, captured, profile, plan, device, progress))
+    graphs = emitted.graphs
     layers = []
-    expert_dir = staging / "experts"
-    expert_dir.mkdir()
     for layer in ir.moe_layers:
-        progress(f"write experts of MoE layer {layer.index} ({len(plan.experts[layer.index])}/{layer.num_experts})")
-        experts = []
-        for e in plan.experts[layer.index]:
-            blob, tensors = encode_expert(adapter.expert_weights(layer.index, e))
-            path = expert_dir / f"L{layer.index}_E{e}.bin"
-            path.write_bytes(blob)
-            experts.append({"index": e, **file_record(staging, path), "dtype": "float32", "tensors": tensors})
-        shared = []
-        for j in range(layer.shared_experts):
-            blob, tensors = encode_expert(adapter.shared_expert_weights(layer.index, j))
-            path = expert_dir / f"L{layer.index}_S{j}.bin"
-            path.write_bytes(blob)
-            shared.append(
-                {
-                    "index": j,
-                    **file_record(staging, path),
-                    "dtype": "float32",
-                    "tensors": tensors,
-                    "kernel": plan.layer_shared_kernel[layer.index],
-                }
-            )
         router = layer.routers[0]
         layers.append(
             {
@@ -148,9 +104,9 @@ def _fill(staging, cfg, captured, profile, plan, target, device, progress) -> di
                     "activation": layer.expert.activation,
                     "params": [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype} for p in layer.expert.params],
                 },
-                "expert_bytes": _expert_bytes(layer),
-                "experts": experts,
-                "shared": shared,
+                "expert_bytes": emitted.expert_bytes[layer.index],
+                "experts": list(emitted.experts[layer.index]),
+                "shared": list(emitted.shared[layer.index]),
             }
         )
 
@@ -194,11 +150,14 @@ def _fill(staging, cfg, captured, profile, plan, target, device, progress) -> di
         "totals": {
             "experts_model": ir.num_experts,
             "experts_bundle": len(expert_files),
-            "expert_bytes_model": sum(_expert_bytes(layer) * layer.num_experts for layer in ir.moe_layers),
+            "expert_bytes_model": sum(
+                emitted.expert_bytes[layer.index] * layer.num_experts for layer in ir.moe_layers
+            ),
             "expert_bytes_bundle": sum(e["bytes"] for e in expert_files),
             "shared_expert_bytes": sum(e["bytes"] for e in shared_files),
             "graph_bytes": sum(g["bytes"] for g in graphs.values()),
         },
+        **emitted.sections,
     }
     progress("write manifest")
     write_manifest(staging, manifest)

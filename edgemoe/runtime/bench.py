@@ -2,24 +2,28 @@
 
 One run of each task records the inputs every graph sees (a graph's timing uses the inputs of
 its first call in that run: the expert kernel's token count is that of the first expert routed).
-Graph timings come from TVM's ``time_evaluator`` on the device that runs the graph (TVM bundles,
-local or over RPC: no transfers counted) or from wall-clock calls (other executors). Task timings
+Graph timings come from the executor's own graph timer where its backend has one (TVM's
+``time_evaluator`` on the device that runs the graph, local or over RPC: no transfers counted),
+else from wall-clock calls. Task timings
 are wall-clock :meth:`Session.run` calls on this host; over RPC they include every graph's input
 and output transfers and each expert's weights (the expert cache stays on the host).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..bundle.format import read_manifest, sample_input
-from ..errors import BundleError, InputError
-from .executors import get_executor
-from .remote import RemoteAddress, RemoteExecutor, Timing, address_from_env, parse_address
+from ..errors import InputError
+from .executor import Timing, executor_class, get_executor
 from .session import Session
+
+# Where ``edgemoe bench`` finds a remote device when ``--rpc`` is not given.
+REMOTE_ENV = "EDGEMOE_RPC"
 
 
 def _timing(times_ms: list[float], number: int = 1) -> Timing:
@@ -40,7 +44,7 @@ def _wall(fn, repeat: int) -> Timing:
 def bench_bundle(
     bundle: str | Path,
     task: str | None = None,
-    rpc: str | RemoteAddress | None = None,
+    rpc: str | None = None,
     repeat: int = 10,
     batch: int = 1,
     timeout: float = 60.0,
@@ -51,8 +55,9 @@ def bench_bundle(
     Args:
         bundle: Bundle folder.
         task: One task (default: every task of the bundle).
-        rpc: Remote device address (``HOST:PORT``, ``tracker:HOST:PORT:KEY`` or ``local``); None:
-            ``$EDGEMOE_RPC`` when ``use_env``, else this host. Remote runs need a TVM bundle.
+        rpc: Remote device address (for TVM: ``HOST:PORT``, ``tracker:HOST:PORT:KEY`` or ``local``);
+            None: ``$EDGEMOE_RPC`` when ``use_env``, else this host. Remote runs need a backend with
+            remote execution.
         repeat: Timed repeats per graph and timed runs per task.
         batch: Batch size of the deterministic sample input.
         timeout: Deadline in seconds for each remote call.
@@ -63,7 +68,8 @@ def bench_bundle(
 
     Raises:
         RemoteError: The remote cannot be reached, fails or stops answering.
-        BundleError: A remote run of a bundle that is not a TVM bundle, or a graph the remote rejects.
+        BundleError: A remote run of a bundle whose backend has no remote execution, or a graph the
+            remote rejects.
         TaskError: Unknown task.
         InputError: ``repeat`` or ``batch`` below 1.
     """
@@ -71,15 +77,11 @@ def bench_bundle(
         raise InputError(f"--repeat and --batch must be at least 1, got {repeat} and {batch}")
     root = Path(bundle)
     m = read_manifest(root)
-    address = parse_address(rpc) if isinstance(rpc, str) else rpc
-    if address is None and use_env:
-        address = address_from_env()
-    tvm_bundle = m["target"]["executor"] == "tvm"
-    if address is not None and not tvm_bundle:
-        raise BundleError(f"remote runs need a TVM bundle (--target tvm); {root} is for {m['target']['executor']}")
-    remote = RemoteExecutor(address, timeout=timeout) if address is not None else None
-    # Local TVM graphs are timed the same way as remote ones: TVM's in-process RPC session.
-    timer = remote or (RemoteExecutor("local", timeout=timeout) if tvm_bundle else None)
+    address = rpc if rpc is not None else (os.environ.get(REMOTE_ENV, "").strip() or None) if use_env else None
+    cls = executor_class(m["target"]["executor"])
+    remote = cls.remote(address, timeout) if address is not None else None
+    # Local graphs are timed the way remote ones are where the backend has a timer (TVM: an in-process RPC session).
+    timer = remote or cls.graph_timer(timeout)
     try:
         tasks = {}
         for name in [task] if task else list(m["tasks"]):
@@ -90,20 +92,13 @@ def bench_bundle(
     return {
         "bundle": str(root),
         "target": m["target"]["name"],
-        "remote": str(address) if address is not None else None,
-        "device": _device_name(m),
+        "remote": str(remote.address) if remote is not None else None,
+        "device": cls.device_kind(m),
         "repeat": repeat,
         "batch": batch,
         "graph_timer": "time_evaluator" if timer is not None else "wall",
         "tasks": tasks,
     }
-
-
-def _device_name(m: dict) -> str:
-    """``cuda`` or ``cpu`` for a TVM bundle (what its libraries hold code for), else ``host``."""
-    if m["target"]["executor"] != "tvm":
-        return "host"
-    return "cuda" if (m["target"].get("tvm_target") or {}).get("kind") == "cuda" else "cpu"
 
 
 def _bench_task(root: Path, m: dict, task: str, remote, timer, repeat: int, batch: int) -> dict:

@@ -42,6 +42,8 @@ class ExpertCache:
         load: Reads and checks one expert's blob from the bundle into the given buffer (of the
             expert's size) and returns its tensors, views on that buffer.
         storage_gbs: Throttle loads to this bandwidth, GB/s (0: as fast as the disk goes).
+        drop: Called with an evicted expert's tensors (as ``load`` returned them), e.g. to free the
+            device memory an executor placed them in.
     """
 
     def __init__(
@@ -51,8 +53,10 @@ class ExpertCache:
         policy: Policy,
         load: Callable[[Key, bytearray], dict[str, np.ndarray]],
         storage_gbs: float = 0.0,
+        drop: Callable[[dict[str, object]], None] | None = None,
     ):
         self.book = CacheBook(capacity, sizes, policy)
+        self._drop = drop
         self.policy = policy
         self._load_fn = load
         self.storage_gbs = float(storage_gbs)
@@ -115,11 +119,17 @@ class ExpertCache:
         """Drop ``victims`` (unpinned, so no kernel holds their weights); returns their freed buffers."""
         freed = []
         for v in victims:
-            self.data.pop(v, None)
+            self._forget(v)
             self.book.evict(v)
             self._prefetched.discard(v)
             freed.append(self._buffers.pop(v))
         return freed
+
+    def _forget(self, key: Key) -> None:
+        """Drop an evicted expert's tensors (and whatever its executor placed them in)."""
+        weights = self.data.pop(key, None)
+        if weights is not None and self._drop is not None:
+            self._drop(weights)
 
     def _reserve(self, key: Key, freed: list[bytearray]) -> bytearray:
         """Account for ``key`` as loading and give it a buffer: a freed one of its size, else a new one.
@@ -266,7 +276,7 @@ class ExpertCache:
                 self.book.capacity = max(self.book.capacity, int(capacity))
             moves = plan_switch(self.book, sizes, tuple(resident), entry, prob)
             for key in moves.evicted:
-                self.data.pop(key, None)
+                self._forget(key)
                 self._prefetched.discard(key)
                 self._buffers.pop(key, None)
             for key in moves.loaded:

@@ -13,8 +13,9 @@ import numpy as np
 
 from ..bundle.format import decode_expert, read_manifest, read_verified
 from ..errors import BundleError, ConfigError, InputError, TaskError
-from .executors import Executor, Graph, get_executor
+from .executor import Executor, get_executor
 from .expert_cache import ExpertCache
+from .program import TaskProgram
 
 
 @dataclass(frozen=True)
@@ -106,18 +107,6 @@ class SwitchStats:
     loaded: tuple[tuple[int, int], ...] = ()
 
 
-class _RecordingGraph(Graph):
-    """Passes calls through to a graph and hands each call's inputs to a recorder (calibration)."""
-
-    def __init__(self, graph: Graph, name: str, recorder: Callable[[str, tuple[np.ndarray, ...]], None]):
-        self._graph, self._name, self._recorder = graph, name, recorder
-        self.input_names, self.output_names = graph.input_names, graph.output_names
-
-    def run(self, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
-        self._recorder(self._name, inputs)
-        return self._graph.run(*inputs)
-
-
 class Session:
     """Run one task of a bundle.
 
@@ -144,7 +133,7 @@ class Session:
         prefetch_depth: MoE steps a prefetch looks ahead: the next layer from the predictor, the
             ones after it (wrapping to the next run's first layers) from the calibration order.
         executor: Executor to load the graphs with instead of the one the bundle names (e.g.
-            :class:`~edgemoe.runtime.remote.RemoteExecutor`, graphs on a device over TVM RPC).
+            :class:`~edgemoe.targets.tvm.remote.RemoteExecutor`, graphs on a device over TVM RPC).
 
     Raises:
         BundleError: Not a bundle, or a garbled manifest.
@@ -183,25 +172,17 @@ class Session:
         self.input_spec = m["input"]
         # An executor passed in (e.g. a remote one over TVM RPC) replaces the one the bundle names.
         self.executor = executor or get_executor(m["target"]["executor"], threads=threads, providers=providers)
-        self._recorder = recorder
-        self._graph_bytes = 0
-        self._shared_bytes = 0
-        self.segments = [self._load_graph(name) for name in m["segments"]]
-        self.gates = [self._load_graph(name) for name in self._task["gates"]]
-        self.head = self._load_graph(self._task["head"])
-        kernels: dict[str, Graph] = {}
-        for name in self._kernel_names(m, self._task["experts"]):
-            kernels[name] = self._load_graph(name)
-        self._kernels = kernels
         self.layers = m["moe_layers"]
-        # Shared experts run on every token: load them now and keep them resident.
-        self.shared = [
-            [(kernels[e["kernel"]], self._shared_weights(e)) for e in layer.get("shared", [])] for layer in self.layers
-        ]
+        # The task's compute on the executor: graphs, or the whole model as one design.
+        self.program: TaskProgram = self.executor.program(self.root, m, task, recorder)
         self._records = [{e["index"]: e for e in layer["experts"]} for layer in self.layers]
         self.kept = self._kept_sets(task, self._task)
         self._runs = 0
         self.last_routing: list[np.ndarray] = []
+        # With ``record_pregate``, each run also keeps what the gate of layer l picked on layer l-1's
+        # MoE input (None for layer 0): pre-gating predictions for traces (not part of the run).
+        self.record_pregate = False
+        self.last_pregate: list[np.ndarray | None] = []
         self._verified: dict[tuple[int, int], tuple[Path, tuple[int, int, int]]] = {}
         # Runs in flight vs a task switch: a switch waits for them, runs wait for a switch.
         self._gate = threading.Condition()
@@ -245,7 +226,9 @@ class Session:
         capacity = sum(sizes.values()) if budget is None else self._check_budget(int(budget), self.task, schedule)
         self.memory_budget = int(budget or 0)
         recency = schedule.get("recency") if schedule else None  # the planned policy's, on token-routed plans
-        self._cache = ExpertCache(capacity, sizes, make_policy(policy, prob, recency), self._read_expert, storage_gbs)
+        self._cache = ExpertCache(
+            capacity, sizes, make_policy(policy, prob, recency), self._read_expert, storage_gbs, self.executor.unplace
+        )
         self._prefetch_request = prefetch
         self.prefetch, self._predictor, self._far = self._make_predictor(prefetch, schedule, prob)
         # The plan's resident set: prefetches never evict it, so they do not trade hot experts for streamed ones.
@@ -293,7 +276,7 @@ class Session:
 
         Returns:
             The expert's tensors: views on ``into``, or the executor's copies on its device
-            (:meth:`~edgemoe.runtime.executors.base.Executor.place`).
+            (:meth:`~edgemoe.runtime.executor.Executor.place`).
         """
         record = self._records[key[0]][key[1]]
         known = self._verified.get(key)
@@ -318,38 +301,10 @@ class Session:
             self._verified[key] = (path, (st.st_size, st.st_mtime_ns, st.st_ino))
         return self.executor.place(weights)
 
-    # -- loading ---------------------------------------------------------------------------
-    @staticmethod
-    def _kernel_names(m: dict, kept: list[list[int]]) -> list[str]:
-        """Kernels the task can need: its kept experts' (an expert may override its layer's) and shared ones."""
-        names: list[str] = []
-        for layer, keep in zip(m["moe_layers"], kept, strict=True):
-            routed = [e.get("kernel", layer["kernel"]) for e in layer["experts"] if e["index"] in keep]
-            for name in (*routed, *(e["kernel"] for e in layer.get("shared", []))):
-                if name not in names:
-                    names.append(name)
-        return names
-
-    def _shared_weights(self, record: dict) -> dict[str, np.ndarray]:
-        weights = decode_expert(read_verified(self.root, record), record["tensors"])
-        self._shared_bytes += int(record["bytes"])
-        return self.executor.place(weights)
-
-    def _load_graph(self, name: str) -> Graph:
-        try:
-            record = self.manifest["graphs"][name]
-        except KeyError:
-            raise BundleError(f"garbled manifest: graph '{name}' is not listed") from None
-        graph = self.executor.load(self.root, record)
-        self._graph_bytes += int(record["bytes"])
-        return graph if self._recorder is None else _RecordingGraph(graph, name, self._recorder)
-
-    def _kernel(self, layer: int, expert: int) -> Graph:
-        """The expert's kernel (checking the expert is one the task keeps)."""
+    def _check_kept(self, layer: int, expert: int) -> None:
         if expert not in self.kept[layer]:
-            # The gate graph is masked to the kept set, so this means the bundle is inconsistent.
+            # The gate is masked to the kept set, so this means the bundle is inconsistent.
             raise BundleError(f"task '{self.task}' routed to expert {expert} of layer {layer}, outside its kept set")
-        return self._kernels[self._records[layer][expert].get("kernel", self.layers[layer]["kernel"])]
 
     # -- execution -------------------------------------------------------------------------
     def check_input(self, x: np.ndarray) -> np.ndarray:
@@ -378,55 +333,51 @@ class Session:
             x = x.astype(spec["dtype"], copy=False)
         return np.ascontiguousarray(x)
 
-    def _moe(self, layer: int, h: np.ndarray) -> np.ndarray:
-        shape = h.shape
-        flat = h.reshape(-1, shape[-1])
-        gate_out = self.gates[layer].run(h)
-        idx, scores = gate_out[0], gate_out[1]
-        k = idx.shape[-1]
-        idx, scores = idx.reshape(-1, k), scores.reshape(-1, k)
+    def _moe(self, run: object, layer: int) -> None:
+        program = self.program
+        idx, _ = program.route(run, layer)
         self.last_routing.append(idx)
-        out = np.zeros_like(flat)
         experts = [int(e) for e in np.unique(idx)]
-        kernels = [self._kernel(layer, e) for e in experts]
+        for e in experts:
+            self._check_kept(layer, e)
         keys = [(layer, e) for e in experts]
         cache = self._cache
         cache.begin_step(layer, keys)
-        ahead = self._lookahead(layer, experts, h)
+        nxt = None
+        if layer + 1 < len(self.layers) and (self.prefetch == "pregate" or self.record_pregate):
+            nxt = program.pregate(run, layer + 1)
+            if self.record_pregate:
+                self.last_pregate.append(nxt)
+        ahead = self._lookahead(layer, experts, nxt)
         resident = self._resident
         pending = cache.prefetch(ahead, protect=(*keys, *resident)) if ahead else ()
-        for j, (e, kernel, key) in enumerate(zip(experts, kernels, keys, strict=True)):
+        for j, (e, key) in enumerate(zip(experts, keys, strict=True)):
             tok, slot = np.nonzero(idx == e)
             # Pinned while the kernel runs: eviction cannot free the weights under it.
             w = cache.acquire(key)
             try:
-                # Kernel inputs: the tokens, then the expert's tensors by name (an expert is data).
-                (y,) = kernel.run(flat[tok], *(w[name] for name in kernel.input_names[1:]))
+                program.expert(run, layer, e, tok, slot, w)
             finally:
                 cache.release(key)
-            out[tok] += y * scores[tok, slot, None]
             if pending and key not in resident:
                 # The expert just done may make room: stream the next layers' experts into its slot.
                 done = ahead[: len(ahead) - len(pending)]  # issued already: due before the pending ones
                 pending = cache.prefetch(pending, protect=(*keys[j + 1 :], *resident, *done))
-        if self.shared[layer]:
-            # The gate's third output weighs each shared expert per token (ones where ungated).
-            shared_scores = gate_out[2].reshape(flat.shape[0], -1)
-            for j, (shared_kernel, w) in enumerate(self.shared[layer]):
-                (y,) = shared_kernel.run(flat, *(w[name] for name in shared_kernel.input_names[1:]))
-                out += y * shared_scores[:, j : j + 1]
-        return out.reshape(shape)
+        program.finish_layer(run, layer)
 
-    def _lookahead(self, layer: int, experts: list[int], h: np.ndarray | None) -> list[tuple[int, int]]:
-        """The experts to prefetch at ``layer`` (-1: a run's start), in the order they will be needed."""
+    def _lookahead(self, layer: int, experts: list[int], nxt: np.ndarray | None) -> list[tuple[int, int]]:
+        """The experts to prefetch at ``layer`` (-1: a run's start), in the order they will be needed.
+
+        ``nxt``: the next layer's gate on this layer's MoE input (pre-gating), where computed.
+        """
         from ..schedule.predict import PreGate, lookahead
 
         if self.prefetch is None:
             return []
         near, pregate = self._predictor, None
-        if self.prefetch == "pregate" and h is not None and layer + 1 < len(self.layers):
+        if self.prefetch == "pregate" and nxt is not None:
             # Pre-gating: the next layer's gate on this layer's MoE input names its experts one layer ahead.
-            near, pregate = PreGate(), [int(e) for e in np.unique(self.gates[layer + 1].run(h)[0])]
+            near, pregate = PreGate(), [int(e) for e in np.unique(nxt)]
         if layer < 0:
             near = None  # nothing routed yet: the calibration order names the first layers
         return lookahead(near, self._far, layer, experts, pregate, len(self.layers), self.prefetch_depth)
@@ -440,16 +391,15 @@ class Session:
             self._active += 1
         try:
             self.last_routing = []
+            self.last_pregate = [None] if self.record_pregate and self.layers else []
             if self.prefetch is not None:
                 # The first layers' experts load while the trunk runs (the previous run's last layer
                 # usually queued them already).
                 self._cache.prefetch(self._lookahead(-1, [], None), protect=self._resident)
-            outs = self.segments[0].run(x)
+            run = self.program.start(x)
             for layer in range(len(self.layers)):
-                # Segments hand on (hidden, moe_input, *carried): carried tensors (e.g. masks) pass through.
-                hidden, moe_in, *carried = outs
-                outs = self.segments[layer + 1].run(hidden, self._moe(layer, moe_in), *carried)
-            (y,) = self.head.run(*outs)
+                self._moe(run, layer)
+            y = self.program.output(run)
             self._runs += 1
             return y
         finally:
@@ -516,23 +466,10 @@ class Session:
             self._check_budget(self.memory_budget, task, schedule)
         prefetch, predictor, far = self._make_predictor(self._prefetch_request, schedule, prob)
         kept = self._kept_sets(task, record)
-        graph_bytes = self._graph_bytes
-        try:
-            gates = [self._load_graph(name) for name in record["gates"]]
-            head = self._load_graph(record["head"])
-            kernels = {
-                name: self._kernels[name] if name in self._kernels else self._load_graph(name)
-                for name in self._kernel_names(self.manifest, record["experts"])
-            }
-        finally:
-            self._graph_bytes = graph_bytes
-        self.task, self._task, self.kept = task, record, kept
-        self.gates, self.head, self._kernels = gates, head, kernels
+        program = self.program.switch(task)
+        self.task, self._task, self.kept, self.program = task, record, kept, program
         self.prefetch, self._predictor, self._far = prefetch, predictor, far
         self._resident = tuple(tuple(k) for k in schedule.get("resident", [])) if schedule else ()
-        graphs = self.manifest["graphs"]
-        self._graph_bytes = sum(int(graphs[n]["bytes"]) for n in (*self.manifest["segments"], *record["gates"]))
-        self._graph_bytes += int(graphs[record["head"]]["bytes"]) + sum(int(graphs[n]["bytes"]) for n in kernels)
         sizes = expert_sizes(self.manifest, task)
         experts_start = time.perf_counter()
         moves = self._cache.switch(
@@ -613,9 +550,9 @@ class Session:
             expert_bytes_loaded=book.bytes_loaded,
             expert_bytes_task=task_bytes,
             expert_bytes_total=int(totals["expert_bytes_model"]),
-            resident_expert_bytes=resident + self._shared_bytes,
-            shared_expert_bytes=self._shared_bytes,
-            graph_bytes=self._graph_bytes,
+            resident_expert_bytes=resident + self.program.shared_bytes,
+            shared_expert_bytes=self.program.shared_bytes,
+            graph_bytes=self.program.graph_bytes,
             runs=self._runs,
             **counters,
         )

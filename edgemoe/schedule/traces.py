@@ -109,28 +109,16 @@ def record_trace(
 
     if granularity not in GRANULARITIES:
         raise ConfigError(f"unknown trace granularity '{granularity}' (known: {', '.join(GRANULARITIES)})")
-    gate_names: dict[str, int] = {}
-    seen: dict[int, np.ndarray] = {}
-
-    def record(name: str, args: tuple[np.ndarray, ...]) -> None:
-        if name in gate_names:
-            seen[gate_names[name]] = args[0]
-
-    session = Session(bundle, task, recorder=record)
-    gate_names.update({name: li for li, name in enumerate(session._task["gates"])})
-    raw_gates = [g._graph for g in session.gates]  # unrecorded: pre-gating calls are not part of the run
+    session = Session(bundle, task)
+    session.record_pregate = True  # the next layer's gate on each MoE input: pre-gating predictions
     layers = len(session.layers)
     num_experts = tuple(int(layer["num_experts"]) for layer in session.layers)
     steps: list[Step] = []
     unit = 0
     for i in range(len(inputs)):
-        seen.clear()
         session.run(inputs[i : i + 1])
         routing = [r.reshape(-1, r.shape[-1]) for r in session.last_routing]
-        pre: list[np.ndarray | None] = [None]
-        for li in range(1, layers):
-            p = raw_gates[li].run(seen[li - 1])[0]
-            pre.append(p.reshape(-1, p.shape[-1]))
+        pre = session.last_pregate
         if granularity == "run":
             for li in range(layers):
                 experts, tokens = _unique(routing[li])

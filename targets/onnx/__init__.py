@@ -1,5 +1,4 @@
-"""ONNX target (onnxruntime executor)."""
+"""ONNX backend: graphs for onnxruntime (the ``onnxruntime`` executor), CPU everywhere, CUDA/TensorRT on Jetson."""
 
-from .target import TARGET, OnnxTarget
-
-__all__ = ["TARGET", "OnnxTarget"]
+TARGET = "target:TARGET"
+EXECUTORS = {"onnxruntime": "executor:OrtExecutor"}

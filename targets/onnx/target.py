@@ -15,7 +15,7 @@ from ...config import CompileConfig
 from ...devices import DeviceProfile
 from ...errors import TargetError
 from ...frontends import GraphPartition
-from .. import Target, check_against_torch
+from ..base import Target, check_against_torch
 
 # Exported graphs must reproduce the torch partition to within atol + rtol * |torch| (fp32).
 

@@ -1,5 +1,7 @@
-"""Apache TVM target (Relax): partitions compiled to shared libraries run by a Relax VirtualMachine."""
+"""Apache TVM backend (Relax): partitions compiled to shared libraries run by a Relax VirtualMachine.
 
-from .target import TARGET, TvmTarget
+Executors: ``tvm`` (in this process) and ``tvm-rpc`` (graphs on a board over TVM RPC, see :mod:`.remote`).
+"""
 
-__all__ = ["TARGET", "TvmTarget"]
+TARGET = "target:TARGET"
+EXECUTORS = {"tvm": "executor:TvmExecutor", "tvm-rpc": "remote:RemoteExecutor"}

@@ -294,7 +294,7 @@ def check_quantized(target: str, part, got) -> None:
         TargetError: More than :data:`MAX_OFF_FRACTION` of an output's values are off, or any
             value is off by more than 5 % of the output's range.
     """
-    from .. import CHECK_ATOL, CHECK_RTOL
+    from ..base import CHECK_ATOL, CHECK_RTOL
 
     with torch.no_grad():
         want = part.module(*part.example_inputs)

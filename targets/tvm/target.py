@@ -30,7 +30,7 @@ from ...config import CompileConfig
 from ...devices import DeviceProfile, get_device
 from ...errors import TargetError
 from ...frontends import GraphPartition
-from .. import Target, check_against_torch
+from ..base import Target, check_against_torch
 from . import cuda
 from .tune import apply_tuning
 
@@ -252,7 +252,7 @@ class TvmTarget(Target):
 
     def _check_numerics(self, part: GraphPartition, path: Path, check=check_against_torch) -> None:
         """Load the library as the runtime does and compare with the torch module on the example inputs."""
-        from edgemoe.runtime.executors.tvm import TvmGraph
+        from .executor import TvmGraph
 
         # dlopen of a path it already holds returns the old library: a rebuilt (quantized) library
         # at the same path is loaded from a private copy.

@@ -512,7 +512,7 @@ def _runner(rpc: str | None):
     if rpc is None:
         return ms.runner.LocalRunner(timeout_sec=WORKER_TIMEOUT_S, evaluator_config=evaluator)
     from ...errors import RemoteError
-    from ...runtime.remote import parse_address
+    from .remote import parse_address
 
     try:
         address = parse_address(rpc)

@@ -8,7 +8,7 @@ import numpy as np
 
 from ...bundle.format import read_verified
 from ...errors import BundleError
-from .base import Executor, Graph
+from ...runtime.executor import Executor, Graph
 
 
 def session_options(threads: int = 0):

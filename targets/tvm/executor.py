@@ -20,7 +20,7 @@ import numpy as np
 
 from ...bundle.format import read_verified
 from ...errors import BundleError
-from .base import Executor, Graph
+from ...runtime.executor import Executor, Graph
 
 
 def import_tvm():
@@ -177,6 +177,25 @@ class TvmExecutor(Executor):
             self._tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
         self.threads = threads
         self._devices: dict[str, object] = {}  # the devices of the graphs loaded, by name ("cpu:0", "cuda:0")
+
+    @classmethod
+    def remote(cls, address: str, timeout: float) -> Executor:
+        """The graphs on a board over TVM RPC (see :mod:`.remote` for the address forms)."""
+        from .remote import RemoteExecutor
+
+        return RemoteExecutor(address, timeout=timeout)
+
+    @classmethod
+    def graph_timer(cls, timeout: float) -> Executor:
+        """Graphs timed as on a board: TVM's in-process RPC session and ``time_evaluator``."""
+        from .remote import RemoteExecutor
+
+        return RemoteExecutor("local", timeout=timeout)
+
+    @classmethod
+    def device_kind(cls, manifest: dict) -> str:
+        """``cuda`` or ``cpu``: what the bundle's libraries hold code for."""
+        return "cuda" if (manifest["target"].get("tvm_target") or {}).get("kind") == "cuda" else "cpu"
 
     def place(self, weights: dict[str, np.ndarray]) -> dict[str, object]:
         """Copy an expert to the GPU once per load when the graphs run there (host graphs read numpy)."""

@@ -32,12 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle.format import read_manifest, read_verified
-from ..errors import BundleError, RemoteError
-from .executors.base import Executor, Graph
-from .executors.tvm import _last_line, import_tvm
+from ...bundle.format import read_manifest, read_verified
+from ...errors import BundleError, RemoteError
+from ...runtime.executor import Executor, Graph, Timing
+from .executor import _last_line, import_tvm
 
-ENV_VAR = "EDGEMOE_RPC"
 DEFAULT_TIMEOUT = 60.0
 ADDRESS_HELP = "HOST:PORT (an RPC server), tracker:HOST:PORT:KEY (a server from a tracker) or local"
 
@@ -85,36 +84,6 @@ def parse_address(text: str) -> RemoteAddress:
     if kind == "tracker" and not parts[2]:
         raise RemoteError(f"bad RPC address '{text}': the tracker form needs a device key (tracker:HOST:PORT:KEY)")
     return RemoteAddress(kind, parts[0], int(parts[1]), parts[2] if kind == "tracker" else "")
-
-
-def address_from_env(value: str | None = None) -> RemoteAddress | None:
-    """``value`` if given, else ``$EDGEMOE_RPC``, parsed; None when both are unset or empty."""
-    text = value if value else os.environ.get(ENV_VAR, "")
-    return parse_address(text) if text.strip() else None
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Times of one graph from TVM's ``time_evaluator`` on the device that ran it.
-
-    Attributes:
-        median_ms: Median over the repeats (each the mean of ``number`` calls).
-        mean_ms: Mean over the repeats.
-        min_ms: Fastest repeat.
-        max_ms: Slowest repeat.
-        repeat: Repeats measured (after one discarded warm-up call).
-        number: Calls averaged per repeat (0: as many as fill 1 ms, chosen by TVM).
-    """
-
-    median_ms: float
-    mean_ms: float
-    min_ms: float
-    max_ms: float
-    repeat: int
-    number: int
-
-    def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in ("median_ms", "mean_ms", "min_ms", "max_ms", "repeat", "number")}
 
 
 class _Worker:
@@ -460,6 +429,11 @@ class RemoteExecutor(Executor):
         self._targets: dict[Path, str] = {}
         self.weight_bytes_sent = 0  # expert bytes uploaded by place(): once per load
 
+    @property
+    def address(self) -> RemoteAddress:
+        """Where the remote device is."""
+        return self.remote.address
+
     def _bundle_device(self, root: Path) -> str:
         """``cuda`` or ``cpu``: what the bundle's libraries hold code for (from its manifest)."""
         key = Path(root).resolve()
@@ -529,7 +503,7 @@ def remote_session(bundle: str | Path, task: str | None, address: RemoteAddress 
         RemoteError: The remote cannot be reached or fails.
         BundleError: Not a TVM bundle, or the remote cannot load a library.
     """
-    from .session import Session
+    from ...runtime.session import Session
 
     executor = RemoteExecutor(address, timeout=timeout)
     try:

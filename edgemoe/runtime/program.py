@@ -1,0 +1,241 @@
+"""A task loaded on an executor: the compute a :class:`~edgemoe.runtime.Session` drives.
+
+The session owns what is the same on every backend — input checks, the expert cache, prefetch,
+task switches, statistics — and drives a :class:`TaskProgram` through one run::
+
+    run = program.start(x)                      # trunk up to MoE layer 0's input
+    for layer in range(layers):
+        experts, scores = program.route(run, layer)
+        for e in routed experts (ascending):    # the cache pins each one's weights meanwhile
+            program.expert(run, layer, e, tokens, slots, weights)
+        program.finish_layer(run, layer)        # shared experts, then up to the next MoE input
+    y = program.output(run)
+
+:class:`GraphProgram` runs a bundle of graphs (one per partition: ONNX, TVM); an executor that
+runs the whole model as one design (the FPGA accelerator) implements the same steps its own way.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle.format import decode_expert, read_verified
+from ..errors import BundleError
+
+
+class TaskProgram(abc.ABC):
+    """One task of a bundle on one executor.
+
+    Attributes:
+        task: The task.
+        graph_bytes: Bytes of the artifacts the task loaded.
+        shared_bytes: Bytes of the always-resident shared experts it loaded.
+    """
+
+    task: str
+    graph_bytes: int = 0
+    shared_bytes: int = 0
+
+    @abc.abstractmethod
+    def start(self, x: np.ndarray) -> object:
+        """Begin a run on a checked input batch: run the trunk up to the first MoE layer's input.
+
+        Returns:
+            The run's state, passed to the other steps (runs may interleave on threads).
+        """
+
+    @abc.abstractmethod
+    def route(self, run: object, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """The gate of ``layer`` on the run's MoE input: experts (tokens, k) int and their scores (tokens, k)."""
+
+    def pregate(self, run: object, layer: int) -> np.ndarray | None:
+        """The experts (tokens, k) the gate of ``layer`` picks on the run's *current* MoE input (pre-gating).
+
+        None: this program cannot pre-gate.
+        """
+        return None
+
+    @abc.abstractmethod
+    def expert(
+        self, run: object, layer: int, expert: int, tokens: np.ndarray, slots: np.ndarray, weights: dict
+    ) -> None:
+        """Apply routed expert ``expert`` of ``layer`` to ``tokens`` (their top-k ``slots``) with its weights."""
+
+    @abc.abstractmethod
+    def finish_layer(self, run: object, layer: int) -> None:
+        """Add the shared experts and the MoE output, and run on to the next MoE input (or the features)."""
+
+    @abc.abstractmethod
+    def output(self, run: object) -> np.ndarray:
+        """The task's output (its head on the features)."""
+
+    @abc.abstractmethod
+    def switch(self, task: str) -> TaskProgram:
+        """A program for another task of the bundle, reusing what both tasks share (trunk, kernels)."""
+
+
+class _RecordingGraph:
+    """Passes calls through to a graph and hands each call's inputs to a recorder (calibration)."""
+
+    def __init__(self, graph, name: str, recorder: Callable[[str, tuple[np.ndarray, ...]], None]):
+        self._graph, self._name, self._recorder = graph, name, recorder
+        self.input_names, self.output_names = graph.input_names, graph.output_names
+
+    def run(self, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
+        self._recorder(self._name, inputs)
+        return self._graph.run(*inputs)
+
+
+class _GraphRun:
+    """One run's state in a :class:`GraphProgram`."""
+
+    __slots__ = ("carried", "flat", "gate_out", "hidden", "moe_in", "out", "outs")
+
+    def __init__(self, outs: tuple[np.ndarray, ...]):
+        self.outs = outs
+        self.hidden = self.moe_in = self.flat = self.out = None
+        self.carried: list[np.ndarray] = []
+        self.gate_out: tuple[np.ndarray, ...] = ()
+
+
+class GraphProgram(TaskProgram):
+    """A task of a bundle of graphs: trunk segments, the task's gates and head, expert kernels.
+
+    Args:
+        executor: Loads the graphs and places shared experts.
+        root: Bundle folder.
+        manifest: Its manifest.
+        task: Task name.
+        recorder: Called with (graph name, inputs) on every graph call, or None.
+        reuse: Graphs already loaded (by name), e.g. the trunk and kernels of the task switched from.
+        shared: Shared experts already loaded (they belong to the layer, not to a task), with their bytes.
+    """
+
+    def __init__(
+        self,
+        executor,
+        root: Path,
+        manifest: dict,
+        task: str,
+        recorder: Callable[[str, tuple[np.ndarray, ...]], None] | None = None,
+        reuse: dict | None = None,
+        shared: tuple[list, int] | None = None,
+    ):
+        self.executor, self.root, self.manifest, self.task = executor, Path(root), manifest, task
+        self._recorder = recorder
+        self._loaded: dict[str, object] = {}
+        record = manifest["tasks"][task]
+        reuse = reuse or {}
+        self.segments = [self._graph(name, reuse) for name in manifest["segments"]]
+        self.gates = [self._graph(name, reuse) for name in record["gates"]]
+        self.head = self._graph(record["head"], reuse)
+        self.layers = manifest["moe_layers"]
+        self._records = [{e["index"]: e for e in layer["experts"]} for layer in self.layers]
+        self._kernels = {name: self._graph(name, reuse) for name in _kernel_names(manifest, record["experts"])}
+        # Shared experts run on every token: load them now and keep them resident.
+        if shared is not None:
+            self.shared, self.shared_bytes = shared
+        else:
+            self.shared = [
+                [(self._kernels[e["kernel"]], self._shared_weights(e)) for e in layer.get("shared", [])]
+                for layer in self.layers
+            ]
+
+    def _graph(self, name: str, reuse: dict):
+        try:
+            record = self.manifest["graphs"][name]
+        except KeyError:
+            raise BundleError(f"garbled manifest: graph '{name}' is not listed") from None
+        graph = reuse.get(name) or self.executor.load(self.root, record)
+        self._loaded[name] = graph
+        self.graph_bytes += int(record["bytes"])
+        return graph if self._recorder is None else _RecordingGraph(graph, name, self._recorder)
+
+    def _shared_weights(self, record: dict) -> dict[str, object]:
+        weights = decode_expert(read_verified(self.root, record), record["tensors"])
+        self.shared_bytes += int(record["bytes"])
+        return self.executor.place(weights)
+
+    def loaded(self) -> dict[str, object]:
+        """The graphs this program loaded, by name (unwrapped), to reuse in another task's program."""
+        return dict(self._loaded)
+
+    def _kernel(self, layer: int, expert: int):
+        return self._kernels[self._records[layer][expert].get("kernel", self.layers[layer]["kernel"])]
+
+    def switch(self, task: str) -> GraphProgram:
+        return GraphProgram(
+            self.executor,
+            self.root,
+            self.manifest,
+            task,
+            self._recorder,
+            reuse=self._loaded,
+            shared=(self.shared, self.shared_bytes),
+        )
+
+    # -- a run -----------------------------------------------------------------------------
+    def start(self, x: np.ndarray) -> _GraphRun:
+        run = _GraphRun(self.segments[0].run(x))
+        self._enter(run)
+        return run
+
+    def _enter(self, run: _GraphRun) -> None:
+        """Split the last segment's outputs into (hidden, moe_input, *carried) when an MoE layer follows."""
+        if self.layers:
+            # Segments hand on (hidden, moe_input, *carried): carried tensors (e.g. masks) pass through.
+            run.hidden, run.moe_in, *run.carried = run.outs
+            run.flat = run.moe_in.reshape(-1, run.moe_in.shape[-1])
+            run.out = np.zeros_like(run.flat)
+
+    def route(self, run: _GraphRun, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        run.gate_out = self.gates[layer].run(run.moe_in)
+        idx, scores = run.gate_out[0], run.gate_out[1]
+        k = idx.shape[-1]
+        return idx.reshape(-1, k), scores.reshape(-1, k)
+
+    def pregate(self, run: _GraphRun, layer: int) -> np.ndarray:
+        gate = self.gates[layer]
+        gate = getattr(gate, "_graph", gate)  # unrecorded: a pre-gating call is not part of the run
+        idx = gate.run(run.moe_in)[0]
+        return idx.reshape(-1, idx.shape[-1])
+
+    def expert(
+        self, run: _GraphRun, layer: int, expert: int, tokens: np.ndarray, slots: np.ndarray, weights: dict
+    ) -> None:
+        kernel = self._kernel(layer, expert)
+        # Kernel inputs: the tokens, then the expert's tensors by name (an expert is data).
+        (y,) = kernel.run(run.flat[tokens], *(weights[name] for name in kernel.input_names[1:]))
+        scores = run.gate_out[1].reshape(run.flat.shape[0], -1)
+        run.out[tokens] += y * scores[tokens, slots, None]
+
+    def finish_layer(self, run: _GraphRun, layer: int) -> None:
+        if self.shared[layer]:
+            # The gate's third output weighs each shared expert per token (ones where ungated).
+            shared_scores = run.gate_out[2].reshape(run.flat.shape[0], -1)
+            for j, (kernel, w) in enumerate(self.shared[layer]):
+                (y,) = kernel.run(run.flat, *(w[name] for name in kernel.input_names[1:]))
+                run.out += y * shared_scores[:, j : j + 1]
+        moe_out = run.out.reshape(run.moe_in.shape)
+        run.outs = self.segments[layer + 1].run(run.hidden, moe_out, *run.carried)
+        if layer + 1 < len(self.layers):
+            self._enter(run)
+
+    def output(self, run: _GraphRun) -> np.ndarray:
+        (y,) = self.head.run(*run.outs)
+        return y
+
+
+def _kernel_names(m: dict, kept: list[list[int]]) -> list[str]:
+    """Kernels a task can need: its kept experts' (an expert may override its layer's) and shared ones."""
+    names: list[str] = []
+    for layer, keep in zip(m["moe_layers"], kept, strict=True):
+        routed = [e.get("kernel", layer["kernel"]) for e in layer["experts"] if e["index"] in keep]
+        for name in (*routed, *(e["kernel"] for e in layer.get("shared", []))):
+            if name not in names:
+                names.append(name)
+    return names

@@ -1,0 +1,26 @@
+"""Package list for setuptools: every backend folder under ``targets/`` and model family under ``models/``.
+
+``targets/`` and ``models/`` live at the repository root but install inside the ``edgemoe``
+namespace (see ``package-dir`` in pyproject.toml). Their sub-packages are found here by folder, so
+adding a backend or a model family touches no list.
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+packages = ["edgemoe", *(f"edgemoe.{p}" for p in find_packages(str(ROOT / "edgemoe")))]
+for folder in ("targets", "models"):
+    packages += [f"edgemoe.{folder}", *(f"edgemoe.{folder}.{p}" for p in find_packages(str(ROOT / folder)))]
+
+# A backend's non-Python sources (e.g. the HLS kernel library's C++ headers) ship with it.
+package_data = {}
+for pkg in packages:
+    if pkg.startswith("edgemoe.targets."):
+        folder = ROOT / "targets" / Path(*pkg.split(".")[2:])
+        files = [f.name for f in folder.iterdir() if f.is_file() and f.suffix not in (".py", ".pyc")]
+        if files:
+            package_data[pkg] = files
+
+setup(packages=packages, package_data=package_data)
