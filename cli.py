@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import click
+from edgemoe.targets import target_names
 
 from edgemoe import __version__
 from edgemoe.errors import EXIT_CODES, ConfigError, DependencyError, EdgeMoEError
@@ -129,7 +130,12 @@ def cli():
     type=click.Path(path_type=Path),
     help="Bundle folder to write (replaced atomically if it is already a bundle).",
 )
-@click.option("--target", default="onnx", show_default=True, help="Backend: onnx or tvm (Apache TVM).")
+@click.option(
+    "--target",
+    default="onnx",
+    show_default=True,
+    help=f"Backend: {', '.join(target_names())} (one folder each under targets/).",
+)
 @click.option("--device", default="host", show_default=True, help="Device profile (see `edgemoe devices`).")
 @click.option("--tasks", default="", help="Comma-separated tasks to build (default: all).")
 @click.option(
@@ -152,6 +158,14 @@ def cli():
     type=click.Path(dir_okay=False),
     default=None,
     help="Checkpoint to load (.safetensors, or a torch file loaded with weights_only=True).",
+)
+@click.option(
+    "--weights-format",
+    "weights_format",
+    default="edgemoe",
+    show_default=True,
+    type=click.Choice(["edgemoe", "m3vit"]),
+    help="Layout of --weights: edgemoe's own, or a checkpoint saved by the public M³ViT training code.",
 )
 @click.option(
     "--quant",
@@ -206,6 +220,7 @@ def compile_cmd(
     calib_samples,
     calib_seed,
     weights,
+    weights_format,
     quant,
     group_size,
     calibrator,
@@ -253,6 +268,7 @@ def compile_cmd(
         calib_samples=calib_samples,
         calib_seed=calib_seed,
         weights=weights,
+        weights_format=weights_format,
         quant=qcfg,
         memory_budget=memory_budget,
         tuning_db=tuning_db,

@@ -22,6 +22,8 @@ class CompileConfig:
         calib_samples: Calibration inputs per task for routing profiles.
         calib_seed: Seed of the calibration inputs.
         weights: Optional checkpoint (safetensors, or a torch file loaded with weights_only).
+        weights_format: Layout of ``weights``: ``edgemoe`` (the model's own state dict) or ``m3vit``
+            (a checkpoint saved by the public M³ViT training code, m3vit family).
         opset: ONNX opset of exported graphs.
         model_family: With ``model_config``: build this family from that config instead of
             resolving ``model`` (how ``verify`` rebuilds a bundle's source model).
@@ -43,6 +45,7 @@ class CompileConfig:
     calib_samples: int = 8
     calib_seed: int = 1234
     weights: str | None = None
+    weights_format: str = "edgemoe"
     opset: int = 17
     model_family: str | None = None
     model_config: dict | None = None

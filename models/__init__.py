@@ -5,7 +5,8 @@ its own folder with a ``family.py`` that exposes ``NAME``, ``DESCRIPTIONS``, ``W
 ``configs()``, ``normalize(config)`` and ``build(config)``; add a family by adding its module
 name to ``_FAMILIES``. ``edgemoe compile`` also accepts a JSON file
 ``{"base": "<registered name>", ...overrides}`` or ``{"family": ..., ...full config}``, either
-with an optional ``"weights"`` checkpoint path (relative to the JSON file) loaded after building.
+with an optional ``"weights"`` checkpoint path (relative to the JSON file) loaded after building
+and its ``"weights_format"`` (:data:`WEIGHT_FORMATS`).
 Importing this module does not import torch; building a model does.
 """
 
@@ -22,6 +23,11 @@ from typing import Any
 from ..errors import ModelError
 
 _FAMILIES = ("m3vit", "hf", "moe_lm", "bert_moe")
+# Checkpoint layouts ``load_checkpoint`` reads: edgemoe's own state dicts, and checkpoints saved by
+# the public M³ViT training code (family m3vit; see models/m3vit/checkpoint.py).
+WEIGHT_FORMATS = ("edgemoe", "m3vit")
+# Keys of each kind a checkpoint that does not fit names in its error.
+_SHOWN_KEYS = 5
 
 
 def seeded_build(factory: Callable[[Any], Any], cfg: Any) -> Any:
@@ -75,6 +81,7 @@ class ModelEntry:
         description: One line for ``edgemoe models``.
         config: Full config dict of the family.
         weights: Checkpoint to load after building (a shipped one for registry models), or None.
+        weights_format: Layout of ``weights`` (one of :data:`WEIGHT_FORMATS`).
     """
 
     name: str
@@ -82,30 +89,74 @@ class ModelEntry:
     description: str
     config: dict
     weights: str | None = None
+    weights_format: str = "edgemoe"
 
     def build(self) -> Any:
         """Build the torch module and load its checkpoint, if any."""
+        return self.build_with_notes()[0]
+
+    def build_with_notes(self) -> tuple[Any, list[str]]:
+        """:meth:`build`, also returning what loading the checkpoint noted (keys ignored, tensors folded)."""
         module = family_module(self.family).build(self.config)
-        if self.weights:
-            load_checkpoint(module, self.weights)
-        return module
+        notes = load_checkpoint(module, self.weights, self.weights_format) if self.weights else []
+        return module, notes
 
 
-def load_checkpoint(module, path: str) -> None:
+def load_checkpoint(module, path: str, weights_format: str = "edgemoe") -> list[str]:
     """Load weights safely: safetensors, or a torch file with ``weights_only=True``.
 
     A safetensors file whose metadata says ``format = edgemoe-int8-rows`` holds its weight
     matrices as int8 plus ``<name>:scale`` (fp32, one absmax scale per row of dim 0); they are
-    dequantized to fp32 here, so the loaded module is exactly the dequantized model.
+    dequantized to fp32 here, so the loaded module is exactly the dequantized model. Torch files
+    may hold numpy scalars besides tensors (training scripts store metrics so); nothing else that
+    ``weights_only`` refuses is unpickled.
+
+    Args:
+        module: The built model.
+        path: Checkpoint file.
+        weights_format: ``"edgemoe"``: the model's own state dict. ``"m3vit"``: a checkpoint saved
+            by the public M³ViT training code (m3vit family; renamed by ``m3vit.checkpoint``).
+
+    Returns:
+        Notes on what the import ignored or changed (empty for the edgemoe format).
 
     Raises:
-        ModelError: The file is missing, unreadable or does not fit the model.
+        ModelError: The file is missing, unreadable, refused by ``weights_only``, or does not fit
+            the model (the message names missing, unexpected and mis-shaped keys).
     """
-    import torch
-
     p = Path(path)
+    if weights_format not in WEIGHT_FORMATS:
+        raise ModelError(f"unknown weights format '{weights_format}' (known: {', '.join(WEIGHT_FORMATS)})")
     if not p.is_file():
         raise ModelError(f"checkpoint not found: {p}")
+    state = _read_checkpoint(p)
+    notes: list[str] = []
+    if weights_format == "m3vit":
+        from .m3vit.model import M3ViT
+
+        if not isinstance(module, M3ViT):
+            raise ModelError(f"weights format m3vit is for m3vit models, not {type(module).__name__}")
+        from .m3vit.checkpoint import from_m3vit
+
+        try:
+            state, notes = from_m3vit(state, module)
+        except ModelError as exc:
+            raise ModelError(f"cannot import M³ViT checkpoint {p}: {exc}") from None
+    _check_fits(module, state, p)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load checkpoint {p}: {first}") from None
+    return notes
+
+
+def _read_checkpoint(p: Path) -> Any:
+    """The tensors of a safetensors file (int8 rows dequantized), or what a torch file holds."""
+    import pickle
+
+    import torch
+
     try:
         if p.suffix == ".safetensors":
             from safetensors import safe_open
@@ -119,12 +170,62 @@ def load_checkpoint(module, path: str) -> None:
                 for name, scale in scales.items():
                     q = state[name]
                     state[name] = q.float() * scale.float().reshape(-1, *([1] * (q.ndim - 1)))
-        else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-        module.load_state_dict(state, strict=True)
-    except (RuntimeError, OSError, ValueError, KeyError) as exc:
+            return state
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln or "Unsupported" in ln]
+        why = lines[0] if lines else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(
+            f"cannot load checkpoint {p}: torch.load(weights_only=True) refuses it ({why}). edgemoe does not "
+            "unpickle arbitrary objects; where you trust the file, re-save its tensors alone, e.g. "
+            "torch.save({'state_dict': torch.load(f, weights_only=False)['state_dict']}, 'clean.pth')"
+        ) from None
+    except (RuntimeError, OSError, ValueError, KeyError, EOFError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load checkpoint {p}: {first}") from None
+
+
+def _numpy_scalar_globals() -> list:
+    """Pickle globals that rebuild numpy scalars (numbers from a dtype and bytes; no code runs).
+
+    numpy 1.x pickles name the module ``numpy.core.multiarray``, numpy 2 ``numpy._core.multiarray``.
+    """
+    import numpy as np
+
+    scalar = (getattr(np, "_core", None) or np.core).multiarray.scalar
+    # Number and bool dtypes only: not object, void (structured) or string dtypes.
+    plain = ("Bool", "Int", "UInt", "Byte", "UByte", "Short", "UShort", "Long", "ULong", "Float", "Double", "Half")
+    plain += ("LongLong", "ULongLong", "LongDouble", "Complex", "CDouble", "CFloat", "CLongDouble")
+    names = [n for n in dir(np.dtypes) if n.endswith("DType") and n.removesuffix("DType").rstrip("0123456789") in plain]
+    dtypes = [getattr(np.dtypes, n) for n in names]
+    return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtypes]
+
+
+def _check_fits(module, state: Any, p: Path) -> None:
+    """Raise a ModelError naming the missing, unexpected and mis-shaped keys, if there are any."""
+    import torch
+
+    if not isinstance(state, dict):
+        raise ModelError(f"cannot load checkpoint {p}: it holds a {type(state).__name__}, not a state dict")
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [str(k) for k in state if k not in expected]
+    misshaped = [
+        f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})"
+        if isinstance(state[k], torch.Tensor)
+        else f"{k} (a {type(state[k]).__name__}, not a tensor)"
+        for k, v in expected.items()
+        if k in state and (not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(v.shape))
+    ]
+    parts = [
+        f"{len(keys)} {kind} key(s): {', '.join(keys[:_SHOWN_KEYS])}{', ...' if len(keys) > _SHOWN_KEYS else ''}"
+        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+        if keys
+    ]
+    if parts:
+        name = getattr(getattr(module, "cfg", None), "name", type(module).__name__)
+        raise ModelError(f"checkpoint {p} does not fit {name}: {'; '.join(parts)}")
 
 
 def model_entries() -> dict[str, ModelEntry]:
@@ -163,6 +264,9 @@ def resolve_model(spec: str) -> ModelEntry:
     weights = raw.pop("weights", None)
     if weights is not None and not isinstance(weights, str):
         raise ModelError(f"model config {path}: 'weights' must be a path string")
+    weights_format = raw.pop("weights_format", "edgemoe")
+    if weights_format not in WEIGHT_FORMATS:
+        raise ModelError(f"model config {path}: 'weights_format' must be one of {', '.join(WEIGHT_FORMATS)}")
     if weights:
         weights = str((path.parent / weights).resolve())
     if "base" in raw:
@@ -175,4 +279,4 @@ def resolve_model(spec: str) -> ModelEntry:
     else:
         raise ModelError(f"model config {path} needs a 'base' (registered model) or a 'family'")
     config = family_module(family).normalize(config)
-    return ModelEntry(config["name"], family, f"from {path}", config, weights)
+    return ModelEntry(config["name"], family, f"from {path}", config, weights, weights_format)

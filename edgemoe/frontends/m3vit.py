@@ -38,6 +38,13 @@ class _Gate(nn.Module):
         return self.gate(h, self.cond, self.keep)
 
 
+class _Tokens(nn.Module):
+    """The head of a backbone task: the last segment's tokens, unchanged."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
 class _ExpertKernel(nn.Module):
     """``gelu(x @ w1 + b1) @ w2 + b2`` with every weight a graph input."""
 
@@ -96,8 +103,12 @@ class M3ViTAdapter(NativeAdapter):
                     routers=routers,
                 )
             )
+        # A backbone task (0 channels) outputs the last block's tokens: kind "tokens".
         tasks = tuple(
-            TaskSpec(name, TensorSpec(name, (None, ch, *cfg.img_size)), kind="dense") for name, ch in cfg.tasks
+            TaskSpec(name, TensorSpec(name, (None, ch, *cfg.img_size)), kind="dense")
+            if ch
+            else TaskSpec(name, TensorSpec(name, (None, n, d)), kind="tokens")
+            for name, ch in cfg.tasks
         )
         config = dict(vars(cfg))
         return ModelIR(
@@ -140,7 +151,8 @@ class M3ViTAdapter(NativeAdapter):
 
     def head(self, task: str) -> GraphPartition:
         self.task_index(task)
-        return partitions.head_partition(task, self.model.heads[task], self._ir.segments[-1].outputs[0], TRACING)
+        module = self.model.heads[task] if task in self.model.heads else _Tokens()
+        return partitions.head_partition(task, module, self._ir.segments[-1].outputs[0], TRACING)
 
     def expert_kernel(self, layer: int) -> GraphPartition:
         spec = self._ir.moe_layers[layer].expert
@@ -170,14 +182,19 @@ class M3ViTAdapter(NativeAdapter):
         return make_batch(range(start, start + samples), self.cfg.mean, self.cfg.std, *self.cfg.img_size)[0]
 
     def evaluation_data(self, samples: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
-        """Held-out procedural scenes (never drawn in training) with class and depth labels."""
+        """Held-out procedural scenes (never drawn in training) with class and depth labels.
+
+        Backbone tasks get no labels (their metric is the cosine to the fp32 model's tokens).
+        """
         if set(self.cfg.task_names) - {"semseg", "depth"}:
             return super().evaluation_data(samples, seed)
         from ..models.m3vit.scenes import HELD_OUT_START, make_batch
 
         start = HELD_OUT_START + 10_000 + seed * 1_000
         x, labels, depth = make_batch(range(start, start + samples), self.cfg.mean, self.cfg.std, *self.cfg.img_size)
-        return x, {"semseg": labels, "depth": depth}
+        targets = {"semseg": labels, "depth": depth}
+        headed = {name: targets[name] for name, ch in self.cfg.tasks if ch}
+        return x, headed or None
 
     def task_metric(
         self, task: str, prediction: np.ndarray, target: np.ndarray | None, reference: np.ndarray

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..config import CompileConfig
-from ..errors import TaskError
+from ..errors import ConfigError, TaskError
 from ..frontends import ModelAdapter, adapter_class
 from ..ir import ModelIR
 
@@ -19,7 +19,8 @@ class CapturedModel:
         adapter: The family adapter wrapping the loaded model.
         ir: The validated IR.
         tasks: The tasks to build (a subset of the IR's tasks, in model order).
-        source: How the model was obtained (registry name, optional checkpoint), for the manifest.
+        source: How the model was obtained (registry name, optional checkpoint and its format, what
+            importing it noted), for the manifest.
     """
 
     adapter: ModelAdapter
@@ -39,7 +40,8 @@ def capture_model(cfg: CompileConfig) -> CapturedModel:
 
     Raises:
         ModelError: Unknown model name, bad model config or unusable checkpoint.
-        ConfigError: The model breaks an IR invariant (e.g. top-k > experts).
+        ConfigError: The model breaks an IR invariant (e.g. top-k > experts), or a weights format
+            other than edgemoe without a checkpoint.
         TaskError: A requested task is not in the model.
     """
     from ..models import ModelEntry, resolve_model
@@ -49,8 +51,10 @@ def capture_model(cfg: CompileConfig) -> CapturedModel:
     else:
         entry = ModelEntry(cfg.model, cfg.model_family, "from a bundle manifest", cfg.model_config)
     if cfg.weights:  # an explicit checkpoint replaces a shipped one
-        entry = dataclasses.replace(entry, weights=cfg.weights)
-    module = entry.build()
+        entry = dataclasses.replace(entry, weights=cfg.weights, weights_format=cfg.weights_format)
+    elif cfg.weights_format != "edgemoe":
+        raise ConfigError(f"weights format {cfg.weights_format} needs a checkpoint (--weights)")
+    module, notes = entry.build_with_notes()
     adapter = adapter_class(entry.family)(module)
     ir = adapter.ir
     tasks = cfg.tasks or ir.task_names
@@ -63,6 +67,9 @@ def capture_model(cfg: CompileConfig) -> CapturedModel:
         "family": entry.family,
         "config": entry.config,
         "weights": entry.weights,
+        "weights_format": entry.weights_format,
         "state_sha256": adapter.state_sha256(),
     }
+    if notes:
+        source["weights_notes"] = notes
     return CapturedModel(adapter=adapter, ir=ir, tasks=ordered, source=source)

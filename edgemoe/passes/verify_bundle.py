@@ -132,6 +132,7 @@ def verify_bundle(
         CompileConfig(
             model=manifest["model"]["name"],
             weights=source.get("weights"),
+            weights_format=source.get("weights_format", "edgemoe"),
             tasks=tuple(manifest["tasks"]),
             model_family=source["family"],
             model_config=source["config"],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .model import M3ViTConfig
+from .model import RAW_PIXELS_MEAN, RAW_PIXELS_STD, M3ViTConfig
 
 CONFIGS: dict[str, M3ViTConfig] = {
     # The Edge-MoE FPGA configuration (Sarkar et al., 2023): 128 patches + class token, with a
@@ -55,4 +55,16 @@ CONFIGS: dict[str, M3ViTConfig] = {
         experts_per_task=4,
     ),
     "m3vit-tiny-cond": M3ViTConfig(name="m3vit-tiny-cond", task_cond_dim=64),
+    # Edge-MoE's model exactly (sharc-lab/Edge-MoE): patchify stem, LayerNorm eps 1e-6, no final norm,
+    # no class-token tensor (token 0 is pos_embed[0]), raw pixels k/256, and no heads: both tasks
+    # output the last block's tokens through their own gates. Seeded random weights.
+    "m3vit-tiny-edgemoe": M3ViTConfig(
+        name="m3vit-tiny-edgemoe",
+        tasks=(("semseg", 0), ("depth", 0)),
+        mean=RAW_PIXELS_MEAN,
+        std=RAW_PIXELS_STD,
+        ln_eps=1e-6,
+        final_norm=False,
+        cls_token=False,
+    ),
 }

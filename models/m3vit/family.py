@@ -17,6 +17,8 @@ DESCRIPTIONS = {
     "m3vit-micro-cond": "m3vit-micro with task-conditioned gating",
     "m3vit-micro-windows": "m3vit-micro with per-task expert windows of 4",
     "m3vit-tiny-cond": "m3vit-tiny with task-conditioned gating",
+    "m3vit-tiny-edgemoe": "Edge-MoE's model exactly: patch stem, eps 1e-6, no final norm or cls token, "
+    "raw pixels, 2 backbone tasks (tokens out), random",
 }
 
 # Shipped checkpoints (file names beside this module), by config name.

@@ -5,6 +5,7 @@ Every odd-index block replaces its MLP with an MoE layer whose experts are
 top-k, scores not renormalised, as in M³ViT's VMoE gate). Optionally a task
 embedding (one-hot → small MLP) is concatenated to each token's gate input, and
 each task may be confined to its own window of experts (``num_experts_pertask``).
+A task with 0 output channels is a *backbone* task: its output is the last block's tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from edgemoe.errors import ModelError
+
+WINDOW_LAYOUTS = ("even", "m3vit")
+# Edge-MoE's input: raw pixels as ap_ufixed<8,0>, i.e. byte k -> k/256 in [0, 1), no mean/std. Images
+# enter as k/255 (PNG reading, procedural scenes), so dividing by 256/255 gives k/256.
+RAW_PIXELS_MEAN = (0.0, 0.0, 0.0)
+RAW_PIXELS_STD = (256 / 255, 256 / 255, 256 / 255)
 
 
 @dataclass(frozen=True)
@@ -36,12 +45,27 @@ class M3ViTConfig:
         expert_hidden: Hidden width of each expert.
         num_experts: Experts per MoE layer.
         top_k: Experts chosen per token.
-        tasks: ``(task name, output channels)`` pairs, one head and one gate per task.
+        tasks: ``(task name, output channels)`` pairs, one gate per task. A task with channels > 0
+            has a dense head (output (B, channels, H, W)); with 0 channels it is a *backbone* task
+            without head parameters, whose output is the last block's tokens (B, num_tokens, dim),
+            after the final norm where ``final_norm`` is set (M³ViT's backbone, Edge-MoE's output).
         task_cond_dim: Width of the task embedding concatenated to the gate input (0: off).
         experts_per_task: Size of each task's expert window (None: every task sees all experts).
         seed: Seed of the random initialisation.
-        mean: Per-channel input normalisation mean (images in [0, 1]).
-        std: Per-channel input normalisation std.
+        mean: Per-channel input normalisation mean, applied to images in [0, 1] (a byte k is k/255).
+        std: Per-channel input normalisation std. The model input is ``(image - mean) / std``; the
+            same mean/std go into the bundle's ``input.preprocess``, which ``edgemoe run`` applies to
+            PNG/JPEG inputs. Raw pixels as Edge-MoE feeds them (k/256, its ``ap_ufixed<8,0>`` pixel
+            type, no mean/std) are mean ``(0, 0, 0)``, std ``(256/255,) * 3`` (see ``RAW_PIXELS_*``);
+            std ``(1, 1, 1)`` would be k/255. M³ViT's training code normalises k/255 with the
+            ImageNet mean/std (the defaults here).
+        ln_eps: Epsilon of every LayerNorm in the trunk and the heads (M³ViT and Edge-MoE: 1e-6).
+        final_norm: LayerNorm after the last block. M³ViT's backbone has none (its decoders follow).
+        cls_token: A learned class-token parameter. Without it token 0 is ``pos_embed[0]`` alone (a
+            zero class token, as in Edge-MoE); the token count stays grid + 1 either way.
+        window_layout: Where each task's expert window starts (with ``experts_per_task``):
+            ``"even"`` spreads the windows evenly over the experts; ``"m3vit"`` reproduces the start
+            ids of M³ViT's ``regu_experts_fromtask`` gates (see :meth:`expert_window`).
     """
 
     name: str
@@ -62,6 +86,21 @@ class M3ViTConfig:
     seed: int = 0
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    ln_eps: float = 1e-5
+    final_norm: bool = True
+    cls_token: bool = True
+    window_layout: str = "even"
+
+    def __post_init__(self):
+        if self.window_layout not in WINDOW_LAYOUTS:
+            raise ValueError(f"window_layout '{self.window_layout}' is not one of {', '.join(WINDOW_LAYOUTS)}")
+        if not self.ln_eps > 0:
+            raise ValueError(f"ln_eps must be > 0, got {self.ln_eps}")
+        bad = [f"{name}: {ch}" for name, ch in self.tasks if not isinstance(ch, int) or ch < 0]
+        if bad:
+            raise ValueError(f"task output channels must be integers >= 0 (0: backbone task), got {', '.join(bad)}")
+        if self.experts_per_task is not None and not 1 <= self.experts_per_task <= self.num_experts:
+            raise ValueError(f"experts_per_task {self.experts_per_task} is not in 1..num_experts ({self.num_experts})")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -73,6 +112,11 @@ class M3ViTConfig:
         """Patch tokens plus the class token."""
         gh, gw = self.grid
         return gh * gw + 1
+
+    @property
+    def backbone_tasks(self) -> tuple[str, ...]:
+        """Tasks without a head (0 channels): their output is the last block's tokens."""
+        return tuple(t for t, ch in self.tasks if ch == 0)
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -87,15 +131,68 @@ class M3ViTConfig:
     def expert_window(self, task_index: int) -> tuple[int, ...]:
         """Experts the task's gate may choose from.
 
-        Windows are contiguous and spread evenly over the experts, so with more tasks than
-        ``num_experts / experts_per_task`` they overlap.
+        ``window_layout="even"``: contiguous windows spread evenly over the experts, so with more
+        tasks than ``num_experts / experts_per_task`` they overlap. ``"m3vit"``: M³ViT's start ids
+        (:meth:`m3vit_window_starts`), each window cut at the last expert as M³ViT's slice is.
+
+        Raises:
+            ModelError: ``"m3vit"`` windows that M³ViT's own gate could not run (see
+                :meth:`m3vit_window_starts`).
         """
         if self.experts_per_task is None:
             return tuple(range(self.num_experts))
+        if self.window_layout == "m3vit":
+            start = self.m3vit_window_starts()[task_index]
+            return tuple(range(start, min(start + self.experts_per_task, self.num_experts)))
         n_tasks = len(self.tasks)
         span = self.num_experts - self.experts_per_task
         start = 0 if n_tasks == 1 else round(task_index * span / (n_tasks - 1))
         return tuple(range(start, start + self.experts_per_task))
+
+    def m3vit_window_starts(self) -> tuple[int, ...]:
+        """First expert of each task's window as M³ViT's ``regu_experts_fromtask`` gates compute it.
+
+        Read from VITA-Group/M3ViT (commit d448b6f): ``NoisyGate_VMoE.__init__`` and
+        ``FMoETransformerMLP.__init__`` (models/gate_funs/noisy_gate_vmoe.py,
+        models/custom_moe_layer.py) both run ``start_id = start_id + int(i * (E - P) / (T - 1))`` for
+        task ``i`` in ``range(T)`` (E experts, P = ``num_experts_pertask``, T tasks): the increments
+        *accumulate*, so 16 experts, 8 per task, 3 tasks give starts 0, 4, 12 (2 tasks: 0, 8). The
+        gate's logits are ``inp @ w_gate[:, start:start + P]``: a Python slice, which stops at the
+        last expert, so the third window above is experts 12..15 (4 wide), softmax over those; the
+        layer then adds ``start`` to the chosen indices. Their gate takes ``topk(min(top_k + 1, E))``
+        of the window's probabilities, so a window cut below that many experts (or empty) makes
+        their code fail; such configs are refused here. Their gate computes the starts from all
+        experts (``tot_expert``), their layer from one rank's (``num_expert``): the two agree only
+        without expert parallelism, which is what this reproduces. The windows apply where their
+        layer calls the shared gate with the task id; with ``multi_gate`` (a gate per task) their
+        gate is called without it and softmaxes over all experts.
+
+        Raises:
+            ModelError: No ``experts_per_task``, a single task (their formula divides by T - 1), or
+                a window M³ViT's gate could not run.
+        """
+        n_tasks, e, per = len(self.tasks), self.num_experts, self.experts_per_task
+        if per is None:
+            raise ModelError(f"{self.name}: window_layout 'm3vit' needs experts_per_task")
+        if n_tasks < 2:
+            raise ModelError(
+                f"{self.name}: window_layout 'm3vit' needs 2 or more tasks (M³ViT divides by num_tasks - 1)"
+            )
+        starts, start = [], 0
+        for i in range(n_tasks):
+            start = start + int(i * (e - per) / (n_tasks - 1))  # their float division, truncated
+            starts.append(start)
+        need = min(self.top_k + 1, e)
+        for (task, _), s in zip(self.tasks, starts, strict=True):
+            width = max(0, min(s + per, e) - s)
+            if width < need:
+                raise ModelError(
+                    f"{self.name}: M³ViT's window of task '{task}' would be experts {s}..{s + per - 1}, "
+                    f"of which {width} exist (of {e}); its gate takes the top {need} (top-k + 1) of the window "
+                    f"and would fail (window starts {starts}). Use window_layout 'even', fewer tasks or a "
+                    "smaller experts_per_task"
+                )
+        return tuple(starts)
 
 
 class ConvStem(nn.Module):
@@ -223,9 +320,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: M3ViTConfig, moe: bool):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.attn = Attention(cfg.dim, cfg.heads)
-        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.is_moe = moe
         if moe:
             self.moe = MoE(cfg)
@@ -252,7 +349,7 @@ class DenseHead(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.channels = channels
-        self.norm = nn.LayerNorm(cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.proj = nn.Linear(cfg.dim, channels * cfg.patch * cfg.patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,7 +376,7 @@ class TaskEmbedding(nn.Module):
 
 
 class M3ViT(nn.Module):
-    """Multi-task MoE ViT: shared trunk, per-task gates, per-task dense heads."""
+    """Multi-task MoE ViT: shared trunk, per-task gates, per-task dense heads (none for backbone tasks)."""
 
     def __init__(self, cfg: M3ViTConfig):
         super().__init__()
@@ -290,12 +387,13 @@ class M3ViT(nn.Module):
             self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch, cfg.patch)
         else:
             raise ValueError(f"unknown stem '{cfg.stem}' (known: patch, conv)")
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.cls_token else None
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_tokens, cfg.dim) * 0.02)
         self.blocks = nn.ModuleList(Block(cfg, i in cfg.moe_blocks) for i in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps) if cfg.final_norm else nn.Identity()
         self.task_embed = TaskEmbedding(len(cfg.tasks), cfg.task_cond_dim) if cfg.task_cond_dim else None
-        self.heads = nn.ModuleDict({name: DenseHead(cfg, ch) for name, ch in cfg.tasks})
+        # Backbone tasks (0 channels) have no head: they output the (normed) tokens.
+        self.heads = nn.ModuleDict({name: DenseHead(cfg, ch) for name, ch in cfg.tasks if ch > 0})
 
     def task_index(self, task: str) -> int:
         """Index of a task name."""
@@ -304,6 +402,9 @@ class M3ViT(nn.Module):
     def embed(self, img: torch.Tensor) -> torch.Tensor:
         """Patch embedding, class token and position embedding."""
         x = self.patch_embed(img).flatten(2).transpose(1, 2)
+        if self.cls_token is None:
+            # A zero token 0 (token 0 is then pos_embed[0] alone); padding keeps the batch axis dynamic.
+            return F.pad(x, (0, 0, 1, 0)) + self.pos_embed
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1) + self.pos_embed
 
@@ -320,14 +421,16 @@ class M3ViT(nn.Module):
             keep: Optional per-MoE-block boolean expert masks (pruned deployment).
 
         Returns:
-            The task head's output, shape (B, channels, H, W).
+            The task head's output, shape (B, channels, H, W); for a backbone task the last block's
+            tokens (after the final norm, if any), shape (B, num_tokens, dim).
         """
         t = self.task_index(task)
         cond = self.task_cond(t)
         x = self.embed(img)
         for i, block in enumerate(self.blocks):
             x = block(x, t, cond, None if keep is None else keep.get(i))
-        return self.heads[task](self.norm(x))
+        x = self.norm(x)
+        return self.heads[task](x) if task in self.heads else x
 
 
 def build_m3vit(cfg: M3ViTConfig) -> M3ViT:
