@@ -17,9 +17,8 @@ import warnings
 from pathlib import Path
 
 import click
-from edgemoe.targets import target_names
 
-from edgemoe import __version__
+from edgemoe import __version__, targets
 from edgemoe.errors import EXIT_CODES, ConfigError, DependencyError, EdgeMoEError
 
 EXIT_CODE_HELP = (
@@ -72,13 +71,14 @@ class _Progress:
 
 @contextlib.contextmanager
 def _budget_warnings(notes: list[str]):
-    """Print memory-budget warnings (ThrashWarning) as ``warning: ...`` on stderr and collect them for --json."""
+    """Print edgemoe's warnings (budget, unused hardware) as ``warning: ...`` on stderr; collect them for --json."""
+    from edgemoe.errors import EdgeMoEWarning
     from edgemoe.schedule.planner import ThrashWarning
 
     show = warnings.showwarning
 
     def echo(message, category, *args, **kwargs):
-        if issubclass(category, ThrashWarning):
+        if issubclass(category, ThrashWarning | EdgeMoEWarning):
             notes.append(str(message))
             click.echo(f"warning: {message}", err=True)
         else:
@@ -86,6 +86,7 @@ def _budget_warnings(notes: list[str]):
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", ThrashWarning)
+        warnings.simplefilter("always", EdgeMoEWarning)
         warnings.showwarning = echo
         yield
 
@@ -134,7 +135,7 @@ def cli():
     "--target",
     default="onnx",
     show_default=True,
-    help=f"Backend: {', '.join(target_names())} (one folder each under targets/).",
+    help=f"Backend: {', '.join(targets.target_names())} (one folder each under targets/).",
 )
 @click.option("--device", default="host", show_default=True, help="Device profile (see `edgemoe devices`).")
 @click.option("--tasks", default="", help="Comma-separated tasks to build (default: all).")
@@ -206,6 +207,14 @@ def cli():
     type=click.Path(file_okay=False, exists=True),
     help="Target tvm: build with the MetaSchedule schedules of this database (`edgemoe tune`).",
 )
+@click.option(
+    "--fixed",
+    default=None,
+    metavar="TYPES",
+    help="--target hls: fixed-point types overriding the calibrated ones, per tensor class "
+    "(input, act, weight, embed, attn_bias, bias, norm, score), e.g. "
+    "'act=ap_fixed<32,10>,weight=ap_fixed<16,2>'; or the preset 'edge-moe' (Edge-MoE's types).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 @_handle_errors
@@ -228,6 +237,7 @@ def compile_cmd(
     avg_bits,
     memory_budget,
     tuning_db,
+    fixed,
     as_json,
     quiet,
 ):
@@ -240,6 +250,13 @@ def compile_cmd(
     With --quant / --weight-budget / --avg-bits the staged bundle is calibrated, quantized
     (experts one blob at a time) and its accuracy against fp32 on held-out data is written
     into the manifest (see `edgemoe inspect`).
+
+    With --target hls --device zcu102 (or zcu104, or a profile file with an [fpga] table) the
+    bundle is a Vitis HLS project of the whole model (hls/: kernels, generated header, testbench,
+    run_hls.tcl), fixed-point weights (params.bin, experts/) with types calibrated per tensor class
+    (or --fixed), a resource and latency estimate with tile sizes searched under the part's
+    resources, and the design's accuracy measured by its bit-exact emulator. `edgemoe verify`
+    checks its C simulation (g++) against PyTorch and the emulator; `edgemoe run` runs it.
 
     With --memory-budget the budget is checked against the bundle's experts as at session start
     (an error below shared + resident + largest expert; a warning, also in --json, below a
@@ -272,6 +289,7 @@ def compile_cmd(
         quant=qcfg,
         memory_budget=memory_budget,
         tuning_db=tuning_db,
+        fixed=fixed,
     )
     if tuning_db and target != "tvm":
         raise ConfigError(f"--tuning-db is for --target tvm, not {target}")
@@ -281,7 +299,7 @@ def compile_cmd(
         compile_model(cfg, output, progress)
     progress(f"bundle written to {output}")
     summary = describe_bundle(output)
-    if memory_budget is not None:
+    if memory_budget is not None or notes:
         summary["warnings"] = notes
     _emit(summary, as_json, render_bundle)
 
@@ -366,7 +384,8 @@ def verify_cmd(bundle, samples, seed, tolerance, as_json, quiet):
     _emit(rep.to_json(), as_json, render_verify)
     if not rep.passed:
         bad = [t for t, r in rep.tasks.items() if not r.passed]
-        raise VerificationError(f"tasks {', '.join(bad)} exceed the tolerance {rep.tolerance:g}")
+        limit = f"the tolerance {rep.tolerance:g}" if rep.tolerance is not None else "their checks (see above)"
+        raise VerificationError(f"tasks {', '.join(bad)} exceed {limit}")
 
 
 @cli.command("models")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from .config import CompileConfig
 from .devices import get_device
-from .errors import ConfigError
+from .errors import ConfigError, EdgeMoEWarning
 from .passes.calibrate_activations import AdapterCalibration, calibrate_activations
 from .passes.capture_model import capture_model
 from .passes.measure_accuracy import bundle_bytes, measure_accuracy
@@ -42,6 +43,14 @@ def compile_model(cfg: CompileConfig, out: str | Path, progress: Progress = lamb
     device = get_device(cfg.device)
     target.check_device(device)
     target.check_model(cfg)
+    if device.fpga is not None and target.name != "hls":
+        warnings.warn(
+            EdgeMoEWarning(
+                f"{device.name}'s programmable logic ({device.fpga.part}) stays unused with --target {target.name}: "
+                "the bundle runs on its CPU; --target hls builds an accelerator for it"
+            ),
+            stacklevel=2,
+        )
     progress(f"capture {cfg.model}")
     captured = capture_model(cfg)
     for note in captured.source.get("weights_notes", ()):

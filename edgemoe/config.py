@@ -32,6 +32,9 @@ class CompileConfig:
         memory_budget: Expert memory to plan swapping for on ``device``: ``NN%`` of routed expert
             bytes or a byte size (``6MB``, ``100000``); the budget is checked as at session start
             and a swap schedule is stored in the manifest. None: no check, no schedule.
+        fixed: Target hls: fixed-point types per tensor class overriding the calibrated ones
+            (``act=ap_fixed<32,10>,weight=ap_fixed<16,2>``, or a preset such as ``edge-moe``). None:
+            every type from the calibrated ranges.
         tuning_db: Target tvm: a MetaSchedule database folder (``edgemoe tune``) whose schedules
             the libraries are built with. None: untuned.
     """
@@ -52,3 +55,4 @@ class CompileConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     memory_budget: str | None = None
     tuning_db: str | None = None
+    fixed: str | None = None

@@ -21,6 +21,35 @@ GiB = 1 << 30
 
 
 @dataclass(frozen=True)
+class FpgaResources:
+    """The programmable logic of an FPGA device (what ``--target hls`` builds against).
+
+    Attributes:
+        part: Vivado part number.
+        clock_mhz: Kernel clock the design is estimated at.
+        dsp: DSP slices (DSP48E2).
+        bram_18k: 18 Kb block RAMs.
+        uram: 288 Kb UltraRAMs.
+        lut: Look-up tables.
+        ff: Flip-flops.
+        axi_ports: AXI ports from the PL to DDR (one per m_axi bundle carrying weights).
+        axi_port_gbs: Bandwidth of one such port, GB/s.
+        source: Where the figures come from.
+    """
+
+    part: str
+    clock_mhz: float
+    dsp: int
+    bram_18k: int
+    uram: int
+    lut: int
+    ff: int
+    axi_ports: int = 2
+    axi_port_gbs: float = 4.8
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     """One device.
 
@@ -40,6 +69,7 @@ class DeviceProfile:
         onchip_gbs: DDR -> on-chip memory (FPGA BRAM/URAM), GB/s (0: no such tier).
         compute_gflops: Sustained fp32 throughput for the simulator, GFLOP/s.
         tier_sources: Per figure above, where it comes from (and whether it is an estimate).
+        fpga: The programmable logic, for FPGA devices (None: no FPGA).
     """
 
     name: str
@@ -57,6 +87,7 @@ class DeviceProfile:
     onchip_gbs: float = 0.0
     compute_gflops: float = 0.0
     tier_sources: dict = field(default_factory=dict, compare=False)
+    fpga: FpgaResources | None = None
 
     def load_gbs(self) -> float:
         """Bandwidth of the slowest tier an expert crosses from storage to where it runs, GB/s."""
@@ -215,6 +246,11 @@ _TIERS: dict[str, dict] = {
         },
     },
     "zcu104": {
+        "fpga": FpgaResources(
+            "xczu7ev-ffvc1156-2-e", 300.0, 1728, 624, 96, 230400, 460800, 2, 4.8,
+            "AMD/Xilinx DS891 (Zynq UltraScale+ MPSoC overview): XCZU7EV 1,728 DSP, 312 BRAM36 (624 BRAM18K), "
+            "96 URAM, 230,400 LUT, 460,800 FF; UG1085: 128-bit HP ports; 300 MHz as Edge-MoE on ZCU102",
+        ),
         "weight_memory_bytes": 1 * GiB,
         "storage_gbs": 0.08,
         "onchip_gbs": 4.8,
@@ -227,6 +263,11 @@ _TIERS: dict[str, dict] = {
         },
     },
     "zcu102": {
+        "fpga": FpgaResources(
+            "xczu9eg-ffvb1156-2-e", 300.0, 2520, 1824, 0, 274080, 548160, 2, 4.8,
+            "AMD/Xilinx DS891: XCZU9EG 2,520 DSP, 912 BRAM36 (1,824 BRAM18K), no URAM, 274,080 LUT, 548,160 FF; "
+            "UG1085: 128-bit HP ports; 300 MHz: Edge-MoE's clock on this board",
+        ),
         "weight_memory_bytes": 3 * GiB,
         "storage_gbs": 0.08,
         "onchip_gbs": 4.8,
@@ -262,6 +303,8 @@ def _profile_from_dict(name: str, entry: dict, origin: str) -> DeviceProfile:
     values.update({"memory_bandwidth_gbs": 0.0, "source": f"user-defined ({origin})"})
     values.update(base)
     values["name"] = name
+    if "fpga" in values:
+        values["fpga"] = _fpga_from_dict(name, values["fpga"], origin)
     for key in _NUMERIC:
         value = values.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
@@ -271,6 +314,24 @@ def _profile_from_dict(name: str, entry: dict, origin: str) -> DeviceProfile:
     if not values.get("weight_memory_bytes"):
         values["weight_memory_bytes"] = values["memory_bytes"]
     return DeviceProfile(**{k: values[k] for k in _FIELDS if k in values})
+
+
+def _fpga_from_dict(name: str, entry, origin: str) -> FpgaResources:
+    known = {f.name for f in fields(FpgaResources)}
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{origin}: device '{name}' field fpga must be a table ({', '.join(sorted(known))})")
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise ConfigError(f"{origin}: device '{name}' fpga has unknown fields {unknown} (known: {sorted(known)})")
+    missing = sorted({"part", "clock_mhz", "dsp", "bram_18k", "lut", "ff"} - set(entry))
+    if missing:
+        raise ConfigError(f"{origin}: device '{name}' fpga needs {', '.join(missing)}")
+    for key, value in entry.items():
+        if key in ("part", "source"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{origin}: device '{name}' fpga.{key} must be a number >= 0, got {value!r}")
+    return FpgaResources(**{"uram": 0, "source": f"user-defined ({origin})", **entry})
 
 
 def load_profiles(path: str | Path) -> dict[str, DeviceProfile]:
@@ -285,6 +346,16 @@ def load_profiles(path: str | Path) -> dict[str, DeviceProfile]:
         weight_memory_bytes = 2147483648
         storage_gbs = 0.5
         compute_gflops = 100.0
+
+        [my-board.fpga]            # an FPGA board (--target hls): its programmable logic
+        part = "xczu5ev-sfvc784-1-e"
+        clock_mhz = 250
+        dsp = 1248
+        bram_18k = 288
+        uram = 64
+        lut = 117120
+        ff = 234240
+        axi_port_gbs = 4.0
 
     Raises:
         ConfigError: The file cannot be read or parsed, or a field is unknown or not a number.

@@ -101,6 +101,10 @@ class RemoteError(EdgeMoEError):
     exit_code = 13
 
 
+class EdgeMoEWarning(UserWarning):
+    """Something the user should know that does not stop the command (printed as ``warning: ...``)."""
+
+
 EXIT_CODES: dict[str, int] = {
     cls.__name__: cls.exit_code
     for cls in (

@@ -68,7 +68,17 @@ def render_verify(rep: dict) -> str:
         rows,
         "llrrrrrll",
     )
-    return f"{head}\n{body}"
+    notes = []
+    for name, t in rep["tasks"].items():
+        x = t.get("extra") or {}
+        if "mse" in x:
+            same = "yes" if x.get("csim_equals_emulator") else f"NO ({x.get('values_differing')} values differ)"
+            notes.append(
+                f"{name}: output MSE vs PyTorch {x['mse']:.2e} on this batch (C simulation), "
+                f"{x['mse_heldout']:.2e} on the held-out inputs (pass at <= {x['mse_tolerance']:g}); "
+                f"C simulation equals the emulator bit for bit: {same}; ms = {x.get('latency_source', '')}"
+            )
+    return "\n".join([head, body, *notes])
 
 
 def render_run(res: dict) -> str:

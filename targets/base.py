@@ -150,6 +150,38 @@ class Target(abc.ABC):
         """Write ``part`` as one file under ``out_dir``, check it, and return its path."""
         raise TargetError(f"target {self.name} does not emit single partitions")
 
+    # -- verification (edgemoe verify) ------------------------------------------------------
+    # Whether verify applies the fp32 tolerance (False: the target's verify_task decides).
+    checks_outputs: bool = False
+    # Whether verify times batch-1 runs (False: the target reports its own latency figure).
+    timed_in_verify: bool = True
+
+    def verify_inputs(self, manifest: dict, adapter, samples: int, seed: int):
+        """The verification batch (default: deterministic sample inputs of the bundle's input spec)."""
+        from ..bundle.format import sample_input
+
+        return sample_input(manifest["input"], batch=samples, seed=seed)
+
+    def verify_accuracy(self, bundle: Path, manifest: dict, adapter, samples: int) -> dict:
+        """The task metrics on held-out data (default: the bundle run by the runtime)."""
+        from ..passes.measure_accuracy import measure_accuracy
+
+        return measure_accuracy(bundle, manifest, adapter, samples)
+
+    def verify_task(self, bundle: Path, manifest: dict, task: str, x, session, reference, accuracy: dict) -> dict:
+        """Further checks of a task's run on ``x``; ``passed`` in the result decides the task if given.
+
+        Args:
+            bundle: Bundle folder.
+            manifest: Its manifest.
+            task: The task.
+            x: The verification batch.
+            session: The session that ran it (``session.run(x)`` was its last run).
+            reference: PyTorch's output on ``x``.
+            accuracy: The task's entry of :meth:`verify_accuracy`.
+        """
+        return {}
+
     # -- quantization (optional: a target that lacks a scheme says so at compile time) ----------
     def quantize_graph(self, path: Path, scheme: str, feeds: list, quant) -> None:
         """Quantize a dense partition file in place (``quant`` is the QuantConfig)."""

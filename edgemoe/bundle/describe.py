@@ -65,7 +65,9 @@ def describe_bundle(bundle: str | Path, check: bool = False) -> dict:
             "experts": t["experts"],
             "experts_kept": sum(len(s) for s in t["experts"]),
             "expert_bytes": sum(expert_bytes[(li, e)] for li, s in enumerate(t["experts"]) for e in s),
-            "graph_bytes": sum(m["graphs"][g]["bytes"] for g in task_graphs),
+            # HLS bundles have no per-partition graphs: the accelerator's files serve every task.
+            "graph_bytes": sum(m["graphs"][g]["bytes"] for g in task_graphs if g in m["graphs"])
+            or sum(g["bytes"] for g in m["graphs"].values()),
             "output": t["output"],
         }
     shared_bytes = sum(e["bytes"] for layer in m["moe_layers"] for e in layer.get("shared", []))

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..bundle.format import read_manifest, sample_input
+from ..bundle.format import read_manifest
 from ..config import CompileConfig
 from ..errors import BundleError, ModelError
 from ..runtime import Session
 from .capture_model import capture_model
-from .measure_accuracy import measure_accuracy
 
 # fp32 bundles must reproduce the framework model to this max absolute error.
 DEFAULT_TOLERANCE = 1e-4
@@ -41,7 +40,9 @@ class TaskVerification:
         metric_fp32: The fp32 framework model's metric on the same data.
         higher_is_better: Direction of the metric.
         passed: ``max_abs_error <= tolerance`` (always true for a quantized bundle verified
-            without an explicit tolerance: its error is reported, its metric is the check).
+            without an explicit tolerance: its error is reported, its metric is the check), or the
+            target's own check (HLS: output MSE and C simulation equal to the emulator).
+        extra: The target's further checks (HLS: ``mse``, ``bit_exact`` against the emulator).
     """
 
     task: str
@@ -61,6 +62,7 @@ class TaskVerification:
     metric_fp32: float
     higher_is_better: bool
     passed: bool
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -143,12 +145,15 @@ def verify_bundle(
             f"the weights of {manifest['model']['name']} differ from those the bundle was compiled from; "
             "recompile the bundle or pass the same checkpoint"
         )
+    from ..targets import get_target
+
+    target = get_target(manifest["target"]["name"])
     quantized = manifest.get("quantization", {}).get("avg_expert_bits") is not None
-    if tolerance is None and not quantized:
+    if tolerance is None and not quantized and not target.checks_outputs:
         tolerance = DEFAULT_TOLERANCE
     progress(f"task metrics on {eval_samples} held-out inputs")
-    accuracy = measure_accuracy(Path(bundle), manifest, captured.adapter, eval_samples)["tasks"]
-    x = sample_input(manifest["input"], batch=samples, seed=seed)
+    accuracy = target.verify_accuracy(Path(bundle), manifest, captured.adapter, eval_samples)["tasks"]
+    x = target.verify_inputs(manifest, captured.adapter, samples, seed)
     reports = {}
     for task in tasks or tuple(manifest["tasks"]):
         progress(f"verify task {task}")
@@ -158,7 +163,9 @@ def verify_bundle(
         ref = captured.adapter.reference(x, task, keep)
         ref_unpruned = captured.adapter.reference(x, task)
         diff = np.abs(got.astype(np.float64) - ref)
-        times = [session.timed_run(x[:1])[1] for _ in range(timing_runs + 1)][1:]
+        extra = target.verify_task(Path(bundle), manifest, task, x, session, ref, accuracy[task])
+        runs = timing_runs if target.timed_in_verify else 0
+        times = [session.timed_run(x[:1])[1] for _ in range(runs + 1)][1:] or [extra.get("latency_ms", 0.0)]
         stats = session.stats
         reports[task] = TaskVerification(
             task=task,
@@ -177,7 +184,8 @@ def verify_bundle(
             metric=accuracy[task]["metric"],
             metric_fp32=accuracy[task]["metric_fp32"],
             higher_is_better=accuracy[task]["higher_is_better"],
-            passed=tolerance is None or bool(diff.max() <= tolerance),
+            passed=bool(extra["passed"]) if "passed" in extra else tolerance is None or bool(diff.max() <= tolerance),
+            extra={k: v for k, v in extra.items() if k != "passed"},
         )
     return VerifyReport(
         bundle=str(bundle),
@@ -185,6 +193,6 @@ def verify_bundle(
         samples=samples,
         seed=seed,
         tolerance=tolerance,
-        quantization=manifest.get("quantization", {}).get("scheme", "fp32"),
+        quantization=manifest.get("quantization", {}).get("scheme") or ("fixed point" if "hls" in manifest else "fp32"),
         tasks=reports,
     )

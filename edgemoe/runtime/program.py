@@ -73,6 +73,10 @@ class TaskProgram(abc.ABC):
     def output(self, run: object) -> np.ndarray:
         """The task's output (its head on the features)."""
 
+    def reserve(self, capacity: int) -> None:
+        """The expert cache may hold ``capacity`` bytes: size any device-side expert memory for it."""
+        del capacity  # graphs read experts from host memory the cache owns
+
     @abc.abstractmethod
     def switch(self, task: str) -> TaskProgram:
         """A program for another task of the bundle, reusing what both tasks share (trunk, kernels)."""

@@ -226,6 +226,7 @@ class Session:
         capacity = sum(sizes.values()) if budget is None else self._check_budget(int(budget), self.task, schedule)
         self.memory_budget = int(budget or 0)
         recency = schedule.get("recency") if schedule else None  # the planned policy's, on token-routed plans
+        self.program.reserve(capacity)
         self._cache = ExpertCache(
             capacity, sizes, make_policy(policy, prob, recency), self._read_expert, storage_gbs, self.executor.unplace
         )
@@ -471,6 +472,8 @@ class Session:
         self.prefetch, self._predictor, self._far = prefetch, predictor, far
         self._resident = tuple(tuple(k) for k in schedule.get("resident", [])) if schedule else ()
         sizes = expert_sizes(self.manifest, task)
+        capacity = self._cache.book.capacity
+        program.reserve(capacity if self.memory_budget else max(capacity, sum(sizes.values())))
         experts_start = time.perf_counter()
         moves = self._cache.switch(
             sizes,
