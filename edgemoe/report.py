@@ -146,7 +146,35 @@ def render_bundle(d: dict) -> str:
             "lrrrl",
         )
     )
-    return "\n".join(out + _quant_lines(d))
+    return "\n".join(out + _quant_lines(d) + _hls_lines(d))
+
+
+def _hls_lines(d: dict) -> list[str]:
+    """The accelerator part of ``inspect BUNDLE`` (HLS bundles)."""
+    h = d.get("hls")
+    if not h:
+        return []
+    e, t = h["estimate"], h["tiles"]
+    out = [
+        "",
+        f"accelerator for {e['part']} at {e['clock_mhz']:.0f} MHz (estimate, not synthesised): "
+        f"{e['dsp']:,} DSP, {e['bram_18k']:,} BRAM18K, {e['uram']:,} URAM, {e['lut']:,} LUT, {e['ff']:,} FF; "
+        f"{e['latency_ms']:.2f} ms per image",
+        f"tiles: linear unit {t['tile_in']}x{t['tile_out']}, {t['attn_par']} attention lanes, "
+        f"expert chunks of {t['expert_chunk']}",
+        "types: " + ", ".join(f"{c} {ty}" for c, ty in h["types"].items()),
+    ]
+    acc = h.get("accuracy")
+    if acc:
+        rows = [
+            [task, a["metric_name"], f"{a['metric']:.4f}", f"{a['metric_fp32']:.4f}", f"{a['mse_vs_fp32']:.2e}"]
+            for task, a in acc["tasks"].items()
+        ]
+        out += ["", f"accuracy on {acc['samples']} held-out inputs ({acc.get('by', 'emulator')})"]
+        out.append(table(["task", "metric", "fixed point", "fp32", "MSE vs fp32"], rows, "llrrr"))
+    if h.get("range_report"):
+        out.append(f"{len(h['range_report'])} tensors exceed their type's range (saturate): see --json hls.range_report")
+    return out
 
 
 def _quant_lines(d: dict) -> list[str]:

@@ -90,4 +90,16 @@ def describe_bundle(bundle: str | Path, check: bool = False) -> dict:
         "quantization": m.get("quantization", {"scheme": "fp32"}),
         "accuracy": m.get("accuracy"),
         "checked": check,
+        **({"hls": _hls_summary(m["hls"])} if "hls" in m else {}),
+    }
+
+
+def _hls_summary(hls: dict) -> dict:
+    """An HLS bundle's accelerator: its estimate, types and emulator accuracy (``inspect --json`` ``hls``)."""
+    return {
+        "estimate": hls["estimate"],
+        "types": hls["design"]["types"],
+        "tiles": hls["design"]["tiles"],
+        "accuracy": hls.get("accuracy"),
+        "range_report": hls.get("range_report", []),
     }

@@ -194,6 +194,11 @@ class Design:
         return out
 
     @property
+    def expert_data_words(self) -> int:
+        """16-bit words of an expert's tensors (what the accelerator reads of a slot; the rest is padding)."""
+        return self.expert_hidden * (2 * self.dim + 1) + self.dim
+
+    @property
     def fmap_words(self) -> int:
         """Words of the largest stem feature map (two such buffers in ``state`` hold the stem's stages)."""
         out, h, w = 0, *self.img_size

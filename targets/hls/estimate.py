@@ -206,14 +206,12 @@ def search(d: Design, fpga, tokens_per_expert: dict[str, list[list[float]]]) -> 
     if not fitting:
         _, tiles, res = smallest
         avail = {"dsp": fpga.dsp, "bram_18k": fpga.bram_18k, "uram": fpga.uram, "lut": fpga.lut, "ff": fpga.ff}
-        over = ", ".join(
-            f"{k} {res[k]:,} > {UTILISATION[k]:.0%} of {avail[k]:,}"
-            for k in avail
-            if res[k] > UTILISATION[k] * avail[k]
-        )
+        need = ", ".join(f"{k} {res[k]:,}/{avail[k]:,}" for k in avail)
+        over = ", ".join(k for k in avail if res[k] > UTILISATION[k] * avail[k])
         raise TargetError(
             f"target hls: {d.name} does not fit {fpga.part} at any tiling; the smallest design "
-            f"(tiles {tiles['tile_in']}x{tiles['tile_out']}, expert chunk {tiles['expert_chunk']}) needs {over}"
+            f"(tiles {tiles['tile_in']}x{tiles['tile_out']}, expert chunk {tiles['expert_chunk']}) needs {need} "
+            f"(estimate/part); over the usable share: {over}"
         )
     # Within 5 % of the fastest, the smallest design: more DSPs for a few percent are not worth them.
     fastest = min(e["cycles"] for e in fitting)

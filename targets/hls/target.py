@@ -10,6 +10,7 @@ design's accuracy with the bit-exact emulator (:mod:`.emulate`) on held-out data
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import numpy as np
 from ...bundle.format import file_record
 from ...config import CompileConfig
 from ...devices import DeviceProfile, get_device
-from ...errors import TargetError
+from ...errors import EdgeMoEWarning, TargetError
 from ..base import EmitJob, Emitted, Target
 from . import emulate, estimate, fixed_types, project
 from .check import Emulator
@@ -116,12 +117,18 @@ class HlsTarget(Target):
         calibrated = fixed_types.choose_types(classes, {})
         report = fixed_types.range_report(sites, types)
         for entry in report[:10]:
-            job.progress(
-                f"warning: {entry['tensor']} reaches {entry['max_abs']:.4g}, beyond {entry['type']} "
-                f"(±{entry['limit']:.4g}): it saturates"
+            warnings.warn(
+                EdgeMoEWarning(
+                    f"{entry['tensor']} ({entry['class']}) reaches {entry['max_abs']:.4g}, beyond {entry['type']} "
+                    f"(±{entry['limit']:.4g}): it saturates"
+                ),
+                stacklevel=2,
             )
         if len(report) > 10:
-            job.progress(f"warning: {len(report) - 10} more tensors beyond their types (manifest hls.range_report)")
+            warnings.warn(
+                EdgeMoEWarning(f"{len(report) - 10} more tensors exceed their types (manifest hls.range_report)"),
+                stacklevel=2,
+            )
         draft = _with_types(lowered.design, types)
         fixed_types.check_types(draft)
         tpe = _tokens_per_expert(job, draft)

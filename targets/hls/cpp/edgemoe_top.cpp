@@ -30,7 +30,6 @@ using namespace cfg;
 #ifndef __SYNTHESIS__
 // C simulation only: 16-bit words read from the expert pool, per (layer, expert), and from params.
 int64_t edgemoe_pool_words[MOE_LAYERS > 0 ? MOE_LAYERS : 1][EXPERTS];
-int64_t edgemoe_param_words;
 #define COUNT_POOL(l, e, n) (edgemoe_pool_words[l][e] += (n))
 #else
 #define COUNT_POOL(l, e, n)
@@ -97,9 +96,12 @@ static void finish_expert(const int *queue, const int *slot_of, int nq) {
   }
 }
 
-static void start_expert(const int16_t *blob, int nq) {
+static void start_expert(const int16_t *blob, int nq, int layer, int expert) {
+  static bias_t b2[DIM];
+  for (int d = 0; d < DIM; d++) b2[d] = load<bias_t>(blob + EXP_B2, d);  // read once per expert
+  COUNT_POOL(layer, expert, DIM);
   for (int q = 0; q < nq; q++)
-    for (int d = 0; d < DIM; d++) YACC[q][d] = load<bias_t>(blob + EXP_B2, d);
+    for (int d = 0; d < DIM; d++) YACC[q][d] = b2[d];
 }
 
 // Tokens routed to `expert` (ascending), with the top-k slot that chose it.
@@ -116,7 +118,7 @@ static int queue_of(int expert, int *queue, int *slot_of) {
 }
 
 static void run_expert(const int16_t *blob, int layer, int expert, const int *queue, const int *slot_of, int nq) {
-  start_expert(blob, nq);
+  start_expert(blob, nq, layer, expert);
   int ping = 0;
   load_chunk(blob, 0, ping, layer, expert);
   for (int c = 0; c < CHUNKS; c++) {
