@@ -115,6 +115,7 @@ def write_tiny(path: Path) -> None:
 def ort_session(path: Path, threads: int):
     """An onnxruntime CPU session with ``threads`` intra-op threads, set as the runtime sets them."""
     import onnxruntime as ort
+
     from edgemoe.targets.onnx.executor import session_options
 
     return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])

@@ -52,11 +52,11 @@ EXPERTS = 16
 def export_all(tmp: Path) -> tuple[list[dict[str, np.ndarray]], dict]:
     """Export the shared kernel, the 16 baked experts, their weight files and a tiny warm-up graph."""
     import torch
-    from edgemoe.models import resolve_model
     from torch import nn
     from torch.nn import functional as F
 
     from edgemoe.frontends.m3vit import M3ViTAdapter
+    from edgemoe.models import resolve_model
 
     class Baked(nn.Module):
         def __init__(self, w: dict[str, np.ndarray]):

@@ -86,6 +86,7 @@ def child(runner: str, tmp: Path, threads: int) -> None:
     x = np.load(tmp / "input.npy")
     if runner == "torch":
         import torch
+
         from edgemoe.models import m3vit, resolve_model
 
         if threads:
@@ -128,11 +129,11 @@ def main() -> None:
     runs, warmup = (5, 1) if args.quick else (30, 3)
 
     import torch
-    from edgemoe.models import resolve_model
 
     from edgemoe.bundle import sample_input
     from edgemoe.compiler import compile_model
     from edgemoe.config import CompileConfig
+    from edgemoe.models import resolve_model
     from edgemoe.runtime import Session
 
     with tempfile.TemporaryDirectory() as d:

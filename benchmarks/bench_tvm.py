@@ -41,13 +41,12 @@ def kernel_graph(bundle: Path, manifest: dict):
 
 
 def bench_model(model, task, trials, dims, tmp: Path, runs: int, rounds: int, progress) -> dict:
-    from edgemoe.targets.tvm.tune import TuningShapes, tune_model
-
     from edgemoe.bundle import read_manifest, sample_input
     from edgemoe.compiler import compile_model
     from edgemoe.config import CompileConfig
     from edgemoe.passes.capture_model import capture_model
     from edgemoe.runtime import Session
+    from edgemoe.targets.tvm.tune import TuningShapes, tune_model
 
     db = tmp / f"{model}-db"
     t0 = time.perf_counter()

@@ -78,9 +78,8 @@ def _gpu_name() -> str:
 
 def run(carry: Path, runs: int, warmup: int) -> dict:
     """Errors and latencies of every task and of the expert kernels of ``carry/bundle`` on the GPU."""
-    from edgemoe.targets.tvm.executor import TvmExecutor, import_tvm
-
     from edgemoe.runtime import Session
+    from edgemoe.targets.tvm.executor import TvmExecutor, import_tvm
 
     bundle, ref = carry / "bundle", carry / "ref"
     m = json.loads((bundle / "manifest.json").read_text())

@@ -173,7 +173,7 @@ def _hls_lines(d: dict) -> list[str]:
         out += ["", f"accuracy on {acc['samples']} held-out inputs ({acc.get('by', 'emulator')})"]
         out.append(table(["task", "metric", "fixed point", "fp32", "MSE vs fp32"], rows, "llrrr"))
     if h.get("range_report"):
-        out.append(f"{len(h['range_report'])} tensors exceed their type's range (saturate): see --json hls.range_report")
+        out.append(f"{len(h['range_report'])} tensors exceed their type's range (saturate): --json hls.range_report")
     return out
 
 

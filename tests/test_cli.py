@@ -73,10 +73,10 @@ def test_run_is_deterministic_without_input(run_cli, bundle_factory, tmp_path):
 
 
 def test_run_with_npy_and_image_inputs(run_cli, bundle_factory, tmp_path):
-    from edgemoe.models import resolve_model
     from PIL import Image
 
     from edgemoe.frontends.m3vit import M3ViTAdapter
+    from edgemoe.models import resolve_model
     from edgemoe.runtime import load_input
 
     bundle = bundle_factory("m3vit-micro")

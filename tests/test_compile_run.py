@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-from edgemoe.models import resolve_model
 from helpers import read_manifest
 from safetensors.torch import save_file
 
@@ -10,6 +9,7 @@ from edgemoe.compiler import compile_model
 from edgemoe.config import CompileConfig
 from edgemoe.errors import ConfigError
 from edgemoe.frontends.m3vit import M3ViTAdapter
+from edgemoe.models import resolve_model
 from edgemoe.passes.verify_bundle import verify_bundle
 from edgemoe.runtime import Session
 

@@ -179,10 +179,9 @@ def test_existing_bundle_is_replaced_atomically(run_cli, micro_bundle):
 
 def test_failure_mid_compile_leaves_nothing(monkeypatch, tmp_path):
     """A target that fails on its third graph: no bundle, no staging folder."""
-    from edgemoe.targets.onnx.target import TARGET
-
     from edgemoe.compiler import compile_model
     from edgemoe.config import CompileConfig
+    from edgemoe.targets.onnx.target import TARGET
 
     calls = {"n": 0}
     real_emit = TARGET.emit

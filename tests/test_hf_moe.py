@@ -6,12 +6,12 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
-from edgemoe.models import resolve_model
 from helpers import read_manifest
 
 import edgemoe
 from edgemoe.errors import ConfigError, ModelError
 from edgemoe.frontends.hf import HFAdapter
+from edgemoe.models import resolve_model
 from edgemoe.runtime import Session
 
 ARCHS = [

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgemoe.targets.hls.check import Emulator
-from edgemoe.targets.hls.csim import ap_types_dir
-from edgemoe.targets.hls.design import OP_FORWARD, Design
-from edgemoe.targets.hls.executor import FpgaExecutor
-from edgemoe.targets.hls.fixed import FixedType, convert, quantize, round_shift
 from helpers import GUARD_CODE, guard_prelude, read_manifest
 
 from edgemoe.bundle import sample_input
 from edgemoe.errors import ConfigError, EdgeMoEWarning, TargetError
 from edgemoe.runtime import Session
+from edgemoe.targets.hls.check import Emulator
+from edgemoe.targets.hls.csim import ap_types_dir
+from edgemoe.targets.hls.design import OP_FORWARD, Design
+from edgemoe.targets.hls.executor import FpgaExecutor
+from edgemoe.targets.hls.fixed import FixedType, convert, quantize, round_shift
 
 HLS = {"target": "hls", "device": "zcu102"}
 

@@ -6,13 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from edgemoe.models import load_checkpoint, resolve_model
-from edgemoe.models.m3vit import CONFIGS, build_m3vit
-from edgemoe.models.m3vit.model import RAW_PIXELS_MEAN, RAW_PIXELS_STD
 from helpers import read_manifest
 
 from edgemoe.errors import ModelError
 from edgemoe.frontends.m3vit import M3ViTAdapter
+from edgemoe.models import load_checkpoint, resolve_model
+from edgemoe.models.m3vit import CONFIGS, build_m3vit
+from edgemoe.models.m3vit.model import RAW_PIXELS_MEAN, RAW_PIXELS_STD
 
 # m3vit-micro with what an M³ViT backbone has: patch stem, eps 1e-6, no final norm, backbone tasks.
 MICRO_M3VIT = dataclasses.replace(

@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
 import torch
-from edgemoe.models import model_entries, resolve_model
-from edgemoe.models.m3vit import CONFIGS, M3ViTConfig, build_m3vit
 
 from edgemoe.errors import ConfigError
 from edgemoe.frontends.m3vit import M3ViTAdapter
 from edgemoe.ir import validate_ir
+from edgemoe.models import model_entries, resolve_model
+from edgemoe.models.m3vit import CONFIGS, M3ViTConfig, build_m3vit
 
 
 def test_tiny_is_the_edge_moe_configuration():

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import onnx
 import pytest
-from edgemoe.models import model_entries, resolve_model
-from edgemoe.models.moe_lm import family
 from helpers import read_manifest
 
 from edgemoe.errors import InputError, ModelError
 from edgemoe.frontends.moe_lm import MoELMAdapter
+from edgemoe.models import model_entries, resolve_model
+from edgemoe.models.moe_lm import family
 from edgemoe.passes.verify_bundle import verify_bundle
 from edgemoe.runtime import Session
 

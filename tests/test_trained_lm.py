@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from edgemoe.models import resolve_model
-from edgemoe.models.moe_lm import text
-from edgemoe.models.moe_lm.train import balance_loss, expert_usage, heldout_bits, locality_loss, train
 
 from edgemoe.bundle.format import read_manifest, sha256_file
 from edgemoe.frontends.moe_lm import MoELMAdapter
+from edgemoe.models import resolve_model
+from edgemoe.models.moe_lm import text
+from edgemoe.models.moe_lm.train import balance_loss, expert_usage, heldout_bits, locality_loss, train
 from edgemoe.runtime import Session
 from edgemoe.schedule import ThrashWarning, make_policy, plan_bundle, record_trace
 from edgemoe.schedule.planner import expert_sizes, recency_table

@@ -6,15 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from edgemoe.bundle.format import sha256_file
+from edgemoe.errors import InputError
 from edgemoe.models import load_checkpoint, resolve_model
 from edgemoe.models.m3vit import CONFIGS, build_m3vit
 from edgemoe.models.m3vit import scenes as S
 from edgemoe.models.m3vit.evaluate import CHECK_SCENES, evaluate, specialisation
 from edgemoe.models.m3vit.train import FORMAT, forward_tasks, save_checkpoint, train
-from PIL import Image
-
-from edgemoe.bundle.format import sha256_file
-from edgemoe.errors import InputError
 from edgemoe.runtime.images import input_image, output_image
 
 HERE = Path(__file__).resolve().parents[1] / "models" / "m3vit"

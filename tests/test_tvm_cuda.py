@@ -14,14 +14,13 @@ from helpers import read_manifest
 
 pytest.importorskip("tvm", reason="Apache TVM is not installed (pip install -e '.[tvm]')")
 
-from edgemoe.targets.tvm import cuda
-from edgemoe.targets.tvm.target import AARCH64_CXX, AARCH64_TRIPLE
-
 from edgemoe.compiler import compile_model
 from edgemoe.config import CompileConfig
 from edgemoe.devices import get_device
 from edgemoe.errors import BundleError, TargetError
 from edgemoe.runtime import Session
+from edgemoe.targets.tvm import cuda
+from edgemoe.targets.tvm.target import AARCH64_CXX, AARCH64_TRIPLE
 
 EM_AARCH64 = 183
 

@@ -23,13 +23,12 @@ from helpers import read_manifest
 pytest.importorskip("tvm", reason="Apache TVM is not installed (pip install -e '.[tvm]')")
 pytest.importorskip("cloudpickle", reason="TVM's RPC server needs cloudpickle")
 
-from edgemoe.targets.tvm.remote import RemoteDevice, RemoteExecutor, parse_address, remote_session
-
 from edgemoe.bundle import sample_input
 from edgemoe.config import CompileConfig
 from edgemoe.errors import BundleError, ConfigError, RemoteError
 from edgemoe.passes.capture_model import capture_model
 from edgemoe.runtime import Session
+from edgemoe.targets.tvm.remote import RemoteDevice, RemoteExecutor, parse_address, remote_session
 
 pytestmark = pytest.mark.hil
 

@@ -63,9 +63,8 @@ def test_quantized_m3vit_runs_on_tvm(tvm_quant, bundle_factory, scheme):
 
 def test_int8_tvm_dense_library_holds_int8_weights(tmp_path):
     """A quantized trunk segment stores int8 constants (a smaller file), not a dequantized fp32 copy."""
-    from edgemoe.targets.tvm.target import TARGET
-
     from edgemoe.passes.capture_model import capture_model
+    from edgemoe.targets.tvm.target import TARGET
 
     cfg = CompileConfig("m3vit-tiny-patch", target="tvm")
     seg = capture_model(cfg).adapter.segment(1)  # two transformer blocks: weights dominate the file

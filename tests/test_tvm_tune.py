@@ -8,6 +8,12 @@ from helpers import read_manifest
 
 pytest.importorskip("tvm", reason="Apache TVM is not installed (pip install -e '.[tvm]')")
 
+from edgemoe.compiler import compile_model
+from edgemoe.config import CompileConfig
+from edgemoe.devices import get_device
+from edgemoe.errors import ConfigError
+from edgemoe.passes.capture_model import capture_model
+from edgemoe.runtime import Session
 from edgemoe.targets.tvm.target import import_partition, tvm_target
 from edgemoe.targets.tvm.tune import (
     SHAPES_FILE,
@@ -17,13 +23,6 @@ from edgemoe.targets.tvm.tune import (
     specialise,
     tune_partitions,
 )
-
-from edgemoe.compiler import compile_model
-from edgemoe.config import CompileConfig
-from edgemoe.devices import get_device
-from edgemoe.errors import ConfigError
-from edgemoe.passes.capture_model import capture_model
-from edgemoe.runtime import Session
 
 MODEL = "m3vit-micro"
 SHAPES = TuningShapes(token_buckets=(8, 32), dims={"batch": 1})
