@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= m3vit-tiny
 BUNDLE ?= out/$(MODEL)
 
-.PHONY: demo test lint venv bench clean
+.PHONY: demo test lint venv bench clean native native-aarch64
 
 venv: $(STAMP)
 
@@ -44,3 +44,41 @@ bench: venv
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache build *.egg-info
+
+# edgemoe-rt, the native runtime of TVM bundles (targets/tvm/native): C++17 + CMake against the TVM
+# runtime libraries and headers of the apache-tvm / apache-tvm-ffi wheels in .venv (no Python at run time).
+NATIVE_BUILD ?= build/native
+TVM_SITE = $(shell $(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+
+native: venv
+	@missing=""; command -v cmake >/dev/null || missing="cmake"; command -v c++ >/dev/null || missing="$$missing g++"; \
+	if [ -n "$$missing" ]; then echo "make native: installing $$missing (Debian packages)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing || exit 1; fi
+	cmake -S targets/tvm/native -B $(NATIVE_BUILD) -DCMAKE_BUILD_TYPE=Release -DTVM_SITE=$(TVM_SITE) >/dev/null
+	cmake --build $(NATIVE_BUILD) -j2
+	@echo "built $(NATIVE_BUILD)/edgemoe-rt"
+
+# The same for aarch64 (Raspberry Pi 5, Jetson CPUs): Debian's cross g++ (and qemu-user to run it
+# here: qemu-aarch64 -L /usr/aarch64-linux-gnu build/native-aarch64/edgemoe-rt ...), linked against
+# the TVM runtime of the apache-tvm / apache-tvm-ffi manylinux aarch64 wheels (downloaded with pip).
+NATIVE_ARM_BUILD ?= build/native-aarch64
+TVM_ARM_SITE := $(NATIVE_ARM_BUILD)/site
+TVM_WHEEL_PINS = $(shell $(BIN)/python -c "from importlib.metadata import version as v; print(f'apache-tvm=={v(\"apache-tvm\")} apache-tvm-ffi=={v(\"apache-tvm-ffi\")}')")
+VENV_PYVER = $(shell $(BIN)/python -c "import sys; print('%d.%d' % sys.version_info[:2])")
+
+native-aarch64: venv
+	@missing=""; command -v cmake >/dev/null || missing="cmake"; \
+	command -v aarch64-linux-gnu-g++ >/dev/null || missing="$$missing g++-aarch64-linux-gnu"; \
+	command -v qemu-aarch64 >/dev/null || missing="$$missing qemu-user"; \
+	if [ -n "$$missing" ]; then echo "make native-aarch64: installing $$missing (Debian packages)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing || exit 1; fi
+	@if [ ! -f $(TVM_ARM_SITE)/.unpacked ]; then \
+		rm -rf $(NATIVE_ARM_BUILD)/wheels $(TVM_ARM_SITE) && mkdir -p $(NATIVE_ARM_BUILD)/wheels $(TVM_ARM_SITE) && \
+		$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_28_aarch64 \
+			--python-version $(VENV_PYVER) -d $(NATIVE_ARM_BUILD)/wheels $(TVM_WHEEL_PINS) && \
+		$(BIN)/python targets/tvm/native/unpack_wheels.py $(TVM_ARM_SITE) $(NATIVE_ARM_BUILD)/wheels/*.whl && \
+		rm -rf $(NATIVE_ARM_BUILD)/wheels && touch $(TVM_ARM_SITE)/.unpacked; fi
+	cmake -S targets/tvm/native -B $(NATIVE_ARM_BUILD) -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_TOOLCHAIN_FILE=$(CURDIR)/targets/tvm/native/aarch64-linux-gnu.cmake -DTVM_SITE=$(CURDIR)/$(TVM_ARM_SITE) >/dev/null
+	cmake --build $(NATIVE_ARM_BUILD) -j2
+	@echo "built $(NATIVE_ARM_BUILD)/edgemoe-rt (aarch64)"

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -131,30 +132,48 @@ FileRecord Bundle::resolve(const Json& record) const {
   return rec;
 }
 
-AlignedBuffer Bundle::read_verified(const FileRecord& rec, FileSignature* sig) const {
+void Bundle::copy_verified(const FileRecord& rec, const std::string& dest, std::string* head) const {
   int fd = ::open(rec.path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw IntegrityError("missing bundle file " + rec.rel);
-  struct stat st;
-  ::fstat(fd, &st);
-  if (st.st_size != rec.bytes) {
+  int out = ::open(dest.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (out < 0) {
     ::close(fd);
-    fail_size(rec.rel, st.st_size, rec.bytes);
+    throw BundleError("cannot write a private copy of " + rec.rel + ": " + std::strerror(errno));
   }
-  AlignedBuffer buf(static_cast<size_t>(rec.bytes));
-  size_t got;
+  Sha256 h;
+  static thread_local AlignedBuffer chunk(1 << 20);
+  int64_t total = 0;
+  head->clear();
   try {
-    got = read_full(fd, buf.data(), buf.size());
-    char extra;
-    if (got == buf.size() && read_full(fd, &extra, 1) == 1) got += 1;  // grew while read
+    struct stat st;
+    ::fstat(fd, &st);
+    if (st.st_size != rec.bytes) fail_size(rec.rel, st.st_size, rec.bytes);
+    while (true) {
+      size_t got = read_full(fd, chunk.data(), chunk.size());
+      h.update(chunk.data(), got);
+      if (head->size() < 64) head->append(chunk.data(), std::min<size_t>(got, 64 - head->size()));
+      for (size_t done = 0; done < got;) {
+        ssize_t w = ::write(out, chunk.data() + done, got - done);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) throw BundleError("cannot write a private copy of " + rec.rel + ": " + std::strerror(errno));
+        done += static_cast<size_t>(w);
+      }
+      total += static_cast<int64_t>(got);
+      if (got < chunk.size()) break;
+    }
+    if (total != rec.bytes) fail_size(rec.rel, total, rec.bytes);
+    if (h.hex() != rec.sha256) fail_digest(rec.rel);
   } catch (...) {
     ::close(fd);
+    ::close(out);
+    ::unlink(dest.c_str());
     throw;
   }
   ::close(fd);
-  if (static_cast<int64_t>(got) != rec.bytes) fail_size(rec.rel, static_cast<int64_t>(got), rec.bytes);
-  if (sha256_hex(buf.data(), buf.size()) != rec.sha256) fail_digest(rec.rel);
-  if (sig) *sig = signature_of(st);
-  return buf;
+  if (::close(out) != 0) {
+    ::unlink(dest.c_str());
+    throw BundleError("cannot write a private copy of " + rec.rel);
+  }
 }
 
 FileSignature Bundle::check_file(const FileRecord& rec) const {

@@ -1,5 +1,5 @@
 // Reading a bundle: the manifest (edgemoe/bundle/format.py read_manifest) and size + sha256
-// checks of the files it lists (verified_path / read_verified), with the same error classes.
+// checks of the files it lists (verified_path / read_verified in Python), with the same error classes.
 #pragma once
 
 #include <sys/types.h>
@@ -41,8 +41,9 @@ class Bundle {
   // IntegrityError (exit 6) for a missing file.
   FileRecord resolve(const Json& record) const;
 
-  // Reads a listed file whole and checks its size and sha256 on the bytes returned.
-  AlignedBuffer read_verified(const FileRecord& rec, FileSignature* sig = nullptr) const;
+  // Copies a listed file to ``dest`` (a private file), checking size and sha256 on the bytes copied;
+  // ``head`` gets its first bytes (the ELF header). On failure ``dest`` is removed.
+  void copy_verified(const FileRecord& rec, const std::string& dest, std::string* head) const;
   // Streams a listed file through sha256 (no copy kept); returns its signature.
   FileSignature check_file(const FileRecord& rec) const;
   // Reads exactly rec.bytes into ``into``; checks the sha256 unless ``known`` still matches the file.

@@ -151,8 +151,8 @@ std::vector<Key> ExpertCache::prefetch(const std::vector<Key>& keys, const std::
     log(key, "prefetch");
     queue_.push_back(key);
     start_loader_locked();
+    cond_.notify_all();  // wakes the loader
   }
-  cond_.notify_all();
   return {};
 }
 

@@ -36,6 +36,7 @@ const char* kUsage =
     "usage: edgemoe-rt BUNDLE [--task T] --input x.npy [--output y.npy] [--memory-budget BYTES|NN%]\n"
     "                  [--policy lru|lfu|planned] [--prefetch off|pregate|static|affinity|plan]\n"
     "                  [--prefetch-depth N] [--repeat N] [--threads N] [--events FILE] [--lazy-verify] [--json]\n"
+    "                  [--profile]\n"
     "\n"
     "Runs one task of an edgemoe TVM bundle with TVM's C++ runtime, loading only the experts its\n"
     "tokens are routed to, within an expert-cache byte budget (default: the bundle schedule's, else\n"
@@ -47,6 +48,7 @@ struct Args {
   SessionOptions opts;
   int repeat = 1;
   bool json = false;
+  bool profile = false;
 };
 
 int to_int(const std::string& opt, const std::string& v) {
@@ -88,6 +90,7 @@ Args parse(int argc, char** argv) {
     else if (s == "--events") a.events = value();
     else if (s == "--lazy-verify") a.opts.lazy_verify = true;
     else if (s == "--json") a.json = true;
+    else if (s == "--profile") a.profile = true;
     else if (s.size() > 1 && s[0] == '-') throw UsageError("no such option: " + s);
     else pos.push_back(s);
   }
@@ -134,6 +137,7 @@ int run(int argc, char** argv) {
     }
   }
   session.close();
+  if (a.profile) std::cerr << session.profile();
   std::vector<int64_t> shape = shape_of(y);
   if (!a.output.empty()) {
     make_parents(a.output);

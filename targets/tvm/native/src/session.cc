@@ -1,13 +1,17 @@
 #include "session.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <regex>
 
 #include "errors.h"
+#include "sha256.h"
 
 namespace edgemoe {
 
@@ -238,13 +242,23 @@ Session::Session(const std::string& bundle, const SessionOptions& opts) : bundle
     throw BundleError(std::string("garbled manifest: ") + e.what());
   }
   threads_ = opts.threads;
+  auto verify_start = std::chrono::steady_clock::now();
   // Every file the task uses is checked before any library of the bundle is loaded: the
   // libraries (their verified bytes are kept: exactly those get loaded), the shared experts and,
   // unless --lazy-verify, every expert the task may route to (streamed through the hash; only
   // routed experts are read into the cache later, re-hashed unless the file is unchanged).
-  for (const auto& name : graph_names_) {
+  const char* tmp = std::getenv("TMPDIR");
+  std::string dir = std::string(tmp && *tmp ? tmp : "/tmp") + "/edgemoe-rt-XXXXXX";
+  if (!::mkdtemp(&dir[0])) throw BundleError("cannot create a private folder under " + dir.substr(0, dir.rfind('/')));
+  private_.dir = dir;
+  for (size_t i = 0; i < graph_names_.size(); ++i) {
+    const std::string& name = graph_names_[i];
     FileRecord rec = bundle_.resolve(m().at("graphs").at(name));
-    graph_bytes_data_[name] = bundle_.read_verified(rec);
+    std::string base = rec.rel.substr(rec.rel.find_last_of('/') + 1);
+    std::string path = private_.dir + "/" + std::to_string(i) + "_" + base;
+    std::string head;
+    bundle_.copy_verified(rec, path, &head);
+    private_.files[name] = {path, head};
     graph_bytes_ += rec.bytes;
     verify_bytes_ += rec.bytes;
   }
@@ -261,6 +275,7 @@ Session::Session(const std::string& bundle, const SessionOptions& opts) : bundle
         verify_bytes_ += x.bytes;
       }
   }
+  verify_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - verify_start).count();
 }
 
 void Session::setup_cache(const SessionOptions& opts) {
@@ -387,7 +402,15 @@ void Session::setup_cache(const SessionOptions& opts) {
   predictor_ = std::move(predictor);
 }
 
+Session::~Session() { close(); }
+
+Session::PrivateCopies::~PrivateCopies() {
+  for (const auto& kv : files) ::unlink(kv.second.first.c_str());
+  if (!dir.empty()) ::rmdir(dir.c_str());
+}
+
 void Session::load() {
+  auto start = std::chrono::steady_clock::now();
   configure_threads(threads_);
   const Json& graphs = m().at("graphs");
   for (const auto& name : graph_names_) {
@@ -396,9 +419,10 @@ void Session::load() {
     const Json* outputs = rec.find("outputs");
     if (!inputs || !outputs || !inputs->is_array() || !outputs->is_array())
       throw BundleError("garbled manifest entry for " + rec.at("file").as_string() + ": no input / output names");
-    auto it = graph_bytes_data_.find(name);
-    graphs_[name] = std::make_unique<TvmGraph>(rec.at("file").as_string(), it->second, strings(*inputs), strings(*outputs));
-    graph_bytes_data_.erase(it);  // mapped by the loader now
+    auto it = private_.files.find(name);
+    graphs_[name] = std::make_unique<TvmGraph>(rec.at("file").as_string(), it->second.first, it->second.second,
+                                               strings(*inputs), strings(*outputs));
+    private_.files.erase(it);  // mapped by the loader now, and removed
   }
   for (const auto& name : strings(m().at("segments"))) segments_.push_back(graphs_.at(name).get());
   for (const auto& name : strings(task_rec_->at("gates"))) gates_.push_back(graphs_.at(name).get());
@@ -420,6 +444,22 @@ void Session::load() {
   cache_ = std::make_unique<ExpertCache>(
       capacity_, sizes_, make_policy(policy_name_, &prob_, has_recency_ ? &recency_ : nullptr),
       [this](const Key& k, char* into) { read_expert(k, into); }, log_events_);
+  load_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+}
+
+std::string Session::profile() const {
+  char line[256];
+  std::string out;
+  std::snprintf(line, sizeof line, "profile: verify %.1f ms (%lld bytes, sha256 %s), load %.1f ms\n", verify_ms,
+                static_cast<long long>(verify_bytes_), sha256_impl(), load_ms);
+  out += line;
+  for (const auto& kv : graphs_) {
+    std::snprintf(line, sizeof line, "profile: %-28s %9.2f ms in %lld calls\n", kv.first.c_str(), kv.second->total_ms(),
+                  static_cast<long long>(kv.second->calls()));
+    out += line;
+  }
+  std::snprintf(line, sizeof line, "profile: expert stall %.2f ms\n", cache_->stall_ms());
+  return out + line;
 }
 
 void Session::read_expert(const Key& key, char* into) {

@@ -40,6 +40,7 @@ class Session {
   // Phase 1 (no native code of the bundle runs): manifest, task, budget and policy, and the size +
   // sha256 of every file the task uses. Libraries are loaded by load().
   Session(const std::string& bundle, const SessionOptions& opts);
+  ~Session();
   // Phase 2: load the verified libraries into Relax VMs, the shared experts, and the cache.
   void load();
 
@@ -52,6 +53,9 @@ class Session {
   Json stats_json() const;  // the run counters (experts_*, expert_bytes_*, graph_bytes)
   Json cache_json() const;
   void write_events(const std::string& path) const;
+  // Per-graph time and calls, phase times (for --profile, on stderr).
+  std::string profile() const;
+  double verify_ms = 0, load_ms = 0;
   void close();
 
   std::vector<std::string> warnings;  // budget warnings (ThrashWarning), printed by the CLI
@@ -90,7 +94,13 @@ class Session {
   const Json* task_rec_;
   std::vector<Layer> layers_;
   std::vector<std::string> graph_names_;  // segments, gates, head, kernels (distinct), in load order
-  std::map<std::string, AlignedBuffer> graph_bytes_data_;  // verified library bytes until loaded
+  // The checked library copies (graph -> (path, head)) in a private mkdtemp folder, until loaded;
+  // removed with the session, also when its constructor fails.
+  struct PrivateCopies {
+    std::string dir;
+    std::map<std::string, std::pair<std::string, std::string>> files;
+    ~PrivateCopies();
+  } private_;
   std::map<std::string, std::unique_ptr<TvmGraph>> graphs_;
   std::vector<const TvmGraph*> segments_, gates_;
   const TvmGraph* head_ = nullptr;

@@ -4,7 +4,6 @@
 #include <unistd.h>
 
 #include <cstdlib>
-#include <fstream>
 #include <sstream>
 
 #include "errors.h"
@@ -139,35 +138,20 @@ std::string host_machine() {
 #endif
 }
 
-TvmGraph::TvmGraph(const std::string& name, const AlignedBuffer& bytes, std::vector<std::string> inputs,
-                   std::vector<std::string> outputs)
+TvmGraph::TvmGraph(const std::string& name, const std::string& path, const std::string& head,
+                   std::vector<std::string> inputs, std::vector<std::string> outputs)
     : name_(name), inputs_(std::move(inputs)), outputs_(std::move(outputs)) {
-  std::string built = elf_machine(bytes.data(), bytes.size());
+  std::string built = elf_machine(head.data(), head.size());
   if (!built.empty() && built != host_machine())
     throw BundleError(name + " is " + built + " code and this machine is " + host_machine() +
                       ": run the bundle on the device it was built for");
-  const char* tmp = std::getenv("TMPDIR");
-  std::string dir = std::string(tmp && *tmp ? tmp : "/tmp") + "/edgemoe-rt-XXXXXX";
-  if (!::mkdtemp(&dir[0])) throw BundleError("cannot create a temporary folder for " + name);
-  std::string base = name.substr(name.find_last_of('/') + 1);
-  std::string path = dir + "/" + base;
-  {
-    std::ofstream f(path, std::ios::binary);
-    f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    if (!f) {
-      ::rmdir(dir.c_str());
-      throw BundleError("cannot write a private copy of " + name);
-    }
-  }
   try {
     lib_ = ffi::Module::LoadFromFile(path);
   } catch (const std::exception& e) {
     ::unlink(path.c_str());
-    ::rmdir(dir.c_str());
     throw BundleError("tvm cannot load " + name + ": " + ffi_message(e));
   }
   ::unlink(path.c_str());  // mapped now; nothing left on disk
-  ::rmdir(dir.c_str());
   std::vector<std::string> kinds;
   module_kinds(*lib_, &kinds);
   for (const auto& k : kinds)
@@ -192,11 +176,14 @@ TvmGraph::TvmGraph(const std::string& name, const AlignedBuffer& bytes, std::vec
 std::vector<ffi::Tensor> TvmGraph::run(const std::vector<ffi::Tensor>& args) const {
   std::vector<ffi::AnyView> packed(args.begin(), args.end());
   ffi::Any result;
+  auto start = std::chrono::steady_clock::now();
   try {
     main_->CallPacked(packed.data(), static_cast<int32_t>(packed.size()), &result);
   } catch (const std::exception& e) {
     throw BundleError("tvm graph " + name_ + " rejects its inputs: " + ffi_message(e));
   }
+  total_ms_ += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  ++calls_;
   std::vector<ffi::Tensor> outs;
   if (auto t = result.as<ffi::Tensor>()) {
     outs.push_back(*t);

@@ -6,6 +6,7 @@
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 
+#include <chrono>
 #include <optional>
 #include <string>
 #include <vector>
@@ -40,21 +41,26 @@ std::string host_machine();
 
 class TvmGraph {
  public:
-  // Loads a library from its verified bytes: they are written to a private temporary file that is
-  // dlopen-ed (never the bundle's file, which could change after the check) and removed at once.
-  TvmGraph(const std::string& name, const AlignedBuffer& bytes, std::vector<std::string> inputs,
+  // Loads a library from ``path``: the private copy its bytes were checked on (never the bundle's
+  // file, which could change after the check), removed once loaded. ``head``: its first bytes.
+  TvmGraph(const std::string& name, const std::string& path, const std::string& head, std::vector<std::string> inputs,
            std::vector<std::string> outputs);
 
   std::vector<ffi::Tensor> run(const std::vector<ffi::Tensor>& args) const;
 
   const std::string& name() const { return name_; }
   const std::vector<std::string>& input_names() const { return inputs_; }
+  // Time spent in run() and calls so far (for --profile).
+  double total_ms() const { return total_ms_; }
+  int64_t calls() const { return calls_; }
 
  private:
   std::string name_;
   std::vector<std::string> inputs_, outputs_;
   std::optional<ffi::Module> lib_, vm_;
   std::optional<ffi::Function> main_;
+  mutable double total_ms_ = 0;
+  mutable int64_t calls_ = 0;
 };
 
 // Sets TVM's CPU worker-thread count (runtime.config_threadpool), 0: TVM's default.
