@@ -15,7 +15,9 @@ on the ZCU102 at 300 MHz (14.54 W); UbiMoE 25.76 ms on the same board (1.34x Edg
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -112,8 +114,7 @@ def time_csim(bundle: Path, repeat: int) -> dict:
 
 def main() -> None:
     args = parse_args(__doc__, "bench_hls")
-    work = args.out / "work-hls"
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-hls-"))  # the compiled bundles are not results
     models = ["m3vit-micro"] if args.quick else list(MODELS)
     eval_samples = 4 if args.quick else 16
     data = {"machine": machine(), "quick": args.quick, "models": {}}
@@ -145,11 +146,12 @@ def main() -> None:
                     metrics,
                     f"{e['dsp']:,} / {e['bram_18k']:,}",
                     f"{e['latency_ms']:.2f}",
+                    ", ".join(r["saturated_tensors"]) or "none",
                 ]
             )
     md = table(
         ["model", "types", "key types", "MSE vs fp32 (worst task)", "max error", "metrics", "DSP / BRAM18K (est.)",
-         "ms/image (est.)"],
+         "ms/image (est.)", "saturating tensors"],
         rows,
     )  # fmt: skip
     if "edge_moe_tiling" in data:
@@ -164,6 +166,7 @@ def main() -> None:
         f"{c['csim_stepped_s_per_image']:.1f} s through the runtime's stepped path; emulator "
         f"{c['emulator_s_per_image']:.2f} s."
     )
+    shutil.rmtree(work, ignore_errors=True)
     write_results(args.out, "bench_hls", "FPGA target: fixed-point types, estimate, C simulation", data, md)
 
 

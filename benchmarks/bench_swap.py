@@ -49,11 +49,10 @@ from edgemoe.compiler import compile_model
 from edgemoe.config import CompileConfig
 from edgemoe.devices import get_device
 from edgemoe.runtime import Session
-from edgemoe.schedule import ThrashWarning, plan_bundle, simulate, trace_inputs
-from edgemoe.schedule.planner import _recency, expert_sizes, replay_prefetch, stored_plan
-from edgemoe.schedule.policies import Belady, Planned, make_policy
-from edgemoe.schedule.predict import predictor_from_json
+from edgemoe.schedule import Belady, plan_bundle, simulate, trace_inputs
+from edgemoe.schedule.planner import _recency, replay_prefetch, stored_plan
 from edgemoe.schedule.traces import Trace, record_trace
+from edgemoe.swap import Planned, ThrashWarning, expert_sizes, make_policy, predictor_from_json
 
 NAME = "bench_swap"
 DEVICE = "jetson-orin-nano-8gb"

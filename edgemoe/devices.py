@@ -70,6 +70,9 @@ class DeviceProfile:
         compute_gflops: Sustained fp32 throughput for the simulator, GFLOP/s.
         tier_sources: Per figure above, where it comes from (and whether it is an estimate).
         fpga: The programmable logic, for FPGA devices (None: no FPGA).
+        onnx_providers: onnxruntime execution providers an ONNX bundle for this device runs with,
+            in order of preference (empty: CPU). Those the installed onnxruntime lacks are skipped
+            at run time; ``edgemoe run --providers`` overrides the list.
     """
 
     name: str
@@ -88,6 +91,7 @@ class DeviceProfile:
     compute_gflops: float = 0.0
     tier_sources: dict = field(default_factory=dict, compare=False)
     fpga: FpgaResources | None = None
+    onnx_providers: tuple[str, ...] = ()
 
     def load_gbs(self) -> float:
         """Bandwidth of the slowest tier an expert crosses from storage to where it runs, GB/s."""
@@ -195,6 +199,13 @@ _PROFILES: tuple[DeviceProfile, ...] = (
 )
 
 
+# onnxruntime providers of the Jetsons, best first: TensorRT, CUDA for what TensorRT leaves, then CPU.
+_JETSON_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+_JETSON_PROVIDERS_SOURCE = (
+    "onnxruntime docs, TensorRT Execution Provider: pre-built onnxruntime-gpu packages for JetPack (Jetson "
+    "Zoo) carry the TensorRT and CUDA providers; CPU runs what they do not take"
+)
+
 # Memory, tier and compute figures of the built-in profiles, with their sources. Jetsons share
 # one LPDDR between CPU and GPU (no host -> device copy); the FPGAs stream expert weights from
 # PS DDR into on-chip BRAM/URAM through the AXI HP ports.
@@ -203,35 +214,41 @@ _TIERS: dict[str, dict] = {
         "weight_memory_bytes": 6 * GiB,
         "storage_gbs": 2.0,
         "compute_gflops": 1280.0,
+        "onnx_providers": _JETSON_PROVIDERS,
         "tier_sources": {
             "weight_memory_bytes": "estimate: 8 GiB LPDDR5 less ~2 GiB for L4T, CUDA context and trunk",
             "storage_gbs": "estimate: NVMe SSD on the dev kit's M.2 Key M slot, PCIe Gen3 x4 (3.9 GB/s link, "
             "DS-11105-001); ~2 GB/s sustained read",
             "host_to_device_gbs": "0: unified memory (DS-11105-001), the GPU reads DRAM directly",
             "compute_gflops": "derived: 1024 CUDA cores x 625 MHz x 2 FLOP (DS-11105-001), fp32 peak",
+            "onnx_providers": _JETSON_PROVIDERS_SOURCE,
         },
     },
     "jetson-agx-orin-64gb": {
         "weight_memory_bytes": 56 * GiB,
         "storage_gbs": 5.0,
         "compute_gflops": 5325.0,
+        "onnx_providers": _JETSON_PROVIDERS,
         "tier_sources": {
             "weight_memory_bytes": "estimate: 64 GiB LPDDR5 less ~8 GiB for L4T, CUDA context and trunk",
             "storage_gbs": "estimate: NVMe SSD on PCIe Gen4 x4 (7.9 GB/s link, DS-10662-001); ~5 GB/s sustained",
             "host_to_device_gbs": "0: unified memory (DS-10662-001)",
             "compute_gflops": "derived: 2048 CUDA cores x 1.3 GHz x 2 FLOP (DS-10662-001), fp32 peak",
+            "onnx_providers": _JETSON_PROVIDERS_SOURCE,
         },
     },
     "jetson-xavier-nx": {
         "weight_memory_bytes": 6 * GiB,
         "storage_gbs": 1.5,
         "compute_gflops": 845.0,
+        "onnx_providers": _JETSON_PROVIDERS,
         "tier_sources": {
             "weight_memory_bytes": "estimate: 8 GiB LPDDR4x less ~2 GiB for L4T, CUDA context and trunk",
             "storage_gbs": "estimate: NVMe SSD on the dev kit's M.2 Key M, PCIe Gen3 x4 (DS-09693-001); "
             "~1.5 GB/s sustained",
             "host_to_device_gbs": "0: unified memory (DS-09693-001)",
             "compute_gflops": "derived: 384 CUDA cores x 1.1 GHz x 2 FLOP (DS-09693-001), fp32 peak",
+            "onnx_providers": _JETSON_PROVIDERS_SOURCE,
         },
     },
     "raspberry-pi-5": {
@@ -305,6 +322,8 @@ def _profile_from_dict(name: str, entry: dict, origin: str) -> DeviceProfile:
     values["name"] = name
     if "fpga" in values:
         values["fpga"] = _fpga_from_dict(name, values["fpga"], origin)
+    if "onnx_providers" in values:
+        values["onnx_providers"] = _providers_from_list(name, values["onnx_providers"], origin)
     for key in _NUMERIC:
         value = values.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
@@ -314,6 +333,16 @@ def _profile_from_dict(name: str, entry: dict, origin: str) -> DeviceProfile:
     if not values.get("weight_memory_bytes"):
         values["weight_memory_bytes"] = values["memory_bytes"]
     return DeviceProfile(**{k: values[k] for k in _FIELDS if k in values})
+
+
+def _providers_from_list(name: str, value, origin: str) -> tuple[str, ...]:
+    # Names are checked against onnxruntime at run time, on the device: this module stays import-free.
+    if not isinstance(value, list) or not all(isinstance(p, str) and p.strip() for p in value):
+        raise ConfigError(
+            f"{origin}: device '{name}' field onnx_providers must be a list of onnxruntime provider names "
+            f'(e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"]), got {value!r}'
+        )
+    return tuple(p.strip() for p in value)
 
 
 def _fpga_from_dict(name: str, entry, origin: str) -> FpgaResources:
@@ -346,6 +375,7 @@ def load_profiles(path: str | Path) -> dict[str, DeviceProfile]:
         weight_memory_bytes = 2147483648
         storage_gbs = 0.5
         compute_gflops = 100.0
+        onnx_providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]   # best first (default: CPU)
 
         [my-board.fpga]            # an FPGA board (--target hls): its programmable logic
         part = "xczu5ev-sfvc784-1-e"
@@ -358,7 +388,8 @@ def load_profiles(path: str | Path) -> dict[str, DeviceProfile]:
         axi_port_gbs = 4.0
 
     Raises:
-        ConfigError: The file cannot be read or parsed, or a field is unknown or not a number.
+        ConfigError: The file cannot be read or parsed, or a field is unknown, not a number or (for
+            ``onnx_providers``) not a list of names.
     """
     path = Path(path)
     try:

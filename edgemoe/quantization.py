@@ -86,25 +86,6 @@ class QuantConfig:
         return self
 
 
-def parse_bytes(text: str) -> int:
-    """``"6MB"`` → 6_000_000, ``"6MiB"`` → 6_291_456, ``"1500000"`` → 1_500_000.
-
-    Raises:
-        ConfigError: Not a size.
-    """
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    t = text.strip().lower().replace(" ", "")
-    num = t.rstrip("kmgib")
-    unit = t[len(num) :]
-    try:
-        value = float(num)
-    except ValueError:
-        raise ConfigError(f"not a byte size: '{text}' (e.g. 6MB, 6MiB, 1500000)") from None
-    if unit not in units or value <= 0:
-        raise ConfigError(f"not a byte size: '{text}' (e.g. 6MB, 6MiB, 1500000)")
-    return int(value * units[unit])
-
-
 def check_finite(name: str, w: np.ndarray) -> None:
     """Refuse NaN / Inf weights, naming the tensor (they would poison every scale).
 

@@ -92,6 +92,19 @@ def render_run(res: dict) -> str:
         "in the model",
         f"graph bytes  {human_bytes(res['graph_bytes'])}",
     ]
+    prov = res.get("providers") or {}
+    if prov.get("used"):
+        lines.append(f"providers    {', '.join(prov['used'])}")
+    c = res.get("cache")
+    if c:
+        budget = "unbounded" if c["budget_bytes"] is None else human_bytes(c["budget_bytes"])
+        source = " (bundle schedule)" if c["from_schedule"] else ""
+        lines.append(
+            f"cache        budget {budget}{source}, {c['policy']}, prefetch {c['prefetch'] or 'off'}: "
+            f"peak {human_bytes(c['peak_expert_bytes'])}, {c['hits']} hits, {c['misses']} misses, "
+            f"{c['evictions']} evictions, {c['prefetched']} prefetched ({c['prefetch_hits']} used), "
+            f"stall {c['stall_ms']:.1f} ms, {human_bytes(c['bytes_read'])} read"
+        )
     if res.get("output_file"):
         lines.append(f"output saved to {res['output_file']}")
     if res.get("png_files"):

@@ -22,6 +22,9 @@ COMPILER_MODULES = (
     "edgemoe.compiler",
     "edgemoe.frontends",
     "edgemoe.models",
+    "edgemoe.schedule",
+    "edgemoe.devices",
+    "edgemoe.quantization",
     "edgemoe.targets.base",
 )
 COMPILER_LEAVES = ("target", "quantize", "tune", "cuda", "lower", "project", "estimate", "fixed_types")

@@ -13,9 +13,9 @@ from edgemoe.bundle.format import read_manifest, sample_input
 from edgemoe.errors import ConfigError
 from edgemoe.runtime import Session
 from edgemoe.runtime.expert_cache import ExpertCache
-from edgemoe.schedule import make_policy, plan_bundle
-from edgemoe.schedule.policies import CacheBook
-from edgemoe.schedule.predict import Affinity, Static, lookahead
+from edgemoe.schedule import plan_bundle
+from edgemoe.swap import CacheBook, make_policy
+from edgemoe.swap.predict import Affinity, Static, lookahead
 
 
 @pytest.fixture

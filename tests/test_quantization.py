@@ -21,11 +21,11 @@ from edgemoe.quantization import (
     dequantize_int8_per_channel,
     dequantize_nbits,
     nbits_bytes,
-    parse_bytes,
     quantize_int8_per_channel,
     quantize_nbits,
 )
 from edgemoe.runtime import Session
+from edgemoe.swap.budget import parse_bytes
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
 shapes = st.tuples(st.integers(1, 70), st.integers(1, 12))

@@ -18,17 +18,10 @@ from edgemoe.bundle.format import read_manifest, sample_input
 from edgemoe.devices import device_profiles, get_device, load_profiles
 from edgemoe.errors import ConfigError
 from edgemoe.runtime import Session
-from edgemoe.schedule import (
-    POLICIES,
-    Belady,
-    ThrashWarning,
-    make_policy,
-    make_predictor,
-    record_trace,
-    simulate,
-)
-from edgemoe.schedule.planner import check_budget, expert_sizes, parse_budget
+from edgemoe.schedule import Belady, record_trace, simulate
 from edgemoe.schedule.traces import Step, Trace
+from edgemoe.swap import POLICIES, ThrashWarning, check_budget, expert_sizes, make_policy, parse_budget
+from edgemoe.swap.predict import make_predictor
 
 NAMED = (
     "host",
@@ -104,7 +97,7 @@ def test_budget_checks(bundle):
 def test_planned_prefetch_veto_uses_the_predicted_step():
     # A prefetched expert is due at its layer's next visit; its prior (recency) estimate may lie far
     # later, and comparing victims against that vetoed nearly every prefetch on token-routed plans.
-    from edgemoe.schedule.policies import Planned
+    from edgemoe.swap.policies import Planned
 
     policy = Planned([[0.25] * 8] * 4, [[1.0, 3.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0]] * 4)
     steps = [[(0, 1), (0, 2)], [(1, 6)], [(2, 3)], [(3, 3)], [(0, 1)]]
@@ -123,7 +116,7 @@ def test_planned_prefetch_veto_uses_the_predicted_step():
 def test_planned_keeps_an_expert_calibration_never_saw_once_it_is_in_use():
     # Short calibration traces of a model with sticky routing can miss an expert entirely (p = 0).
     # Rating it "never needed" evicted it first even while every token used it.
-    from edgemoe.schedule.policies import Planned
+    from edgemoe.swap.policies import Planned
 
     for recency in ([[1.1, 6.0, 8.0, 8.0]] * 2, None):
         policy = Planned([[0.5, 0.0, 0.5, 0.25], [0.5, 0.5, 0.5, 0.5]], recency)
@@ -284,7 +277,7 @@ def test_simulator_and_runtime_agree_on_misses(bundle, policy):
 def test_simulator_prefetches_as_the_runtime(bundle, depth):
     # A budget that holds every expert: no eviction, so which loads are prefetched and which
     # accesses find their expert loaded or loading depends on the lookahead rules only, not on timing.
-    from edgemoe.schedule.predict import PREFETCH_DEPTH, PreGate, Static
+    from edgemoe.swap.predict import PREFETCH_DEPTH, PreGate, Static
 
     m = read_manifest(bundle)
     sizes = expert_sizes(m, "semseg")
@@ -312,7 +305,7 @@ def test_simulator_times_dense_compute_and_loads_overlap_it(bundle):
     import dataclasses
 
     from edgemoe.schedule.planner import dense_cost
-    from edgemoe.schedule.predict import Static
+    from edgemoe.swap.predict import Static
 
     m = read_manifest(bundle)
     sizes, dense = expert_sizes(m, "semseg"), dense_cost(m, "semseg")

@@ -19,18 +19,8 @@ from edgemoe.bundle.format import read_manifest, sample_input
 from edgemoe.devices import get_device
 from edgemoe.errors import ConfigError, TaskError
 from edgemoe.runtime import Session
-from edgemoe.schedule import (
-    POLICIES,
-    CacheBook,
-    ThrashWarning,
-    make_policy,
-    plan_bundle,
-    record_trace,
-    simulate,
-    simulate_switch,
-    switch_entry,
-)
-from edgemoe.schedule.planner import expert_sizes, parse_budget
+from edgemoe.schedule import plan_bundle, record_trace, simulate, simulate_switch
+from edgemoe.swap import POLICIES, CacheBook, ThrashWarning, expert_sizes, make_policy, parse_budget, switch_entry
 
 MODEL = "m3vit-micro-windows"  # per-task expert windows: semseg keeps experts 0-3, depth 4-7
 DEVICE = "jetson-orin-nano-8gb"
@@ -57,7 +47,7 @@ def _x(bundle, n, seed=3):
 
 
 def _reference(bundle, x):
-    return {task: Session(bundle, task).run(x) for task in read_manifest(bundle)["tasks"]}
+    return {task: Session(bundle, task, memory_budget=None).run(x) for task in read_manifest(bundle)["tasks"]}
 
 
 @pytest.mark.parametrize(("policy", "prefetch", "wait"), [("lru", None, True), ("planned", "plan", False)])
@@ -108,7 +98,7 @@ def test_runtime_and_simulator_agree_across_a_switch(planned, policy):
     trace_a = record_trace(planned, "semseg", xa, "run")
     trace_b = record_trace(planned, "depth", xb, "run")
     cap = sched["cache_bytes"]
-    session = Session(planned, "semseg", memory_budget=sched["budget_bytes"], policy=policy)
+    session = Session(planned, "semseg", memory_budget=sched["budget_bytes"], policy=policy, prefetch=None)
     for i in range(len(xa)):
         session.run(xa[i : i + 1])
     sw = session.switch_task("depth")

@@ -15,10 +15,11 @@ from edgemoe.models import resolve_model
 from edgemoe.models.moe_lm import text
 from edgemoe.models.moe_lm.train import balance_loss, expert_usage, heldout_bits, locality_loss, train
 from edgemoe.runtime import Session
-from edgemoe.schedule import ThrashWarning, make_policy, plan_bundle, record_trace
-from edgemoe.schedule.planner import expert_sizes, recency_table
+from edgemoe.schedule import plan_bundle, record_trace
+from edgemoe.schedule.planner import recency_table
 from edgemoe.schedule.simulate import simulate
 from edgemoe.schedule.traces import Step, Trace
+from edgemoe.swap import ThrashWarning, expert_sizes, make_policy
 
 HERE = Path(__file__).resolve().parents[1] / "models" / "moe_lm"
 TRAINED = ("mixtral-lm-bytes", "mixtral-lm-bytes-local")

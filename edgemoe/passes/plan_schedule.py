@@ -2,7 +2,7 @@
 
 Runs on the staged bundle, after quantization (expert bytes are final), before it is renamed into
 place: a budget that cannot work fails the compile and leaves nothing at the output. The check is
-:func:`~edgemoe.schedule.planner.check_budget`, the very one a session runs at start.
+:func:`~edgemoe.swap.budget.check_budget`, the very one a session runs at start.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ..bundle.format import read_manifest
 from ..devices import DeviceProfile
-from ..schedule.planner import parse_budget, plan_bundle
+from ..schedule.planner import plan_bundle
+from ..swap.budget import parse_budget
 from .write_bundle import Progress, write_manifest
 
 

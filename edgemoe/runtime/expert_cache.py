@@ -1,8 +1,8 @@
 """The runtime's expert cache: a byte budget over routed experts, pins, a background prefetch loader.
 
-Decisions (hit, miss, victim) are made by :class:`~edgemoe.schedule.policies.CacheBook`, the
-same bookkeeping the simulator replays traces with. This class adds the data, the locking and
-the loader thread:
+Decisions (hit, miss, victim, prefetch) are made by :class:`~edgemoe.swap.book.CacheBook` and
+:func:`~edgemoe.swap.book.prefetch_rule`, the same rules the simulator replays traces with. This
+class adds the data, the locking and the loader thread:
 
 * an expert is *pinned* while a kernel runs on it, so eviction never frees it mid-layer; a
   thread that needs room while every byte is pinned or in flight waits for a release;
@@ -28,8 +28,9 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from ..errors import BundleError
-from ..schedule.policies import CacheBook, Key, Policy
-from ..schedule.switch import SwitchMoves, plan_switch
+from ..swap.book import CacheBook, Key, prefetch_rule
+from ..swap.policies import Policy
+from ..swap.switch import SwitchMoves, plan_switch
 
 
 class ExpertCache:
@@ -44,6 +45,7 @@ class ExpertCache:
         storage_gbs: Throttle loads to this bandwidth, GB/s (0: as fast as the disk goes).
         drop: Called with an evicted expert's tensors (as ``load`` returned them), e.g. to free the
             device memory an executor placed them in.
+        log: Record the decisions in ``book.events`` (see :class:`~edgemoe.swap.book.CacheBook`).
     """
 
     def __init__(
@@ -54,8 +56,9 @@ class ExpertCache:
         load: Callable[[Key, bytearray], dict[str, np.ndarray]],
         storage_gbs: float = 0.0,
         drop: Callable[[dict[str, object]], None] | None = None,
+        log: bool = False,
     ):
-        self.book = CacheBook(capacity, sizes, policy)
+        self.book = CacheBook(capacity, sizes, policy, log=log)
         self._drop = drop
         self.policy = policy
         self._load_fn = load
@@ -72,7 +75,6 @@ class ExpertCache:
         self.ever: set[Key] = set()
         self.prefetch_issued = self.prefetch_used = 0
         self.stall_s = 0.0
-        self._step = 0
 
     # -- loading ----------------------------------------------------------------------------
     def _read(self, key: Key, into: bytearray, since: float | None = None) -> dict[str, np.ndarray]:
@@ -104,8 +106,7 @@ class ExpertCache:
     def _finish(self, key: Key, weights: dict[str, np.ndarray] | None) -> None:
         with self._cond:
             if weights is None:  # the load failed: drop the reservation
-                self.book.cached.pop(key, None)
-                self.book.used -= self.book.sizes[key]
+                self.book.drop(key)
                 self._prefetched.discard(key)
                 self._buffers.pop(key, None)
             else:
@@ -131,13 +132,13 @@ class ExpertCache:
         if weights is not None and self._drop is not None:
             self._drop(weights)
 
-    def _reserve(self, key: Key, freed: list[bytearray]) -> bytearray:
+    def _reserve(self, key: Key, freed: list[bytearray], prefetch: bool = False) -> bytearray:
         """Account for ``key`` as loading and give it a buffer: a freed one of its size, else a new one.
 
         A load reuses the memory of the expert it replaces (the budget bounds the buffers too),
         which also spares the allocator and the page faults of a fresh buffer per load.
         """
-        self.book.reserve(key)
+        self.book.reserve(key, prefetch)
         self._events[key] = threading.Event()
         size = self.book.sizes[key]
         buf = next((b for b in freed if len(b) == size), None)
@@ -148,21 +149,18 @@ class ExpertCache:
     def begin_step(self, layer: int, keys: Iterable[Key]) -> None:
         """A layer's routing is known: tell the policy which experts this step uses."""
         with self._cond:
-            self.policy.begin_step(self._step, layer, keys)
-            self._step += 1
+            self.book.begin_step(layer, keys)
 
     def acquire(self, key: Key) -> dict[str, np.ndarray]:
         """Pin ``key`` and return its weights, loading it (or waiting for its load) if needed."""
         start = time.perf_counter()
         loader = False
         with self._cond:
-            if key in self.book.cached:
-                self.book.hits += 1
+            if self.book.access(key):
                 if key in self._prefetched:
                     self.prefetch_used += 1
                     self._prefetched.discard(key)
             else:
-                self.book.misses += 1
                 while key not in self.book.cached:
                     victims = self.book.room_for(key)
                     if victims is not None:
@@ -208,34 +206,21 @@ class ExpertCache:
     def prefetch(self, keys: Sequence[Key], protect: Iterable[Key] = ()) -> tuple[Key, ...]:
         """Start background loads of ``keys`` not cached yet, in order; never evicts ``protect``, never waits.
 
-        ``keys`` are the experts of the coming steps in the order they will be needed, grouped by
-        layer. A load never evicts one of them due no later than itself (its own layer's or an
-        earlier one's); those of later layers may make room, as the policy allows (with the
-        planned policy, only experts expected back later than the one loaded). Once a key finds
-        no room, neither it nor those after it are issued (they would overtake it).
+        The decisions are :func:`~edgemoe.swap.book.prefetch_rule`'s (the simulator's too).
 
         Returns:
             The keys not issued for want of room (retry them once room may have been made).
         """
-        keys = tuple(keys)
-        keep = set(protect)  # grows by the prediction up to the end of the current key's layer
+
+        def issue(key: Key, victims: list[Key]) -> None:
+            into = self._reserve(key, self._evict(victims), prefetch=True)
+            self._prefetched.add(key)
+            self.prefetch_issued += 1
+            self._queue.put((key, into, time.perf_counter()))
+            self._start_loader()
+
         with self._cond:
-            end = 0
-            for i, key in enumerate(keys):
-                while end < len(keys) and (end <= i or keys[end][0] == key[0]):
-                    keep.add(keys[end])
-                    end += 1
-                if key not in self.book.sizes or key in self.book.cached:
-                    continue
-                victims = self.book.room_for(key, keep=keep, prefetch=True)
-                if victims is None:
-                    return keys[i:]
-                into = self._reserve(key, self._evict(victims))
-                self._prefetched.add(key)
-                self.prefetch_issued += 1
-                self._queue.put((key, into, time.perf_counter()))
-                self._start_loader()
-        return ()
+            return prefetch_rule(self.book, keys, protect, issue)
 
     def _start_loader(self) -> None:
         """Start the background loader if it is not running (caller holds ``_cond``)."""
@@ -252,7 +237,7 @@ class ExpertCache:
         capacity: int | None = None,
         wait: bool = True,
     ) -> SwitchMoves:
-        """Retarget the cache to a new task by the schedule's plan (see :func:`~edgemoe.schedule.switch.plan_switch`).
+        """Retarget the cache to a new task by the schedule's plan (see :func:`~edgemoe.swap.switch.plan_switch`).
 
         Loads in flight land first, so the moves depend on the cache's contents, not on timing
         (as in the simulator). Pinned experts are never freed.

@@ -10,7 +10,7 @@ import numpy as np
 from ..bundle.format import sample_input
 from ..errors import InputError
 from .inputs import load_input
-from .session import Session
+from .session import BUNDLE, Session
 
 
 def run_bundle(
@@ -21,6 +21,11 @@ def run_bundle(
     repeat: int = 1,
     threads: int = 0,
     png_dir: str | Path | None = None,
+    memory_budget: int | str | None = BUNDLE,
+    policy: str = BUNDLE,
+    prefetch: str | None = BUNDLE,
+    storage_gbs: float = 0.0,
+    providers: tuple[str, ...] = (),
 ) -> dict:
     """Run a task of a bundle and report latency and what was loaded.
 
@@ -33,13 +38,29 @@ def run_bundle(
             loads experts, is included when ``repeat`` is 1).
         threads: Executor intra-op threads (0: default).
         png_dir: Folder for ``input.png`` and ``<task>.png`` pictures (optional; see ``images``).
+        memory_budget: Expert memory (bytes, ``25%``, ``6MB`` or ``none``); default: the bundle's schedule's.
+        policy: Eviction policy; default: the schedule's (else ``lru``).
+        prefetch: Prefetch predictor (``none`` or None: off); default: the schedule's plan.
+        storage_gbs: Throttle expert loads to this bandwidth (GB/s; 0: unthrottled).
+        providers: Executor providers (onnxruntime), in order of preference; default: the executor's.
 
     Returns:
         The ``edgemoe run --json`` object.
     """
     if repeat < 1:
         raise InputError(f"--repeat must be at least 1, got {repeat}")
-    session = Session(bundle, task, threads=threads)
+    if prefetch in ("none", "off"):
+        prefetch = None
+    session = Session(
+        bundle,
+        task,
+        threads=threads,
+        providers=tuple(providers),
+        memory_budget=memory_budget,
+        policy=policy,
+        prefetch=prefetch,
+        storage_gbs=storage_gbs,
+    )
     if input_path is None:
         x = sample_input(session.input_spec, batch=1, seed=0)
     else:
@@ -74,4 +95,22 @@ def run_bundle(
         "expert_bytes_total": stats.expert_bytes_total,
         "graph_bytes": stats.graph_bytes,
         "png_files": pngs,
+        "providers": {
+            "requested": list(getattr(session.executor, "requested", ()) or ()),
+            "used": list(getattr(session.executor, "providers_used", ()) or ()),
+        },
+        "cache": {
+            "budget_bytes": session.settings["memory_budget"],
+            "policy": session.settings["policy"],
+            "prefetch": session.settings["prefetch"],
+            "from_schedule": session.settings["schedule"],
+            "peak_expert_bytes": stats.peak_expert_bytes,
+            "hits": stats.cache_hits,
+            "misses": stats.cache_misses,
+            "evictions": stats.evictions,
+            "prefetched": stats.prefetch_issued,
+            "prefetch_hits": stats.prefetch_used,
+            "stall_ms": stats.stall_ms,
+            "bytes_read": stats.expert_bytes_loaded,
+        },
     }

@@ -13,6 +13,11 @@ import numpy as np
 
 from ..bundle.format import decode_expert, read_manifest, read_verified
 from ..errors import BundleError, ConfigError, InputError, TaskError
+from ..swap.budget import check_budget, expert_sizes, parse_budget
+from ..swap.policies import count_probabilities, make_policy
+from ..swap.predict import PREDICTORS, PreGate, Static, lookahead, predictor_from_json
+from ..swap.step import begin_run, run_step
+from ..swap.switch import switch_entry
 from .executor import Executor, get_executor
 from .expert_cache import ExpertCache
 from .program import TaskProgram
@@ -107,6 +112,10 @@ class SwitchStats:
     loaded: tuple[tuple[int, int], ...] = ()
 
 
+# Session's default for budget, policy and prefetch: what the bundle's swap schedule says.
+BUNDLE = "bundle"
+
+
 class Session:
     """Run one task of a bundle.
 
@@ -121,19 +130,25 @@ class Session:
         providers: Executor-specific accelerator preference (e.g. onnxruntime providers).
         recorder: Called with (graph name, inputs) on every graph call; the compiler uses it to
             collect calibration data for quantization.
-        memory_budget: Bytes for expert weights, shared experts included (None: unbounded, every
-            expert stays once loaded). Routed experts beyond it are evicted per ``policy``.
-        policy: Eviction policy: ``lru``, ``lfu`` or ``planned`` (the bundle's schedule, from
-            ``edgemoe plan``, or its calibration counts).
+        memory_budget: Memory for expert weights, shared experts included: bytes, or text as
+            ``edgemoe run --memory-budget`` takes it (``25%`` of the routed expert bytes, ``6MB``);
+            None: unbounded (every expert stays once loaded). Routed experts beyond it are evicted
+            per ``policy``. Default (``"bundle"``): the bundle's schedule's budget when it has one
+            (``compile --memory-budget`` / ``edgemoe plan``), else unbounded.
+        policy: Eviction policy: ``lru``, ``lfu`` or ``planned`` (the bundle's schedule, or its
+            calibration counts). Default (``"bundle"``): the schedule's policy, else ``lru``.
         prefetch: Prefetch predictor: ``pregate`` (next layer's gate on this layer's MoE input),
             ``affinity`` or ``static`` (tables from the bundle's schedule), ``plan`` (the
-            schedule's choice) or None.
+            schedule's choice) or None. Default (``"bundle"``): ``plan`` when the bundle has a
+            schedule that chose a predictor, else None.
         storage_gbs: Throttle expert loads to this bandwidth in GB/s (e.g. a device profile's
             ``load_gbs()``), to measure device-like load costs here; 0: unthrottled.
         prefetch_depth: MoE steps a prefetch looks ahead: the next layer from the predictor, the
             ones after it (wrapping to the next run's first layers) from the calibration order.
         executor: Executor to load the graphs with instead of the one the bundle names (e.g.
             :class:`~edgemoe.targets.tvm.remote.RemoteExecutor`, graphs on a device over TVM RPC).
+        log_events: Keep the expert cache's decisions as :attr:`events` (``(step, layer, expert,
+            kind)``; the log the simulator and the native runtime produce for the same trace).
 
     Raises:
         BundleError: Not a bundle, or a garbled manifest.
@@ -151,12 +166,13 @@ class Session:
         threads: int = 0,
         providers: tuple[str, ...] = (),
         recorder: Callable[[str, tuple[np.ndarray, ...]], None] | None = None,
-        memory_budget: int | None = None,
-        policy: str = "lru",
-        prefetch: str | None = None,
+        memory_budget: int | str | None = BUNDLE,
+        policy: str = BUNDLE,
+        prefetch: str | None = BUNDLE,
         storage_gbs: float = 0.0,
         prefetch_depth: int = 2,
         executor: Executor | None = None,
+        log_events: bool = False,
     ):
         self.root = Path(bundle)
         self.manifest = m = read_manifest(self.root)
@@ -193,7 +209,30 @@ class Session:
         if int(prefetch_depth) < 1:
             raise ConfigError(f"prefetch_depth must be at least 1, got {prefetch_depth}")
         self.prefetch_depth = int(prefetch_depth)
-        self._setup_cache(memory_budget, policy, prefetch, storage_gbs)
+        self._setup_cache(*self._settings(memory_budget, policy, prefetch), storage_gbs, log_events)
+
+    def _settings(self, budget, policy: str, prefetch: str | None) -> tuple[int | None, str, str | None]:
+        """The budget (bytes or None), policy and predictor asked for, with ``"bundle"`` taken from the schedule.
+
+        Raises:
+            ConfigError: A budget text that is neither a percentage nor a size.
+        """
+        schedule = self.manifest.get("schedule") or {}
+        if budget == BUNDLE:
+            budget = schedule.get("budget_bytes")
+        if isinstance(budget, str):
+            budget = None if budget.strip().lower() in ("none", "unbounded") else parse_budget(budget, self.manifest)
+        if policy == BUNDLE:
+            policy = schedule.get("policy") or "lru"
+        if prefetch == BUNDLE:
+            prefetch = "plan" if schedule.get("predictor") else None
+        self.settings = {
+            "memory_budget": None if budget is None else int(budget),
+            "policy": policy,
+            "prefetch": prefetch,
+            "schedule": bool(schedule),
+        }
+        return budget, policy, prefetch
 
     def _kept_sets(self, task: str, record: dict) -> list[frozenset[int]]:
         kept = [frozenset(s) for s in record["experts"]]
@@ -212,23 +251,26 @@ class Session:
 
     def _check_budget(self, budget: int, task: str, schedule: dict | None) -> int:
         """The shared budget check (as ``edgemoe compile --memory-budget``), with the plan's resident set."""
-        from ..schedule.planner import check_budget
-
         return check_budget(self.manifest, budget, task, int(schedule["resident_bytes"]) if schedule else 0)
 
-    def _setup_cache(self, budget: int | None, policy: str, prefetch: str | None, storage_gbs: float) -> None:
-        from ..schedule.planner import expert_sizes
-        from ..schedule.policies import make_policy
-
+    def _setup_cache(
+        self, budget: int | None, policy: str, prefetch: str | None, storage_gbs: float, log: bool = False
+    ) -> None:
         sizes = expert_sizes(self.manifest, self.task)
         schedule = self._task_schedule(self.task)
-        prob = schedule["probability"] if schedule else self._count_probabilities(self._task)
+        prob = schedule["probability"] if schedule else count_probabilities(self.manifest, self.task)
         capacity = sum(sizes.values()) if budget is None else self._check_budget(int(budget), self.task, schedule)
         self.memory_budget = int(budget or 0)
         recency = schedule.get("recency") if schedule else None  # the planned policy's, on token-routed plans
         self.program.reserve(capacity)
         self._cache = ExpertCache(
-            capacity, sizes, make_policy(policy, prob, recency), self._read_expert, storage_gbs, self.executor.unplace
+            capacity,
+            sizes,
+            make_policy(policy, prob, recency),
+            self._read_expert,
+            storage_gbs,
+            self.executor.unplace,
+            log=log,
         )
         self._prefetch_request = prefetch
         self.prefetch, self._predictor, self._far = self._make_predictor(prefetch, schedule, prob)
@@ -237,8 +279,6 @@ class Session:
 
     def _make_predictor(self, prefetch: str | None, schedule: dict | None, prob: list[list[float]]):
         """(prefetch mode, next-layer predictor or None, calibration order for the steps beyond) for a task."""
-        from ..schedule.predict import PREDICTORS, Static, predictor_from_json
-
         if prefetch is None:
             return None, None, None
         static = (schedule or {}).get("predictors", {}).get("static")
@@ -260,14 +300,6 @@ class Session:
         if predictor.name == "pregate":
             return "pregate", None, far
         return prefetch, predictor, far
-
-    def _count_probabilities(self, record: dict) -> list[list[float]]:
-        """Without a schedule: per-expert use probability from the manifest's calibration token counts."""
-        out = []
-        for layer, counts in zip(self.layers, record.get("expert_counts", []), strict=False):
-            c = np.asarray(counts, dtype=np.float64)
-            out.append(np.minimum(1.0, c / max(c.sum(), 1.0) * int(layer["top_k"])).tolist())
-        return out or [[1.0] * int(layer["num_experts"]) for layer in self.layers]
 
     def _read_expert(self, key: tuple[int, int], into: bytearray) -> dict[str, object]:
         """Read an expert blob into ``into`` (its size), sha256-checked on its first load, and place it.
@@ -335,35 +367,29 @@ class Session:
         return np.ascontiguousarray(x)
 
     def _moe(self, run: object, layer: int) -> None:
-        program = self.program
+        program, cache = self.program, self._cache
         idx, _ = program.route(run, layer)
         self.last_routing.append(idx)
         experts = [int(e) for e in np.unique(idx)]
         for e in experts:
             self._check_kept(layer, e)
-        keys = [(layer, e) for e in experts]
-        cache = self._cache
-        cache.begin_step(layer, keys)
         nxt = None
         if layer + 1 < len(self.layers) and (self.prefetch == "pregate" or self.record_pregate):
             nxt = program.pregate(run, layer + 1)
             if self.record_pregate:
                 self.last_pregate.append(nxt)
-        ahead = self._lookahead(layer, experts, nxt)
-        resident = self._resident
-        pending = cache.prefetch(ahead, protect=(*keys, *resident)) if ahead else ()
-        for j, (e, key) in enumerate(zip(experts, keys, strict=True)):
-            tok, slot = np.nonzero(idx == e)
+
+        def run_expert(_j: int, key: tuple[int, int]) -> None:
+            tok, slot = np.nonzero(idx == key[1])
             # Pinned while the kernel runs: eviction cannot free the weights under it.
             w = cache.acquire(key)
             try:
-                program.expert(run, layer, e, tok, slot, w)
+                program.expert(run, layer, key[1], tok, slot, w)
             finally:
                 cache.release(key)
-            if pending and key not in resident:
-                # The expert just done may make room: stream the next layers' experts into its slot.
-                done = ahead[: len(ahead) - len(pending)]  # issued already: due before the pending ones
-                pending = cache.prefetch(pending, protect=(*keys[j + 1 :], *resident, *done))
+
+        keys = [(layer, e) for e in experts]
+        run_step(cache, layer, keys, self._lookahead(layer, experts, nxt), self._resident, run_expert)
         program.finish_layer(run, layer)
 
     def _lookahead(self, layer: int, experts: list[int], nxt: np.ndarray | None) -> list[tuple[int, int]]:
@@ -371,8 +397,6 @@ class Session:
 
         ``nxt``: the next layer's gate on this layer's MoE input (pre-gating), where computed.
         """
-        from ..schedule.predict import PreGate, lookahead
-
         if self.prefetch is None:
             return []
         near, pregate = self._predictor, None
@@ -396,7 +420,7 @@ class Session:
             if self.prefetch is not None:
                 # The first layers' experts load while the trunk runs (the previous run's last layer
                 # usually queued them already).
-                self._cache.prefetch(self._lookahead(-1, [], None), protect=self._resident)
+                begin_run(self._cache, self._lookahead(-1, [], None), self._resident)
             run = self.program.start(x)
             for layer in range(len(self.layers)):
                 self._moe(run, layer)
@@ -452,9 +476,6 @@ class Session:
                 self._gate.notify_all()
 
     def _switch(self, task: str, wait: bool) -> SwitchStats:
-        from ..schedule.planner import expert_sizes
-        from ..schedule.switch import switch_entry
-
         start = time.perf_counter()
         source = self.task
         if task == source:
@@ -462,7 +483,7 @@ class Session:
         # Everything that can fail before the session changes: budget, prefetch plan, graphs.
         record = self.manifest["tasks"][task]
         schedule = self._task_schedule(task)
-        prob = schedule["probability"] if schedule else self._count_probabilities(record)
+        prob = schedule["probability"] if schedule else count_probabilities(self.manifest, task)
         if self.memory_budget:
             self._check_budget(self.memory_budget, task, schedule)
         prefetch, predictor, far = self._make_predictor(self._prefetch_request, schedule, prob)
@@ -559,6 +580,14 @@ class Session:
             runs=self._runs,
             **counters,
         )
+
+    @property
+    def events(self) -> list[tuple[int, int, int, str]]:
+        """The expert cache's decisions so far (with ``log_events``): ``(step, layer, expert, kind)``."""
+        events = self._cache.book.events
+        if events is None:
+            raise ConfigError("the session was opened without log_events=True")
+        return list(events)
 
     def wait_prefetch(self, timeout: float | None = None) -> bool:
         """Wait until the background loads issued so far have landed (e.g. between timed runs).

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +18,11 @@ import numpy as np
 from ..bundle.format import MANIFEST, read_manifest
 from ..devices import DeviceProfile, get_device
 from ..errors import ConfigError
-from ..quantization import parse_bytes
-from .policies import POLICIES, Belady, CacheBook, Key, make_policy
-from .predict import PREDICTORS, PREFETCH_DEPTH, Predictor, Static, make_predictor, predictor_from_json
+from ..swap.book import CacheBook, Key
+from ..swap.budget import check_budget, expert_sizes, parse_budget, shared_bytes
+from ..swap.policies import POLICIES, make_policy
+from ..swap.predict import PREDICTORS, PREFETCH_DEPTH, Predictor, Static, make_predictor, predictor_from_json
+from .belady import Belady
 from .simulate import DenseCost, SimResult, SwitchResult, simulate, simulate_switch
 from .traces import Trace, bundle_traces
 
@@ -30,21 +30,6 @@ from .traces import Trace, bundle_traces
 # in at most this share of the cache (the rest streams: prefetches never evict the resident set).
 HOT = 0.9
 RESIDENT_SHARE = 0.5
-
-
-class ThrashWarning(UserWarning):
-    """The budget holds less than one layer's top-k working set: the cache will thrash."""
-
-
-def expert_sizes(manifest: dict, task: str | None = None) -> dict[Key, int]:
-    """Bytes of each routed expert in the bundle (of ``task``'s kept sets when given)."""
-    kept = None if task is None else [set(s) for s in manifest["tasks"][task]["experts"]]
-    return {
-        (li, int(e["index"])): int(e["bytes"])
-        for li, layer in enumerate(manifest["moe_layers"])
-        for e in layer["experts"]
-        if kept is None or e["index"] in kept[li]
-    }
 
 
 def dense_cost(manifest: dict, task: str) -> DenseCost:
@@ -59,68 +44,6 @@ def dense_cost(manifest: dict, task: str) -> DenseCost:
     before = tuple(size(segments[li]) + size(gates[li] if li < len(gates) else None) for li in range(layers))
     after = sum(size(name) for name in segments[layers:]) + size(record.get("head"))
     return DenseCost(before, after, tuple(int(layer["top_k"]) for layer in manifest["moe_layers"]))
-
-
-def shared_bytes(manifest: dict) -> int:
-    """Bytes of the always-resident shared experts."""
-    return sum(int(e["bytes"]) for layer in manifest["moe_layers"] for e in layer.get("shared", []))
-
-
-def parse_budget(text: str | int, manifest: dict) -> int:
-    """A budget in bytes from ``25%`` (of the bundle's routed expert bytes, shared experts on top) or a size.
-
-    Sizes are bytes (``100000``) or take a unit (``6MB``, ``6MiB``, as ``--weight-budget``).
-
-    Raises:
-        ConfigError: Not a percentage in (0, 100] or a positive size.
-    """
-    s = str(text).strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", s)
-    if m:
-        pct = float(m.group(1))
-        if not 0 < pct <= 100:
-            raise ConfigError(f"budget percentage must be in (0, 100], got {s}")
-        return int(sum(expert_sizes(manifest).values()) * pct / 100) + shared_bytes(manifest)
-    if re.fullmatch(r"\d+(?:\.\d+)?\s*(?:[kmg]i?)?b?", s.lower()):
-        try:
-            return parse_bytes(s)
-        except ConfigError:
-            pass
-    raise ConfigError(
-        f"budget must be a percentage of expert bytes (e.g. 25%) or a size (e.g. 100000, 6MB, 6MiB), got '{s}'"
-    )
-
-
-def check_budget(manifest: dict, budget: int, task: str | None = None, resident: int = 0) -> int:
-    """Check a memory budget for routed + shared experts; returns the routed-expert cache capacity.
-
-    Raises:
-        ConfigError: The budget cannot hold the shared experts, the resident set and the largest expert.
-
-    Warns:
-        ThrashWarning: The cache is smaller than a layer's top-k working set.
-    """
-    sizes = expert_sizes(manifest, task)
-    shared = shared_bytes(manifest)
-    largest = max(sizes.values(), default=0)
-    if budget < shared + resident + largest:
-        raise ConfigError(
-            f"memory budget of {budget} bytes is below shared experts ({shared} B) + resident set ({resident} B) "
-            f"+ largest expert ({largest} B) = {shared + resident + largest} bytes"
-        )
-    capacity = budget - shared
-    for li, layer in enumerate(manifest["moe_layers"]):
-        layer_sizes = sorted((b for (lj, _), b in sizes.items() if lj == li), reverse=True)
-        working = sum(layer_sizes[: int(layer["top_k"])])
-        if capacity - resident < working:
-            warnings.warn(
-                f"memory budget leaves {capacity - resident} bytes for the expert cache, below layer {li}'s top-"
-                f"{layer['top_k']} working set of {working} bytes: every token will reload experts (thrashing)",
-                ThrashWarning,
-                stacklevel=2,
-            )
-            break
-    return capacity
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,13 @@ fp32 weight per token), and so do the dense graphs between MoE layers when their
 as they do in the runtime. A step accesses its experts in
 ascending order, as the runtime does; a miss stalls until its load lands. Prefetch follows the
 runtime's rules: when a step's routing is known, the experts of the next ``depth`` steps
-(:func:`~edgemoe.schedule.predict.lookahead`: the predictor for the next layer, the calibration
+(:func:`~edgemoe.swap.predict.lookahead`: the predictor for the next layer, the calibration
 order beyond it and past a unit's last layer) are queued in the order they will be needed, sparing
 the step's own experts, the resident set and whatever the policy expects back sooner; keys that
 find no room are retried after each expert of the step is done; a unit's first layers are
-prefetched before it starts. The bookkeeping is :class:`~edgemoe.schedule.policies.CacheBook`,
-shared with the runtime, so predicted and measured misses agree for the same trace and policy.
+prefetched before it starts. The rules are :mod:`edgemoe.swap`'s, which the runtime runs too
+(:class:`VirtualCache` is its cache on a virtual clock), so predicted and measured misses — and the
+event logs — agree for the same trace and policy.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..devices import DeviceProfile
-from .policies import CacheBook, Key, Policy
-from .predict import Predictor, PreGate, Static, lookahead
-from .switch import SwitchMoves, plan_switch
+from ..swap.book import CacheBook, Key, prefetch_rule
+from ..swap.policies import Policy
+from ..swap.predict import Predictor, PreGate, Static, lookahead
+from ..swap.step import begin_run, run_step
+from ..swap.switch import SwitchMoves, plan_switch
 from .traces import Trace
 
 
@@ -68,6 +71,7 @@ class SimResult:
         accesses_ahead: Accesses in those steps.
         timeline: (start s, end s, kind, layer, expert) per load / compute / stall.
         memory: (time s, bytes cached or in flight) after every change.
+        events: The decisions' event log (``simulate(..., log=True)``), else None.
     """
 
     policy: str
@@ -90,11 +94,126 @@ class SimResult:
     accesses_ahead: int = 0
     timeline: list = field(default_factory=list, repr=False)
     memory: list = field(default_factory=list, repr=False)
+    events: list | None = field(default=None, repr=False)
 
     def summary(self) -> dict:
         """JSON summary (no timeline)."""
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("timeline", "memory")}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("timeline", "memory", "events")}
         return {k: (None if isinstance(v, float) and v != v else v) for k, v in out.items()}
+
+
+class VirtualCache:
+    """The swap rules on a virtual clock: the runtime's cache, with time instead of data.
+
+    One loader channel moves experts at ``bw`` bytes/s, serially; a miss stalls until its load
+    lands; compute takes its FLOPs at ``flops``. Decisions go through the same
+    :class:`~edgemoe.swap.book.CacheBook` and :func:`~edgemoe.swap.book.prefetch_rule` as the
+    runtime's :class:`~edgemoe.runtime.expert_cache.ExpertCache`, and steps through the same
+    :func:`~edgemoe.swap.step.run_step`.
+    """
+
+    def __init__(self, book: CacheBook, bw: float, flops: float, keep_timeline: bool):
+        self.book, self.bw, self.flops, self.keep = book, bw, flops, keep_timeline
+        self.now = self.loader_free = self.stall = self.compute = 0.0
+        self.arrival: dict[Key, float] = {}
+        self.prefetched: set[Key] = set()
+        self.issued = self.used = 0
+        self.timeline: list = []
+        self.memory: list = [(0.0, 0)]
+
+    def _load(self, key: Key) -> float:
+        start = max(self.now, self.loader_free)
+        self.loader_free = start + (self.book.sizes[key] / self.bw if self.bw else 0.0)
+        if self.keep:
+            self.timeline.append((start, self.loader_free, "load", *key))
+        return self.loader_free
+
+    def settle(self) -> None:
+        """Loads due by now land."""
+        for k, t in list(self.arrival.items()):
+            if t <= self.now:
+                self.book.ready(k)
+                del self.arrival[k]
+
+    def _make_room(self, key: Key) -> bool:
+        while True:
+            self.settle()
+            victims = self.book.room_for(key)
+            if victims is not None:
+                for v in victims:
+                    self.book.evict(v)
+                    self.prefetched.discard(v)
+                return True
+            if not self.arrival:
+                return False
+            self.now = max(self.now, min(self.arrival.values()))  # wait for an in-flight load to land
+
+    def warm(self, keys: Iterable[Key]) -> None:
+        """Load ``keys`` before the trace (a plan's resident set), uncounted."""
+        loaded_before = self.book.bytes_loaded
+        for key in keys:
+            if key in self.book.sizes and key not in self.book.cached and self._make_room(key):
+                self.book.reserve(key)
+                self.book.ready(key)
+        self.book.bytes_loaded = loaded_before
+
+    def begin_step(self, layer: int, keys: Sequence[Key]) -> None:
+        self.book.begin_step(layer, keys)
+
+    def prefetch(self, keys: Sequence[Key], protect: Sequence[Key] = ()) -> tuple[Key, ...]:
+        def issue(key: Key, victims: list[Key]) -> None:
+            for v in victims:
+                self.book.evict(v)
+                self.prefetched.discard(v)
+            self.book.reserve(key, prefetch=True)
+            self.arrival[key] = self._load(key)
+            self.prefetched.add(key)
+            self.issued += 1
+            self.memory.append((self.now, self.book.used))
+
+        return prefetch_rule(self.book, keys, protect, issue, self.settle)
+
+    def acquire(self, key: Key) -> bool:
+        """Access ``key`` (waiting for its load if it is in flight or missing); returns whether it hit."""
+        self.settle()
+        hit = self.book.access(key)
+        if hit:
+            if key in self.arrival:  # still loading: wait for it
+                if self.keep:
+                    self.timeline.append((self.now, self.arrival[key], "stall", *key))
+                self.stall += self.arrival[key] - self.now
+                self.now = self.arrival[key]
+                self.settle()
+            if key in self.prefetched:
+                self.used += 1
+                self.prefetched.discard(key)
+        else:
+            self._make_room(key)
+            self.book.reserve(key)
+            self.memory.append((self.now, self.book.used))
+            done = self._load(key)
+            if self.keep:
+                self.timeline.append((self.now, done, "stall", *key))
+            self.stall += done - self.now
+            self.now = done
+            self.book.ready(key)
+        self.book.policy.touch(key)
+        return hit
+
+    def run(self, seconds: float, kind: str, layer: int, expert: int) -> None:
+        """Compute for ``seconds``; loads in flight proceed meanwhile."""
+        if self.keep and seconds:
+            self.timeline.append((self.now, self.now + seconds, kind, layer, expert))
+        self.now += seconds
+        self.compute += seconds
+        if kind == "compute":
+            self.memory.append((self.now, self.book.used))
+
+    def finish(self) -> None:
+        """Prefetches still in flight land (times unchanged: nothing waits for them)."""
+        for key in self.arrival:
+            self.book.ready(key)
+        self.arrival.clear()
 
 
 def simulate(
@@ -111,6 +230,7 @@ def simulate(
     far: Static | None = None,
     depth: int = 1,
     dense: DenseCost | None = None,
+    log: bool = False,
 ) -> SimResult:
     """Replay ``trace``.
 
@@ -131,85 +251,22 @@ def simulate(
             layers (the runtime's; None: the predictor's next layer only).
         depth: Steps a prefetch looks ahead (the runtime's ``prefetch_depth``; 1: the next layer).
         dense: Dense graphs' bytes, to time their compute (None: only experts compute).
+        log: Record the decisions' event log in ``book.events`` (a fresh book only).
 
     Returns:
         The replay's counters, times and (optionally) timeline.
     """
-    book = CacheBook(capacity, sizes, policy) if book is None else book
+    book = CacheBook(capacity, sizes, policy, log=log) if book is None else book
     bw = profile.load_gbs() * 1e9 if profile and profile.load_gbs() > 0 else 0.0
     flops = profile.compute_gflops * 1e9 if profile and profile.compute_gflops > 0 else 0.0
-    now = loader_free = stall = compute = 0.0
-    arrival: dict[Key, float] = {}
-    prefetched: set[Key] = set()
-    issued = used = 0
+    vc = VirtualCache(book, bw, flops, keep_timeline)
     named = needed = 0
     ahead_hits = ahead_accesses = 0
     resident = tuple(resident)
-    timeline: list = []
-    memory: list = [(0.0, 0)]
 
     def run_dense(nbytes: int, tokens: float, layer: int) -> None:
-        nonlocal now, compute
         dt = tokens * nbytes / 2 / flops if flops and nbytes else 0.0  # as experts: 2 FLOP per fp32 weight
-        if keep_timeline and dt:
-            timeline.append((now, now + dt, "dense", layer, -1))
-        now += dt
-        compute += dt
-
-    def load(key: Key) -> float:
-        nonlocal loader_free
-        start = max(now, loader_free)
-        loader_free = start + (sizes[key] / bw if bw else 0.0)
-        if keep_timeline:
-            timeline.append((start, loader_free, "load", *key))
-        return loader_free
-
-    def settle() -> None:
-        for k, t in list(arrival.items()):
-            if t <= now:
-                book.ready(k)
-                del arrival[k]
-
-    def make_room(key: Key) -> bool:
-        nonlocal now
-        while True:
-            settle()
-            victims = book.room_for(key)
-            if victims is not None:
-                for v in victims:
-                    book.evict(v)
-                    prefetched.discard(v)
-                return True
-            if not arrival:
-                return False
-            now = max(now, min(arrival.values()))  # wait for an in-flight load to land
-
-    def prefetch(ahead: Sequence[Key], protect: Iterable[Key]) -> tuple[Key, ...]:
-        # ExpertCache.prefetch's rules: a key never evicts one due no later than itself (its own
-        # layer's or an earlier one's), the policy may veto victims, and the first key without room
-        # stops the rest (returned, to retry once room may have been made); never waits.
-        nonlocal issued
-        ahead = tuple(ahead)
-        keep, end = set(protect), 0
-        for i, key in enumerate(ahead):
-            while end < len(ahead) and (end <= i or ahead[end][0] == key[0]):
-                keep.add(ahead[end])
-                end += 1
-            if key not in sizes or key in book.cached:
-                continue
-            settle()
-            victims = book.room_for(key, keep=keep, prefetch=True)
-            if victims is None:
-                return ahead[i:]
-            for v in victims:
-                book.evict(v)
-                prefetched.discard(v)
-            book.reserve(key)
-            arrival[key] = load(key)
-            prefetched.add(key)
-            issued += 1
-            memory.append((now, book.used))
-        return ()
+        vc.run(dt, "dense", layer, -1)
 
     def plan_ahead(i: int) -> list[Key]:
         step, nxt = trace.steps[i], trace.steps[i + 1] if i + 1 < len(trace.steps) else None
@@ -220,72 +277,34 @@ def simulate(
             near, pregate = (predictor, nxt.pregate) if same and step.layer + 1 < trace.num_layers else (None, None)
         return lookahead(near, far, step.layer, step.experts, pregate, trace.num_layers, depth)
 
-    loaded_before = book.bytes_loaded
-    for key in warm:
-        if key in sizes and key not in book.cached and make_room(key):
-            book.reserve(key)
-            book.ready(key)
-    book.bytes_loaded = loaded_before
+    vc.warm(warm)
     for i, step in enumerate(trace.steps):
         keys = trace.keys(i)
         prev = trace.steps[i - 1] if i else None
         if predictor is not None and far is not None and (prev is None or prev.unit != step.unit):
             # a unit's first layers, from the calibration order, before it starts (as Session.run)
-            prefetch(lookahead(None, far, -1, (), None, trace.num_layers, depth), resident)
+            begin_run(vc, lookahead(None, far, -1, (), None, trace.num_layers, depth), resident)
         unit_tokens = sum(step.tokens) / dense.top_k[step.layer] if dense else 0.0
         if dense:  # the segment (and gate) before this MoE layer; loads in flight proceed meanwhile
             run_dense(dense.before[step.layer], unit_tokens, step.layer)
-        policy.begin_step(i, step.layer, keys)
         ahead: list[Key] = plan_ahead(i) if predictor is not None else []
         nxt = trace.steps[i + 1] if i + 1 < len(trace.steps) else None
         if ahead and nxt is not None and nxt.unit == step.unit and nxt.layer == step.layer + 1:
             named += len({e for layer, e in ahead if layer == nxt.layer} & set(nxt.experts))
             needed += len(nxt.experts)
-
-        # Prefetch when the routing is known (sparing this step's experts), and again after each
-        # expert is done (its slot may then take a pending one), as the runtime does.
-        pending = prefetch(ahead, keys + resident) if ahead else ()
         ahead_step = prev is not None and prev.unit == step.unit and prev.layer + 1 == step.layer
-        for j, (key, tokens) in enumerate(zip(keys, step.tokens, strict=True)):
-            settle()
+
+        def run_expert(j: int, key: Key, step=step, ahead_step=ahead_step) -> None:
+            nonlocal ahead_hits, ahead_accesses
             ahead_accesses += ahead_step
-            if key in book.cached:
-                book.hits += 1
+            if vc.acquire(key):
                 ahead_hits += ahead_step
-                if key in arrival:  # still loading: wait for it
-                    if keep_timeline:
-                        timeline.append((now, arrival[key], "stall", *key))
-                    stall += arrival[key] - now
-                    now = arrival[key]
-                    settle()
-                if key in prefetched:
-                    used += 1
-                    prefetched.discard(key)
-            else:
-                book.misses += 1
-                make_room(key)
-                book.reserve(key)
-                memory.append((now, book.used))
-                done = load(key)
-                if keep_timeline:
-                    timeline.append((now, done, "stall", *key))
-                stall += done - now
-                now = done
-                book.ready(key)
-            policy.touch(key)
-            dt = tokens * sizes[key] / 2 / flops if flops else 0.0  # 2 FLOP per fp32 weight (4 bytes)
-            if keep_timeline:
-                timeline.append((now, now + dt, "compute", *key))
-            now += dt
-            compute += dt
-            memory.append((now, book.used))
-            if pending and key not in resident:  # the expert just done may make room, as in the runtime
-                issued_keys = tuple(ahead[: len(ahead) - len(pending)])
-                pending = prefetch(pending, keys[j + 1 :] + resident + issued_keys)
+            vc.run(step.tokens[j] * sizes[key] / 2 / flops if flops else 0.0, "compute", *key)  # 2 FLOP per fp32 weight
+
+        run_step(vc, step.layer, keys, ahead, resident, run_expert)
         if dense and (nxt is None or nxt.unit != step.unit):
             run_dense(dense.after, unit_tokens, trace.num_layers)  # the last segment and the head
-    for key in arrival:  # prefetches still in flight land (times unchanged: nothing waits for them)
-        book.ready(key)
+    vc.finish()
     accesses = book.hits + book.misses
     return SimResult(
         policy=policy.name,
@@ -298,16 +317,17 @@ def simulate(
         bytes_moved=book.bytes_loaded,
         evictions=book.evictions,
         peak_bytes=book.peak,
-        time_s=now,
-        compute_s=compute,
-        stall_s=stall,
-        prefetch_issued=issued,
-        prefetch_used=used,
+        time_s=vc.now,
+        compute_s=vc.compute,
+        stall_s=vc.stall,
+        prefetch_issued=vc.issued,
+        prefetch_used=vc.used,
         recall=named / needed if needed else float("nan"),
         hit_rate_ahead=ahead_hits / ahead_accesses if ahead_accesses else float("nan"),
         accesses_ahead=ahead_accesses,
-        timeline=timeline,
-        memory=memory,
+        timeline=vc.timeline,
+        memory=vc.memory,
+        events=book.events,
     )
 
 

@@ -2,7 +2,7 @@
 
 The planner stores, per ``"A->B"``, the experts A caches that B never routes to (``drop_cached``),
 A's resident experts B does not keep resident (``unload``) and B's resident set (``load`` then
-``keep``). :func:`plan_switch` applies such an entry to a :class:`~edgemoe.schedule.policies.CacheBook`:
+``keep``). :func:`plan_switch` applies such an entry to a :class:`~edgemoe.swap.book.CacheBook`:
 the runtime (:meth:`~edgemoe.runtime.Session.switch_task`) and the simulator
 (:func:`~edgemoe.schedule.simulate.simulate_switch`) both call it, so for the same cache state they
 move the very same experts. Pure Python: runs on devices.
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .policies import CacheBook, Key
+from .book import CacheBook, Key
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ConfigError
-from .traces import Trace
+
+if TYPE_CHECKING:
+    from ..schedule.traces import Trace
 
 PREDICTORS = ("pregate", "affinity", "static")
 # MoE steps the runtime's prefetch looks ahead by default (Session's prefetch_depth); the planner simulates the same.

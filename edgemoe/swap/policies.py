@@ -1,9 +1,8 @@
-"""Eviction policies and the expert-cache bookkeeping shared by the simulator and the runtime.
+"""Eviction policies: which cached expert to drop when a load needs room.
 
-An expert is keyed ``(layer, expert)``. :class:`CacheBook` tracks which experts are cached, their
-bytes, pins and in-flight loads against a byte capacity and asks a policy for victims; it holds
-no weights and does no I/O, so the simulator and the runtime make the very same decisions for the
-same access sequence (their misses agree exactly). Pure Python: the runtime imports it on devices.
+An expert is keyed ``(layer, expert)``. :class:`~edgemoe.swap.book.CacheBook` asks the policy for
+victims; the runtime's cache and the simulator share both. Pure Python: the runtime imports it on
+devices.
 """
 
 from __future__ import annotations
@@ -12,8 +11,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 from ..errors import ConfigError
-
-Key = tuple[int, int]
+from .book import Key
 
 POLICIES = ("lru", "lfu", "planned")
 
@@ -199,55 +197,6 @@ class Planned(Policy):
             self._due.clear()
 
 
-class Belady(Policy):
-    """Belady's MIN, exact per access: evict the expert whose next access is furthest away (oracle only).
-
-    The future is the sequence of single accesses: step after step and, within a step, its keys
-    in the order given, which must be the order the replay accesses them in (the simulator's and
-    the runtime's: ascending expert, as :meth:`~edgemoe.schedule.traces.Trace.keys`). Next use
-    counted in whole steps is not enough: of two experts next needed in one step, evicting the
-    one accessed first there brings its miss forward while the other still holds a slot, and that
-    miss may have to evict an expert needed soon after (MIN evicts the one accessed later).
-    Experts never accessed again are furthest (ties among them: least recently used first).
-
-    With experts of one size this is optimal: no choice of victims gets more hits on the trace
-    (tests check it against exhaustive search). With mixed sizes the cache evicts victims one by
-    one until the missed expert fits, and MIN is then a heuristic, not a bound: a few small
-    victims may beat one large one (optimal caching of mixed sizes is NP-hard).
-
-    Args:
-        steps: The scored trace: per step, its keys in access order.
-    """
-
-    name = "belady"
-
-    def __init__(self, steps: Sequence[Iterable[Key]]):
-        super().__init__()
-        # Per key, its accesses as (step, position within the step), in trace order.
-        self.uses: dict[Key, list[tuple[int, int]]] = {}
-        for i, keys in enumerate(steps):
-            for j, k in enumerate(keys):
-                self.uses.setdefault(k, []).append((i, j))
-        self.cursor: dict[Key, int] = {}
-
-    def next_access(self, key: Key) -> tuple[float, int]:
-        """(step, position within the step) of the next access of ``key``; (inf, 0): never again."""
-        uses = self.uses.get(key, [])
-        i = self.cursor.get(key, 0)
-        while i < len(uses) and (uses[i][0] < self.step or (uses[i][0] == self.step and key in self.done)):
-            i += 1
-        self.cursor[key] = i
-        return uses[i] if i < len(uses) else (math.inf, 0)
-
-    def next_use(self, key: Key) -> float:
-        """Step index of the next use of ``key`` (inf: never again)."""
-        return self.next_access(key)[0]
-
-    def victim(self, candidates: Sequence[Key]) -> Key:
-        # Finite next accesses are distinct (one key per position), so only never-again keys tie.
-        return max(candidates, key=lambda k: (self.next_access(k), -self.last_use.get(k, -1)))
-
-
 def make_policy(
     name: str, prob: Sequence[Sequence[float]] | None = None, recency: Sequence[Sequence[float]] | None = None
 ) -> Policy:
@@ -267,84 +216,15 @@ def make_policy(
     raise ConfigError(f"unknown cache policy '{name}' (known: {', '.join(POLICIES)})")
 
 
-class CacheBook:
-    """Which experts are cached or loading, within a byte capacity; no data, no locking.
+def count_probabilities(manifest: dict, task: str) -> list[list[float]]:
+    """Without a schedule: per-expert use probability of ``task`` from the manifest's calibration token counts.
 
-    Args:
-        capacity: Bytes the cached and in-flight experts may occupy together.
-        sizes: Bytes of each expert that may be cached.
-        policy: Eviction policy.
-
-    Raises:
-        ConfigError: The capacity cannot hold the largest expert.
+    ``counts / total * top_k``, capped at 1 (what the planned policy rates experts by).
     """
-
-    def __init__(self, capacity: int, sizes: dict[Key, int], policy: Policy):
-        self.capacity, self.sizes, self.policy = int(capacity), dict(sizes), policy
-        largest = max(self.sizes.values(), default=0)
-        if self.capacity < largest:
-            raise ConfigError(f"expert cache of {self.capacity} bytes cannot hold the largest expert ({largest} bytes)")
-        self.cached: dict[Key, bool] = {}  # key -> ready (False while its load is in flight)
-        self.pins: dict[Key, int] = {}
-        self.used = 0
-        self.peak = 0
-        self.hits = self.misses = self.evictions = 0
-        self.bytes_loaded = 0
-
-    def evictable(self, keep: Iterable[Key] = ()) -> list[Key]:
-        """Ready, unpinned entries not in ``keep``."""
-        keep = keep if isinstance(keep, set | frozenset) else set(keep)
-        return [k for k, ready in self.cached.items() if ready and not self.pins.get(k) and k not in keep]
-
-    def room_for(
-        self, key: Key, keep: Iterable[Key] = (), prefer: Sequence[Key] = (), prefetch: bool = False
-    ) -> list[Key] | None:
-        """Victims to evict so that ``key`` fits, or None if pins (for a prefetch, also the policy) prevent it.
-
-        Evictable entries of ``prefer`` go first, in that order (a task switch's unload list),
-        then the policy's choices. For a ``prefetch``, only entries the policy expects back later
-        than ``key`` are candidates (:meth:`Policy.outliving`).
-        """
-        need = self.used + self.sizes[key] - self.capacity
-        victims: list[Key] = []
-        if need <= 0:
-            return victims
-        candidates = self.evictable(keep)
-        if prefetch:
-            candidates = self.policy.outliving(candidates, key)
-        for v in prefer:
-            if need <= 0:
-                break
-            if v in candidates:
-                candidates.remove(v)
-                victims.append(v)
-                need -= self.sizes[v]
-        while need > 0:
-            if not candidates:
-                return None
-            v = self.policy.victim(candidates)
-            candidates.remove(v)
-            victims.append(v)
-            need -= self.sizes[v]
-        return victims
-
-    def evict(self, key: Key) -> None:
-        """Drop ``key``."""
-        del self.cached[key]
-        self.used -= self.sizes[key]
-        self.evictions += 1
-        self.policy.evicted(key)
-
-    def reserve(self, key: Key) -> None:
-        """Account for ``key`` as in flight (room must have been made)."""
-        self.cached[key] = False
-        self.used += self.sizes[key]
-        self.peak = max(self.peak, self.used)
-        if self.used > self.capacity:  # a bookkeeping bug, never a user error
-            raise AssertionError(f"expert cache over budget: {self.used} > {self.capacity}")
-        self.bytes_loaded += self.sizes[key]
-        self.policy.inserted(key)
-
-    def ready(self, key: Key) -> None:
-        """``key``'s load finished."""
-        self.cached[key] = True
+    layers = manifest["moe_layers"]
+    out = []
+    for layer, counts in zip(layers, manifest["tasks"][task].get("expert_counts", []), strict=False):
+        c = [float(v) for v in counts]
+        total = max(sum(c), 1.0)
+        out.append([min(1.0, v / total * int(layer["top_k"])) for v in c])
+    return out or [[1.0] * int(layer["num_experts"]) for layer in layers]
