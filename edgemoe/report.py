@@ -92,6 +92,8 @@ def render_run(res: dict) -> str:
         "in the model",
         f"graph bytes  {human_bytes(res['graph_bytes'])}",
     ]
+    if res.get("driver") == "csim":
+        lines.insert(2, "             (the accelerator in C simulation; `edgemoe inspect` shows its board estimate)")
     prov = res.get("providers") or {}
     if prov.get("used"):
         lines.append(f"providers    {', '.join(prov['used'])}")

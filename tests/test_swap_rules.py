@@ -89,7 +89,8 @@ def _native_log(rt: Path, bundle: Path, task: str, budget: int, policy: str, x: 
     np.save(tmp / "x.npy", x)
     env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
     cmd = [str(rt), str(bundle), "--task", task, "--input", str(tmp / "x.npy"), "--memory-budget", str(budget)]
-    cmd += ["--policy", policy, "--prefetch", "off", "--repeat", str(runs), "--events", str(tmp / "ev.jsonl")]
+    # --repeat R runs once, then R timed runs (as `edgemoe run`): runs - 1 of them after the first.
+    cmd += ["--policy", policy, "--prefetch", "off", "--repeat", str(runs - 1), "--events", str(tmp / "ev.jsonl")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return [tuple(e[k] for k in ("step", "layer", "expert", "kind")) for e in map(json.loads, open(tmp / "ev.jsonl"))]

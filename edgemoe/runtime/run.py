@@ -95,6 +95,8 @@ def run_bundle(
         "expert_bytes_total": stats.expert_bytes_total,
         "graph_bytes": stats.graph_bytes,
         "png_files": pngs,
+        "executor": session.executor.name,
+        "driver": getattr(getattr(session.executor, "driver", None), "name", None),
         "providers": {
             "requested": list(getattr(session.executor, "requested", ()) or ()),
             "used": list(getattr(session.executor, "providers_used", ()) or ()),
