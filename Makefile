@@ -34,7 +34,8 @@ lint: venv
 	$(BIN)/ruff check .
 
 # pytest exits 5 when it collected nothing: turn that into a failure so it cannot hide.
-test: venv lint
+# edgemoe-rt is built for the host and for aarch64 first, so its tests (qemu-user included) run, not skip.
+test: venv lint native native-aarch64
 	@$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
@@ -74,7 +75,7 @@ native-aarch64: venv
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing || exit 1; fi
 	@if [ ! -f $(TVM_ARM_SITE)/.unpacked ]; then \
 		rm -rf $(NATIVE_ARM_BUILD)/wheels $(TVM_ARM_SITE) && mkdir -p $(NATIVE_ARM_BUILD)/wheels $(TVM_ARM_SITE) && \
-		$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_28_aarch64 \
+		$(BIN)/python -m pip download -q --no-cache-dir --no-deps --only-binary=:all: --platform manylinux_2_28_aarch64 \
 			--python-version $(VENV_PYVER) -d $(NATIVE_ARM_BUILD)/wheels $(TVM_WHEEL_PINS) && \
 		$(BIN)/python targets/tvm/native/unpack_wheels.py $(TVM_ARM_SITE) $(NATIVE_ARM_BUILD)/wheels/*.whl && \
 		rm -rf $(NATIVE_ARM_BUILD)/wheels && touch $(TVM_ARM_SITE)/.unpacked; fi

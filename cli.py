@@ -73,7 +73,7 @@ class _Progress:
 def _budget_warnings(notes: list[str]):
     """Print edgemoe's warnings (budget, unused hardware) as ``warning: ...`` on stderr; collect them for --json."""
     from edgemoe.errors import EdgeMoEWarning
-    from edgemoe.schedule.planner import ThrashWarning
+    from edgemoe.swap.budget import ThrashWarning
 
     show = warnings.showwarning
 
@@ -265,8 +265,9 @@ def compile_cmd(
     from edgemoe.bundle.describe import describe_bundle
     from edgemoe.compiler import compile_model
     from edgemoe.config import CompileConfig
-    from edgemoe.quantization import QuantConfig, parse_bytes
+    from edgemoe.quantization import QuantConfig
     from edgemoe.report import render_bundle
+    from edgemoe.swap.budget import parse_bytes
 
     qcfg = QuantConfig(
         scheme=quant,
@@ -315,7 +316,12 @@ def compile_cmd(
     help=".npy array or image file (default: a deterministic sample input).",
 )
 @click.option(
-    "--output", "output_path", type=click.Path(path_type=Path), default=None, help="Save the output to this .npy file."
+    "-o",
+    "--output",
+    "output_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Save the output to this .npy file.",
 )
 @click.option("--repeat", default=1, show_default=True, type=int, help="Timed runs; latency is their median.")
 @click.option("--threads", default=0, show_default=True, type=int, help="Executor threads (0: default).")
@@ -326,14 +332,72 @@ def compile_cmd(
     default=None,
     help="Write input.png and <task>.png (class colours / greyscale) into this folder.",
 )
+@click.option(
+    "--memory-budget",
+    default=None,
+    metavar="BUDGET",
+    help="Memory for expert weights: 25% (of routed expert bytes), 6MB, 6MiB, bytes, or none (unbounded). "
+    "[default: the bundle's schedule, else none]",
+)
+@click.option(
+    "--policy",
+    type=click.Choice(["lru", "lfu", "planned"]),
+    default=None,
+    help="Eviction policy. [default: the bundle's schedule, else lru]",
+)
+@click.option(
+    "--prefetch",
+    type=click.Choice(["none", "pregate", "affinity", "static", "plan"]),
+    default=None,
+    help="Prefetch predictor (plan: the one the schedule chose). [default: the schedule's plan, else none]",
+)
+@click.option(
+    "--storage-gbs",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Throttle expert loads to this bandwidth in GB/s (a device's storage, to see its stalls here); 0: off.",
+)
+@click.option(
+    "--providers",
+    default="",
+    help="onnxruntime execution providers in order of preference, comma-separated "
+    "(e.g. TensorrtExecutionProvider,CUDAExecutionProvider). [default: the bundle device's, CPU last]",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_handle_errors
-def run_cmd(bundle, task, input_path, output_path, repeat, threads, png_dir, as_json):
-    """Run one task of BUNDLE, loading only the experts its tokens are routed to."""
+def run_cmd(
+    bundle, task, input_path, output_path, repeat, threads, png_dir, memory_budget, policy, prefetch, storage_gbs,
+    providers, as_json,
+):  # fmt: skip
+    r"""Run one task of BUNDLE, loading only the experts its tokens are routed to.
+
+    \b
+    Expert memory follows the bundle's swap schedule when it has one (compile --memory-budget,
+    edgemoe plan): its budget, policy and prefetch plan; --memory-budget, --policy and --prefetch
+    override them. A budget the bundle cannot meet fails before any work (exit 4). The report's
+    cache line (--json: "cache") gives the budget, peak expert bytes, hits, misses, evictions,
+    prefetches, stall and bytes read.
+    """
     from edgemoe.report import render_run
     from edgemoe.runtime.run import run_bundle
+    from edgemoe.runtime.session import BUNDLE
 
-    _emit(run_bundle(bundle, task, input_path, output_path, repeat, threads, png_dir), as_json, render_run)
+    res = run_bundle(
+        bundle,
+        task,
+        input_path,
+        output_path,
+        repeat,
+        threads,
+        png_dir,
+        memory_budget=BUNDLE if memory_budget is None else memory_budget,
+        policy=policy or BUNDLE,
+        prefetch=BUNDLE if prefetch is None else prefetch,
+        storage_gbs=storage_gbs,
+        providers=_comma_list(providers),
+    )
+    _emit(res, as_json, render_run)
 
 
 @cli.command("inspect")
@@ -595,6 +659,35 @@ def tune_cmd(model, output, device, trials, token_buckets, batch, seq, kinds, we
         return "\n".join(lines)
 
     _emit(summary, as_json, render)
+
+
+@cli.command("package")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--device", required=True, help="Device profile of the board (`edgemoe devices`), e.g. raspberry-pi-5.")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Package folder to write (replaced atomically if it is already a package).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@_handle_errors
+def package_cmd(bundle, device, output, as_json, quiet):
+    """Write one folder to copy to the board: a TVM BUNDLE, edgemoe-rt for its CPU, the TVM runtime, run.sh.
+
+    Every bundle file is checked against its manifest sha256 on the copy; edgemoe-rt is built
+    (make native / native-aarch64) if missing. Nothing of the compiler goes in. On the board:
+    ./run.sh --task TASK --input x.npy --output y.npy
+    """
+    from edgemoe.targets.tvm.package import package_bundle, render_package
+
+    notes: list[str] = []
+    with _budget_warnings(notes):
+        summary = package_bundle(bundle, device, output, progress=_Progress(quiet or as_json))
+    _emit(summary, as_json, render_package)
 
 
 def main() -> None:

@@ -1,3 +1,4 @@
+import json
 import shutil
 from pathlib import Path
 
@@ -53,3 +54,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="session")
+def jetson_cpu_profile(tmp_path_factory) -> str:
+    """A device file: the Jetson Orin Nano 8GB without its GPU, so every partition is CPU code.
+
+    edgemoe-rt runs CPU libraries only (it links no TVM CUDA runtime: a CUDA library fails to load);
+    a bundle compiled with ``--device <this file> --target tvm`` is what it runs on the Orin's CPU.
+    One file per session, so bundles compiled for it are shared between test modules.
+    """
+    from edgemoe.devices import get_device
+
+    entry = get_device("jetson-orin-nano-8gb").to_json()
+    for key in ("name", "fpga"):
+        entry.pop(key)
+    entry.update(cuda_arch="", accelerator="none (CPU partitions only)", description="Jetson Orin Nano 8GB, CPU only")
+    path = tmp_path_factory.mktemp("profiles") / "jetson-orin-nano-8gb-cpu.json"
+    path.write_text(json.dumps({"jetson-orin-nano-8gb-cpu": entry}))
+    return str(path)

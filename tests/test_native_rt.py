@@ -302,18 +302,31 @@ def test_native_exit_codes(rt, bundle_factory, tmp_path):
     check(2, bundle, "--task", "semseg", text="--input")
 
 
-def test_native_aarch64_under_qemu_matches_x86_python(bundle_factory, tmp_path):
-    """edgemoe-rt cross-built for aarch64 (`make native-aarch64`) runs a Raspberry Pi 5 bundle under qemu-user."""
+@pytest.fixture(scope="module")
+def rt_aarch64() -> Path:
+    """edgemoe-rt cross-built for aarch64 through the Makefile (`make test` builds it first)."""
     tools = ("cmake", "aarch64-linux-gnu-g++", "qemu-aarch64")
     if any(shutil.which(t) is None for t in tools):
         pytest.skip(f"needs {', '.join(tools)} (make native-aarch64 installs them: g++-aarch64-linux-gnu, qemu-user)")
     proc = subprocess.run(["make", "native-aarch64"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    binary = ROOT / "build" / "native-aarch64" / "edgemoe-rt"
-    pi = bundle_factory("m3vit-micro", target="tvm", device="raspberry-pi-5")
-    host = _tvm_bundle(bundle_factory, "m3vit-micro")
+    return ROOT / "build" / "native-aarch64" / "edgemoe-rt"
+
+
+# A Raspberry Pi 5 bundle and a Jetson Orin Nano one whose partitions are all CPU code (edgemoe-rt
+# cannot load the CUDA libraries of a plain --device jetson-orin-nano-8gb bundle).
+@pytest.mark.parametrize("device", ["raspberry-pi-5", "jetson-orin-nano-8gb-cpu"])
+@pytest.mark.parametrize(("model", "task"), [("m3vit-micro", "depth"), ("deepseek-lm-micro", "lm")])
+def test_native_aarch64_under_qemu_matches_x86_python(
+    rt_aarch64, bundle_factory, jetson_cpu_profile, tmp_path, device, model, task
+):
+    """edgemoe-rt cross-built for aarch64 (`make native-aarch64`) runs aarch64 bundles under qemu-user."""
+    binary = rt_aarch64
+    pi = bundle_factory(model, target="tvm", device=jetson_cpu_profile if device.endswith("-cpu") else device)
+    assert json.loads((pi / "manifest.json").read_text())["target"]["tvm_target"]["mtriple"] == "aarch64-linux-gnu"
+    host = _tvm_bundle(bundle_factory, model)
     spec = json.loads((pi / "manifest.json").read_text())["input"]
-    x, xpath = _input(pi, spec, "m3vit-micro", tmp_path)
+    x, xpath = _input(pi, spec, model, tmp_path)
     proc = subprocess.run(
         [
             "qemu-aarch64",
@@ -322,7 +335,7 @@ def test_native_aarch64_under_qemu_matches_x86_python(bundle_factory, tmp_path):
             str(binary),
             str(pi),
             "--task",
-            "depth",
+            task,
             "--input",
             str(xpath),
             "--output",
@@ -337,4 +350,4 @@ def test_native_aarch64_under_qemu_matches_x86_python(bundle_factory, tmp_path):
         env={"PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stderr
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), Session(host, "depth").run(x), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), Session(host, task).run(x), rtol=0, atol=1e-4)

@@ -103,6 +103,8 @@ def run_bundle(
         },
         "cache": {
             "budget_bytes": session.settings["memory_budget"],
+            "capacity_bytes": session.cache_capacity,
+            "shared_bytes": stats.shared_expert_bytes,
             "policy": session.settings["policy"],
             "prefetch": session.settings["prefetch"],
             "from_schedule": session.settings["schedule"],
@@ -113,6 +115,6 @@ def run_bundle(
             "prefetched": stats.prefetch_issued,
             "prefetch_hits": stats.prefetch_used,
             "stall_ms": stats.stall_ms,
-            "bytes_read": stats.expert_bytes_loaded,
+            "bytes_read": stats.expert_bytes_loaded + stats.shared_expert_bytes,
         },
     }

@@ -582,6 +582,11 @@ class Session:
         )
 
     @property
+    def cache_capacity(self) -> int:
+        """Bytes the expert cache may hold (routed experts: the budget less the shared experts)."""
+        return self._cache.book.capacity
+
+    @property
     def events(self) -> list[tuple[int, int, int, str]]:
         """The expert cache's decisions so far (with ``log_events``): ``(step, layer, expert, kind)``."""
         events = self._cache.book.events

@@ -163,6 +163,12 @@ int run(int argc, char** argv) {
   out["runs"] = Json(static_cast<int64_t>(n));
   for (const auto& kv : stats.members()) out[kv.first] = kv.second;
   out["png_files"] = Json();
+  out["executor"] = Json(std::string("tvm"));
+  out["driver"] = Json();
+  Json providers = Json::object();
+  providers["requested"] = Json::array();
+  providers["used"] = Json::array();
+  out["providers"] = providers;
   out["cache"] = session.cache_json();
   if (a.json) {
     std::cout << out.dump() << std::endl;
@@ -179,7 +185,8 @@ int run(int argc, char** argv) {
                 (long long)stats.at("expert_bytes_total").as_int());
     std::printf("graph bytes  %lld\n", (long long)stats.at("graph_bytes").as_int());
     std::printf("cache        %s, budget %lld B: %lld hits, %lld misses, %lld evictions, peak %lld B\n",
-                c.at("policy").as_string().c_str(), (long long)c.at("budget_bytes").as_int(),
+                c.at("policy").as_string().c_str(),
+                (long long)(c.at("budget_bytes").is_null() ? 0 : c.at("budget_bytes").as_int()),
                 (long long)c.at("hits").as_int(), (long long)c.at("misses").as_int(),
                 (long long)c.at("evictions").as_int(), (long long)c.at("peak_expert_bytes").as_int());
     if (!a.output.empty()) std::printf("output saved to %s\n", a.output.c_str());

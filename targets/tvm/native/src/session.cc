@@ -318,9 +318,12 @@ void Session::setup_cache(const SessionOptions& opts) {
         resident_.emplace_back(static_cast<int>(k[0].as_int()), static_cast<int>(k[1].as_int()));
   int64_t resident_bytes = schedule && schedule->contains("resident_bytes") ? schedule->at("resident_bytes").as_int() : 0;
 
-  // Budget: --memory-budget, else the schedule's, else unbounded.
+  // Budget: --memory-budget (none: unbounded), else the schedule's, else unbounded (Session's rules).
+  from_schedule_ = schedule_root && schedule_root->is_object();
   std::string budget_text = opts.budget;
-  if (budget_text.empty() && schedule_root && schedule_root->is_object() && schedule_root->contains("budget_bytes"))
+  bool unbounded = budget_text == "none" || budget_text == "unbounded";
+  if (unbounded) budget_text.clear();
+  if (!unbounded && budget_text.empty() && from_schedule_ && schedule_root->contains("budget_bytes"))
     budget_text = std::to_string(schedule_root->at("budget_bytes").as_int());
   if (budget_text.empty()) {
     capacity_ = 0;
@@ -366,7 +369,10 @@ void Session::setup_cache(const SessionOptions& opts) {
   // Prefetch (Session._make_predictor).
   prefetch_depth_ = opts.prefetch_depth;
   if (prefetch_depth_ < 1) throw ConfigError("prefetch_depth must be at least 1, got " + std::to_string(prefetch_depth_));
-  const std::string& want = opts.prefetch;
+  std::string want = opts.prefetch;
+  if (want.empty() && from_schedule_)
+    if (const Json* p = schedule_root->find("predictor"))
+      if (p->is_string() && !p->as_string().empty()) want = "plan";
   if (want.empty() || want == "off" || want == "none") return;
   const Json* predictors = schedule ? schedule->find("predictors") : nullptr;
   const Json* stat = predictors ? predictors->find("static") : nullptr;
@@ -726,11 +732,12 @@ Json Session::stats_json() const {
 Json Session::cache_json() const {
   const CacheBook& book = cache_->book();
   Json j = Json::object();
-  j["budget_bytes"] = Json(memory_budget_);
+  j["budget_bytes"] = memory_budget_ ? Json(memory_budget_) : Json();
   j["capacity_bytes"] = Json(capacity_);
   j["shared_bytes"] = Json(shared_bytes_);
   j["policy"] = Json(policy_name_);
   j["prefetch"] = prefetch_.empty() ? Json() : Json(prefetch_);
+  j["from_schedule"] = Json(from_schedule_);
   j["peak_expert_bytes"] = Json(book.peak);
   j["hits"] = Json(book.hits);
   j["misses"] = Json(book.misses);
@@ -739,7 +746,6 @@ Json Session::cache_json() const {
   j["prefetch_hits"] = Json(cache_->prefetch_used());
   j["stall_ms"] = Json(cache_->stall_ms());
   j["bytes_read"] = Json(book.bytes_loaded + shared_bytes_);
-  j["verified_bytes"] = Json(verify_bytes_);
   return j;
 }
 
