@@ -83,7 +83,7 @@ def test_shared_experts_are_resident_and_weighted(name, bundle_factory):
     assert stats.experts_loaded == 0 and stats.resident_expert_bytes == stats.shared_expert_bytes
     d = manifest["moe_layers"][0]["expert_shape"]["d_model"]
     h = np.random.default_rng(0).standard_normal((2, 6, d)).astype(np.float32)
-    experts, scores, shared = session.gates[0].run(h)
+    experts, scores, shared = session.program.gates[0].run(h)
     assert experts.dtype == np.int64 and experts.shape[:2] == scores.shape[:2] == shared.shape[:2] == (2, 6)
     if name == "hf-qwen2-moe-micro":  # sigmoid(shared_expert_gate(x)) per token
         assert shared.shape[-1] == 1 and 0 < shared.min() < shared.max() < 1

@@ -75,8 +75,8 @@ def test_routing_properties(bundle_factory, model):
     cfg = adapter(model).cfg
     session = Session(bundle_factory(model))
     x = ids(model, 2, 9, seed=1)
-    outs = session.segments[0].run(x)
-    gate_out = session.gates[0].run(outs[1])
+    outs = session.program.segments[0].run(x)
+    gate_out = session.program.gates[0].run(outs[1])
     experts, scores = gate_out[0], gate_out[1]
     assert experts.shape == scores.shape == (2, 9, cfg.top_k)
     flat = experts.reshape(-1, cfg.top_k)

@@ -154,7 +154,7 @@ def test_planned_policy_on_the_trained_lm(bundle_factory):
     budget = 3 * max(sizes.values())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ThrashWarning)
-        session = Session(bundle, "lm", memory_budget=budget, policy="planned")
+        session = Session(bundle, "lm", memory_budget=budget, policy="planned", prefetch=None)
     assert session._cache.policy.recency == plan["recency"]
     for i in range(len(held)):
         session.run(held[i : i + 1, :24])

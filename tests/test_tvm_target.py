@@ -23,6 +23,7 @@ from edgemoe.errors import BundleError, IntegrityError, TargetError
 from edgemoe.passes.capture_model import capture_model
 from edgemoe.quantization import QuantConfig
 from edgemoe.runtime import Session
+from edgemoe.runtime.program import _kernel_names
 
 # m3vit (image, batch-dynamic, two tasks) and a token-routed LM with shared experts and a
 # dense first block (batch and sequence dynamic, three-output gates).
@@ -114,7 +115,7 @@ def test_executors_conform(bundle_factory, model):
         assert getattr(stats["tvm"], field) == getattr(stats["onnx"], field), field
     # Graph bytes are the target's own files; both count exactly the graphs the task loaded.
     names = [*m["segments"], *m["tasks"][task]["gates"], m["tasks"][task]["head"]]
-    names += Session._kernel_names(m, m["tasks"][task]["experts"])
+    names += _kernel_names(m, m["tasks"][task]["experts"])
     assert stats["tvm"].graph_bytes == sum(m["graphs"][n]["bytes"] for n in names)
 
 
@@ -149,7 +150,7 @@ def test_tampered_library_is_refused_before_loading(bundle_factory, tmp_path):
 
 def test_tvm_graph_rejects_bad_inputs_clearly(bundle_factory):
     session = Session(bundle_factory("m3vit-micro", target="tvm"), "semseg")
-    kernel = next(iter(session._kernels.values()))
+    kernel = next(iter(session.program._kernels.values()))
     x = np.zeros((4, 31), np.float32)  # d_model is 32
     weights = [np.zeros(p["shape"], np.float32) for p in session.layers[0]["expert_shape"]["params"]]
     with pytest.raises(BundleError, match="rejects its inputs"):
