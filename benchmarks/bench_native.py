@@ -1,10 +1,11 @@
 """edgemoe-rt (native) vs `edgemoe run` (Python) on the same TVM bundle: output, latency, RSS, start-up.
 
-One TVM bundle of m3vit-tiny for the host (untuned, and with ``--trials N`` also MetaSchedule-tuned),
-one input; per round, interleaved: each runtime as a fresh process with ``--repeat 1`` (wall time
-from process start to exit with the output written = start-up to first output; peak RSS of the
-process = RSS after one run) and with ``--repeat R`` (median latency of the timed runs). Medians
-over the rounds; outputs compared. Threads: both runtimes use TVM's default thread pool.
+One TVM bundle of m3vit-tiny for the host, untuned and MetaSchedule-tuned (``EDGEMOE_BENCH_TRIALS``
+trials per library, default 64), one input; per round, interleaved: each runtime as a fresh process
+with ``--repeat 1`` (wall time from process start to exit with the output written = start-up to
+first output, GNU time's few ms included; its peak RSS, by GNU time = RSS after one run) and with
+``--repeat R`` (median latency of the timed runs). Medians over the rounds; outputs compared.
+Threads: both runtimes use TVM's default thread pool.
 """
 
 from __future__ import annotations
@@ -28,16 +29,20 @@ RT = ROOT / "build" / "native" / "edgemoe-rt"
 MODEL, TASK = "m3vit-tiny", "semseg"
 
 
-def run_process(cmd: list[str], env: dict) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS (bytes) and stdout of one process."""
+def run_process(cmd: list[str], env: dict, rss_file: Path) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (bytes) and stdout of one process.
+
+    The peak RSS comes from GNU time (``/usr/bin/time``), whose child is forked from it: a child
+    forked from this (torch-laden) process would report this process's RSS from before its exec.
+    """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(
+        ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *cmd], capture_output=True, text=True, env=env
+    )
     wall = time.perf_counter() - start
-    out, err = proc.stdout.read(), proc.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{cmd[0]} failed: {err[-2000:]}")
-    return wall, usage.ru_maxrss * 1024, out  # ru_maxrss is KiB on Linux
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {proc.stderr[-2000:]}")
+    return wall, int(rss_file.read_text().split()[-1]) * 1024, proc.stdout  # %M is KiB
 
 
 def build_bundle(work: Path, trials: int) -> Path:
@@ -68,11 +73,11 @@ def measure(bundle: Path, x_path: Path, work: Path, rounds: int, repeat: int) ->
         for name, base, env in (("python", py, env_py), ("native", [str(RT)], env_rt)):
             y = work / f"y-{name}.npy"
             cmd = [*base, str(bundle), "--task", TASK, "--input", str(x_path), "--output", str(y), "--json"]
-            wall, rss, _ = run_process(cmd, env)
+            wall, rss, _ = run_process(cmd, env, work / "rss.txt")
             rows[name]["startup_s"].append(wall)
             rows[name]["rss"].append(rss)
             outputs[name] = np.load(y)
-            _, _, out = run_process([*cmd, "--repeat", str(repeat)], env)
+            _, _, out = run_process([*cmd, "--repeat", str(repeat)], env, work / "rss.txt")
             rows[name]["latency_ms"].append(json.loads(out)["latency_ms"])
     diff = float(np.abs(outputs["python"].astype(np.float64) - outputs["native"]).max())
     summary = {name: {k: median(v) for k, v in r.items()} for name, r in rows.items()}

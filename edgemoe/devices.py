@@ -264,7 +264,15 @@ _TIERS: dict[str, dict] = {
     },
     "zcu104": {
         "fpga": FpgaResources(
-            "xczu7ev-ffvc1156-2-e", 300.0, 1728, 624, 96, 230400, 460800, 2, 4.8,
+            "xczu7ev-ffvc1156-2-e",
+            300.0,
+            1728,
+            624,
+            96,
+            230400,
+            460800,
+            2,
+            4.8,
             "AMD/Xilinx DS891 (Zynq UltraScale+ MPSoC overview): XCZU7EV 1,728 DSP, 312 BRAM36 (624 BRAM18K), "
             "96 URAM, 230,400 LUT, 460,800 FF; UG1085: 128-bit HP ports; 300 MHz as Edge-MoE on ZCU102",
         ),
@@ -281,7 +289,15 @@ _TIERS: dict[str, dict] = {
     },
     "zcu102": {
         "fpga": FpgaResources(
-            "xczu9eg-ffvb1156-2-e", 300.0, 2520, 1824, 0, 274080, 548160, 2, 4.8,
+            "xczu9eg-ffvb1156-2-e",
+            300.0,
+            2520,
+            1824,
+            0,
+            274080,
+            548160,
+            2,
+            4.8,
             "AMD/Xilinx DS891: XCZU9EG 2,520 DSP, 912 BRAM36 (1,824 BRAM18K), no URAM, 274,080 LUT, 548,160 FF; "
             "UG1085: 128-bit HP ports; 300 MHz: Edge-MoE's clock on this board",
         ),

@@ -27,7 +27,7 @@ COMPILER_MODULES = (
     "edgemoe.quantization",
     "edgemoe.targets.base",
 )
-COMPILER_LEAVES = ("target", "quantize", "tune", "cuda", "lower", "project", "estimate", "fixed_types")
+COMPILER_LEAVES = ("target", "quantize", "tune", "cuda", "dispatch", "lower", "project", "estimate", "fixed_types")
 GUARD_CODE = (
     "bad = [m for m in sys.modules if m in ('torch', 'onnx') or m.startswith(COMPILER_MODULES)"
     " or (m.startswith('edgemoe.targets.') and m.rsplit('.', 1)[-1] in COMPILER_LEAVES)]\n"

@@ -61,6 +61,8 @@ def test_orin_libraries_are_aarch64_with_sm87_kernels(orin_bundle):
         "arch": "sm_87",
         "host": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78ae"},
     }
+    # The dispatch graphs keep a run's activations on the GPU (targets/tvm/dispatch.py).
+    assert {"dispatch_gather", "dispatch_combine", "dispatch_add"} <= set(m["graphs"])
     for name, g in m["graphs"].items():
         data = (orin_bundle / g["file"]).read_bytes()
         assert data[:5] == b"\x7fELF\x02" and int.from_bytes(data[18:20], "little") == EM_AARCH64, name

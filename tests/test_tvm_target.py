@@ -119,6 +119,30 @@ def test_executors_conform(bundle_factory, model):
     assert stats["tvm"].graph_bytes == sum(m["graphs"][n]["bytes"] for n in names)
 
 
+@pytest.mark.parametrize(("model", "task"), [("m3vit-micro", "semseg"), ("deepseek-lm-micro", "lm")])
+def test_resident_run_equals_the_host_path_and_copies_back_only_routing(bundle_factory, model, task):
+    """Activations kept in TVM tensors (the GPU path, run here on the CPU) give the host path's bits.
+
+    Back to numpy per run: each layer's expert ids and scores (+ shared-expert weights), the output.
+    """
+    from edgemoe.targets.tvm.executor import ADD, COMBINE, GATHER, ResidentProgram, TvmExecutor
+
+    bundle = bundle_factory(model, target="tvm")
+    m = read_manifest(bundle)
+    assert {GATHER, COMBINE, ADD} <= {n for n, g in m["graphs"].items() if g["kind"] == "dispatch"}
+    host = Session(bundle, task)
+    assert type(host.program).__name__ == "GraphProgram"  # a CPU bundle reads numpy in place by default
+    resident = Session(bundle, task, executor=TvmExecutor(resident=True))
+    assert isinstance(resident.program, ResidentProgram)
+    per_run = sum(2 + bool(layer.get("shared")) for layer in m["moe_layers"]) + 1
+    for seed in range(3):
+        x = sample_input(resident.input_spec, batch=2, seed=seed)
+        before = resident.program.host_copies
+        np.testing.assert_array_equal(resident.run(x), host.run(x))
+        assert resident.program.host_copies - before == per_run
+    assert resident.stats.experts_loaded == host.stats.experts_loaded
+
+
 def test_tvm_runtime_imports_no_torch_and_no_compiler(bundle_factory):
     """A process that runs a TVM bundle loads neither torch (TVM's FFI would import it) nor the compiler."""
     bundle = bundle_factory("m3vit-micro", target="tvm")

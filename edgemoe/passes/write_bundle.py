@@ -150,9 +150,7 @@ def _fill(staging, cfg, captured, profile, plan, target, device, progress) -> di
         "totals": {
             "experts_model": ir.num_experts,
             "experts_bundle": len(expert_files),
-            "expert_bytes_model": sum(
-                emitted.expert_bytes[layer.index] * layer.num_experts for layer in ir.moe_layers
-            ),
+            "expert_bytes_model": sum(emitted.expert_bytes[layer.index] * layer.num_experts for layer in ir.moe_layers),
             "expert_bytes_bundle": sum(e["bytes"] for e in expert_files),
             "shared_expert_bytes": sum(e["bytes"] for e in shared_files),
             "graph_bytes": sum(g["bytes"] for g in graphs.values()),

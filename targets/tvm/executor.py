@@ -4,6 +4,10 @@ Each graph is one shared library (``export_library``) holding a Relax VM executa
 compiled kernels; the device it runs on follows from the code inside (CPU, or CUDA when the
 library carries CUDA device code). Expert kernels take their weights as inputs, so one loaded
 library serves every expert of its shape.
+
+On a GPU a run keeps its activations there (:class:`ResidentProgram`): the bundle's dispatch graphs
+pick each expert's tokens and add its output on the device, and only the gates' outputs (the routing
+the host decides) and the task's output come back to numpy.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ import numpy as np
 from ...bundle.format import read_verified
 from ...errors import BundleError
 from ...runtime.executor import Executor, Graph
+from ...runtime.program import GraphProgram, _GraphRun
+
+# The dispatch graphs a TVM bundle carries (built by .dispatch): token gather, scatter-add, weighted add.
+GATHER, COMBINE, ADD = "dispatch_gather", "dispatch_combine", "dispatch_add"
 
 
 def import_tvm():
@@ -138,16 +146,19 @@ class TvmGraph(Graph):
         return cls(tvm.runtime.vm.VirtualMachine(lib, device), device, name, input_names, output_names)
 
     def run(self, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(o.numpy() for o in self.run_device(*inputs))
+
+    def run_device(self, *inputs) -> tuple:
+        """Run on numpy arrays or TVM tensors; the outputs stay TVM tensors on the graph's device."""
         tensor, placed = self._tvm.runtime.tensor, self._tvm.runtime.Tensor
-        # Tensors the executor placed on the device already (expert weights) pass as they are.
+        # Tensors already on the device (placed expert weights, earlier outputs) pass as they are.
         args = [x if isinstance(x, placed) else tensor(np.ascontiguousarray(x), self._device) for x in inputs]
         try:
             with self._lock:
                 out = self._main(*args)
         except Exception as exc:  # shape / dtype checks of the VM raise TVM error types
             raise BundleError(f"tvm graph {self.name} rejects its inputs: {_last_line(exc)}") from None
-        outs = (out,) if hasattr(out, "numpy") else tuple(out)
-        return tuple(o.numpy() for o in outs)
+        return (out,) if hasattr(out, "numpy") else tuple(out)
 
 
 def _last_line(exc: BaseException) -> str:
@@ -163,11 +174,14 @@ class TvmExecutor(Executor):
             core). The pool is per process, so this applies to every TVM graph in it.
         providers: Accepted for interface compatibility (the library itself says which device
             it runs on); must be empty.
+        resident: Keep a run's activations in TVM tensors between graphs (:class:`ResidentProgram`).
+            None: on a CUDA bundle that carries the dispatch graphs; on the CPU the graphs read numpy
+            in place and the host path is as fast.
     """
 
     name = "tvm"
 
-    def __init__(self, threads: int = 0, providers: tuple[str, ...] = ()):
+    def __init__(self, threads: int = 0, providers: tuple[str, ...] = (), resident: bool | None = None):
         self._tvm = import_tvm()
         if providers:
             got = ", ".join(providers)
@@ -176,6 +190,7 @@ class TvmExecutor(Executor):
             # Affinity mode 1 ("big" cores) with `threads` workers: TVM's runtime.config_threadpool.
             self._tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
         self.threads = threads
+        self.resident = resident
         self._devices: dict[str, object] = {}  # the devices of the graphs loaded, by name ("cpu:0", "cuda:0")
 
     @classmethod
@@ -196,6 +211,16 @@ class TvmExecutor(Executor):
     def device_kind(cls, manifest: dict) -> str:
         """``cuda`` or ``cpu``: what the bundle's libraries hold code for."""
         return "cuda" if (manifest["target"].get("tvm_target") or {}).get("kind") == "cuda" else "cpu"
+
+    def program(self, root: Path, manifest: dict, task: str, recorder=None):
+        """The task's graphs; device-resident on a CUDA bundle (see ``resident``)."""
+        has_dispatch = all(name in manifest["graphs"] for name in (GATHER, COMBINE, ADD))
+        resident = self.device_kind(manifest) == "cuda" if self.resident is None else self.resident
+        if resident and has_dispatch and recorder is None:  # calibration records host arrays
+            return ResidentProgram(self, root, manifest, task)
+        if self.resident and not has_dispatch:
+            raise BundleError("this TVM bundle has no dispatch graphs (compiled before they existed): recompile it")
+        return super().program(root, manifest, task, recorder)
 
     def place(self, weights: dict[str, np.ndarray]) -> dict[str, object]:
         """Copy an expert to the GPU once per load when the graphs run there (host graphs read numpy)."""
@@ -222,3 +247,90 @@ class TvmExecutor(Executor):
             graph = TvmGraph.from_path(path, record["file"], inputs, outputs)
         self._devices[str(graph._device)] = graph._device
         return graph
+
+
+class _ResidentRun(_GraphRun):
+    __slots__ = ("scores",)
+
+
+class ResidentProgram(GraphProgram):
+    """A task whose activations stay in TVM tensors on the graphs' device from the input to the head.
+
+    The host gets what it decides on (each gate's experts and scores, the shared experts' weights)
+    and the task's output; token gather and the weighted scatter-add of expert outputs run as the
+    bundle's dispatch graphs. The arithmetic is the host path's: outputs are equal bit for bit.
+
+    Attributes:
+        host_copies: Tensors copied back to numpy so far (gate outputs, outputs).
+    """
+
+    def __init__(self, executor, root: Path, manifest: dict, task: str, reuse: dict | None = None, shared=None):
+        super().__init__(executor, root, manifest, task, None, reuse, shared)
+        reuse = reuse or {}
+        self._gather, self._combine, self._add = (self._graph(name, reuse) for name in (GATHER, COMBINE, ADD))
+        self._device = self.segments[0]._device
+        self._tvm = import_tvm()
+        self.host_copies = 0
+
+    def switch(self, task: str) -> ResidentProgram:
+        return ResidentProgram(
+            self.executor, self.root, self.manifest, task, reuse=self._loaded, shared=(self.shared, self.shared_bytes)
+        )
+
+    def _host(self, tensor) -> np.ndarray:
+        """The one way back to numpy (counted)."""
+        self.host_copies += 1
+        return tensor.numpy()
+
+    def _upload(self, array: np.ndarray):
+        return self._tvm.runtime.tensor(np.ascontiguousarray(array), self._device)
+
+    def start(self, x: np.ndarray) -> _ResidentRun:
+        run = _ResidentRun(self.segments[0].run_device(x))
+        self._enter(run)
+        return run
+
+    def _enter(self, run: _ResidentRun) -> None:
+        if self.layers:
+            run.hidden, run.moe_in, *run.carried = run.outs
+            shape = tuple(int(d) for d in run.moe_in.shape)
+            rows = int(np.prod(shape[:-1]))
+            run.flat = run.moe_in._create_view((rows, shape[-1]))
+            run.out = self._upload(np.zeros((rows, shape[-1]), dtype=str(run.moe_in.dtype)))
+
+    def route(self, run: _ResidentRun, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        run.gate_out = self.gates[layer].run_device(run.moe_in)
+        idx, scores = self._host(run.gate_out[0]), self._host(run.gate_out[1])
+        k = idx.shape[-1]
+        run.scores = scores.reshape(-1, k)
+        return idx.reshape(-1, k), run.scores
+
+    def pregate(self, run: _ResidentRun, layer: int) -> np.ndarray:
+        idx = self._host(self.gates[layer].run_device(run.moe_in)[0])
+        return idx.reshape(-1, idx.shape[-1])
+
+    def expert(
+        self, run: _ResidentRun, layer: int, expert: int, tokens: np.ndarray, slots: np.ndarray, weights: dict
+    ) -> None:
+        kernel = self._kernel(layer, expert)
+        rows = self._upload(tokens.astype(np.int64))
+        (xs,) = self._gather.run_device(run.flat, rows)
+        (y,) = kernel.run_device(xs, *(weights[name] for name in kernel.input_names[1:]))
+        w = run.scores[tokens, slots].astype(np.float32)
+        (run.out,) = self._combine.run_device(run.out, rows, y, w)
+
+    def finish_layer(self, run: _ResidentRun, layer: int) -> None:
+        if self.shared[layer]:
+            # The gate's third output weighs each shared expert per token (ones where ungated).
+            shared_scores = self._host(run.gate_out[2]).reshape(run.scores.shape[0], -1)
+            for j, (kernel, w) in enumerate(self.shared[layer]):
+                (y,) = kernel.run_device(run.flat, *(w[name] for name in kernel.input_names[1:]))
+                (run.out,) = self._add.run_device(run.out, y, np.ascontiguousarray(shared_scores[:, j]))
+        moe_out = run.out._create_view(tuple(int(d) for d in run.moe_in.shape))
+        run.outs = self.segments[layer + 1].run_device(run.hidden, moe_out, *run.carried)
+        if layer + 1 < len(self.layers):
+            self._enter(run)
+
+    def output(self, run: _ResidentRun) -> np.ndarray:
+        (y,) = self.head.run_device(*run.outs)
+        return self._host(y)

@@ -30,8 +30,9 @@ from ...config import CompileConfig
 from ...devices import DeviceProfile, get_device
 from ...errors import TargetError
 from ...frontends import GraphPartition
-from ..base import Target, check_against_torch
+from ..base import EmitJob, Emitted, Target, check_against_torch, graph_record
 from . import cuda
+from .dispatch import dispatch_partitions
 from .tune import apply_tuning
 
 # Compiled graphs must reproduce the torch partition to within atol + rtol * |torch| (fp32).
@@ -145,6 +146,23 @@ class TvmTarget(Target):
         # Libraries this process built, with their torch partitions: a compiled library cannot be
         # rewritten, so the quantization hooks rebuild it from the partition (targets/tvm/quantize.py).
         self._built: dict[Path, tuple[GraphPartition, CompileConfig]] = {}
+
+    def emit_bundle(self, job: EmitJob) -> Emitted:
+        """The default bundle (a library per partition, fp32 experts) plus the dispatch graphs.
+
+        The dispatch graphs (:mod:`.dispatch`) let a GPU run keep its activations on the device.
+        """
+        emitted = super().emit_bundle(job)
+        if not job.captured.ir.moe_layers:
+            return emitted
+        graphs = dict(emitted.graphs)
+        cfg = dataclasses.replace(job.cfg, tuning_db=None)  # tuning records hold the model's graphs only
+        for part in dispatch_partitions():
+            job.progress(f"emit {self.name} dispatch graph {part.name}")
+            graphs[part.name] = graph_record(
+                job.root, self._build(part, job.root / "graphs", cfg, check_against_torch), part
+            )
+        return dataclasses.replace(emitted, graphs=graphs)
 
     def emit(self, part: GraphPartition, out_dir: Path, cfg: CompileConfig) -> Path:
         from . import quantize as tq  # torch-side rewrites: imported by the compiler only
