@@ -88,7 +88,7 @@ def main() -> None:
     args = parse_args(__doc__, "bench_native")
     subprocess.run(["make", "native"], cwd=ROOT, check=True, capture_output=True)
     work = Path(tempfile.mkdtemp(prefix="bench-native-"))
-    rounds, repeat = (2, 2) if args.quick else (5, 5)
+    rounds, repeat = (2, 2) if args.quick else (9, 5)
     trials = [0] if args.quick else [0, int(os.environ.get("EDGEMOE_BENCH_TRIALS", "64"))]
     spec_bundle = None
     data = {"machine": machine(), "quick": args.quick, "model": MODEL, "task": TASK, "bundles": {}}

@@ -135,6 +135,21 @@ def _recorded_inputs(bundle, task, x):
     return seen
 
 
+def _dispatch_inputs(tokens_in: np.ndarray) -> dict[str, tuple[np.ndarray, ...]]:
+    """Inputs for the dispatch graphs (run only when activations stay on a GPU) shaped like a layer's."""
+    rng = np.random.default_rng(4)
+    dim = tokens_in.shape[-1]
+    rows = np.array([0, 3, 5], dtype=np.int64)
+    acc = rng.standard_normal((8, dim)).astype(np.float32)
+    y = rng.standard_normal((3, dim)).astype(np.float32)
+    w = rng.random(3).astype(np.float32)
+    return {
+        "dispatch_gather": (acc, rows),
+        "dispatch_combine": (acc, rows, y, w),
+        "dispatch_add": (acc, acc * 0.5, rng.random(8).astype(np.float32)),
+    }
+
+
 def test_every_graph_runs_remotely_as_locally(bundle, address):
     m = read_manifest(bundle)
     local = Session(bundle, next(iter(m["tasks"]))).executor
@@ -143,7 +158,9 @@ def test_every_graph_runs_remotely_as_locally(bundle, address):
         checked = set()
         for task in m["tasks"]:
             x = sample_input(m["input"], batch=2, seed=3)
-            for name, inputs in _recorded_inputs(bundle, task, x).items():
+            recorded = _recorded_inputs(bundle, task, x)
+            kernel_in = next(v for k, v in recorded.items() if k.startswith("expert_kernel"))[0]
+            for name, inputs in (recorded | _dispatch_inputs(kernel_in)).items():
                 want = local.load(bundle, m["graphs"][name]).run(*inputs)
                 got = executor.load(bundle, m["graphs"][name]).run(*inputs)
                 assert len(got) == len(want), name
@@ -151,7 +168,7 @@ def test_every_graph_runs_remotely_as_locally(bundle, address):
                     assert g.dtype == w.dtype and g.shape == w.shape, name
                     assert float(np.abs(g.astype(np.float64) - w).max()) <= 1e-4, name
                 checked.add(name)
-        assert checked == set(m["graphs"])  # segments, every task's gates and head, the expert kernel
+        assert checked == set(m["graphs"])  # segments, gates, heads, the expert kernel, dispatch
         # One upload per distinct library, however often it was loaded.
         assert len(executor.remote._modules) == len({g["sha256"] for g in m["graphs"].values()})
     finally:
