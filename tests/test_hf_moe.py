@@ -1,6 +1,7 @@
 """Third-party MoE classes (transformers) through the hf adapter: bundle vs the library's own forward."""
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -148,7 +149,13 @@ def test_verify_passes(run_cli, bundle_factory):
 def _build(arch: str, **kw):
     from edgemoe.models.hf import family
 
-    tiny = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
+    tiny = {
+        "vocab_size": 64,
+        "hidden_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+    }
     return family.build({"arch": arch, **tiny, **kw})
 
 
@@ -179,7 +186,15 @@ def test_bad_hf_configs_raise_model_error(run_cli, tmp_path):
     with pytest.raises(ModelError, match="bad hf config for arch 'mixtral'"):
         family.normalize({"arch": "mixtral", "hidden_size": "wide"})
     with pytest.raises(ModelError, match="no e_score_correction_bias"):
-        family.build({"arch": "olmoe", "hidden_size": 16, "num_hidden_layers": 1, "router_bias_std": 0.1})
+        family.build(
+            {
+                "arch": "olmoe",
+                "hidden_size": 16,
+                "num_attention_heads": 2,
+                "num_hidden_layers": 1,
+                "router_bias_std": 0.1,
+            }
+        )
     # From the CLI: an MoE arch without a spec is a model error (exit code 3) naming the arch.
     path = tmp_path / "granite.json"
     path.write_text(
@@ -207,3 +222,94 @@ def test_token_routed_gates_cannot_be_restricted():
         ad.gate(0, "lm", (0, 1, 2))
     with pytest.raises(ConfigError, match="cannot restrict"):
         ad.reference(ids(ad, 1, 4), "lm", {0: (0, 1)})
+
+
+# Hand-written configs a user tried: (name, config, what the error must say). Each one used to end in
+# an internal error or a message of the library's that named no field.
+_MIXTRAL = {
+    "arch": "mixtral",
+    "vocab_size": 64,
+    "hidden_size": 16,
+    "intermediate_size": 16,
+    "num_local_experts": 4,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
+_DEEPSEEK = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "moe_intermediate_size": 24,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "q_lora_rank": 24,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 8,
+    "first_k_dense_replace": 0,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+}
+BAD_CONFIGS = [
+    ("pad", {**_MIXTRAL, "pad_token_id": 100}, r"pad_token_id 100 lies outside the vocabulary \(vocab_size 64\)"),
+    ("kv-heads", {**_MIXTRAL, "num_key_value_heads": 8}, r"num_key_value_heads 8 must divide num_attention_heads 2"),
+    ("odd-head", {**_MIXTRAL, "head_dim": 3}, r"head_dim 3 is odd"),
+    ("act", {**_MIXTRAL, "hidden_act": "swishy"}, r"hidden_act 'swishy' is not an activation transformers knows"),
+    ("rope", {**_MIXTRAL, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, r"rope_type 'dynamic'"),
+    ("rope-keys", {**_MIXTRAL, "rope_parameters": {"rope_type": "linear"}}, r"Missing required keys .*factor"),
+    ("groups", {"arch": "deepseek_v3", **_DEEPSEEK, "n_group": None}, r"needs n_group and topk_group as integers"),
+    ("groups-split", {"arch": "deepseek_v3", **_DEEPSEEK, "n_group": 3, "topk_group": 1}, r"n_group 3 must divide"),
+    (
+        "sparse-step",
+        {"arch": "qwen2_moe", **{k: v for k, v in _MIXTRAL.items() if k not in ("arch", "num_local_experts")}}
+        | {"num_experts": 4, "decoder_sparse_step": 0},
+        r"cannot build Qwen2MoeForCausalLM .*\(ZeroDivisionError: ",
+    ),
+    (
+        "forward",
+        {"arch": "deepseek_v2", **_DEEPSEEK, "topk_method": "bogus"},
+        r"DeepseekV2ForCausalLM.forward fails on this config \(UnboundLocalError: ",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "config", "message"), BAD_CONFIGS, ids=[b[0] for b in BAD_CONFIGS])
+def test_hand_written_configs_get_a_model_error_that_names_the_field(run_cli, tmp_path, name, config, message):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"family": "hf", **config}))
+    result = run_cli("compile", path, "-o", tmp_path / "out")
+    assert result.exit_code == 3, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "internal error" not in result.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert "[transformers]" not in result.stderr  # the library's own warning is not printed beside ours
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"arch": "qwen2_moe", **{k: v for k, v in _MIXTRAL.items() if k not in ("arch", "num_local_experts")}}
+        | {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 8,
+            "shared_expert_intermediate_size": 0,
+        },
+        {"arch": "deepseek_v3", **_DEEPSEEK, "n_shared_experts": 0, "n_group": 2, "topk_group": 1},
+    ],
+    ids=["qwen2-moe", "deepseek-v3"],
+)
+def test_a_width_0_shared_expert_is_no_shared_expert(bundle_factory, tmp_path, config):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"family": "hf", **config}))
+    bundle = bundle_factory(str(path))
+    m = read_manifest(bundle)
+    assert all(not layer.get("shared") for layer in m["moe_layers"]) and m["totals"]["shared_expert_bytes"] == 0
+    ad = HFAdapter(resolve_model(str(path)).build())
+    x = ids(ad, 2, 6)
+    got = Session(bundle, "lm").run(x)
+    assert np.abs(got - ad.reference(x, "lm")).max() <= 1e-4

@@ -46,6 +46,7 @@ from .hf_archs import (
     ArchSpec,
     attr,
     complex_rope_cos_sin,
+    config_problems,
     mla_attention_real_rope,
     pick_experts,
 )
@@ -157,12 +158,13 @@ class _Gate(nn.Module):
     list the same choice in different orders, and slot order does not change the MoE output.
     """
 
-    def __init__(self, spec: ArchSpec, block: nn.Module):
+    def __init__(self, spec: ArchSpec, block: nn.Module, shared: bool):
         super().__init__()
         self.spec = spec
         self.router = attr(block, spec.router)
-        self.shared = spec.shared is not None
-        self.shared_gate = attr(block, spec.shared_gate) if spec.shared_gate else None
+        # A width-0 shared expert (``shared_expert_intermediate_size: 0``) is no shared expert.
+        self.shared = shared
+        self.shared_gate = attr(block, spec.shared_gate) if shared and spec.shared_gate else None
 
     def forward(self, h: torch.Tensor):
         b, s = h.shape[0], h.shape[1]
@@ -214,12 +216,9 @@ def _spec_for(model) -> ArchSpec:
             f"transformers {cls} is not supported: for model_type '{model_type}' the hf adapter captures "
             f"{spec.model_class} ({reason})"
         )
-    rope = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if spec.rotary and any(k in rope for k in ("dynamic", "longrope")):
-        raise ModelError(
-            f"{cls}: rope_type '{rope}' changes the rotary frequencies with the sequence length at run time, "
-            "which the exported segments do not reproduce; use a static rope type (default, linear, yarn)"
-        )
+    problems = config_problems(model.config)
+    if problems:
+        raise ModelError(f"{cls}: {'; '.join(problems)}")
     return spec
 
 
@@ -254,7 +253,26 @@ class HFAdapter(ModelAdapter):
                 f"has no MoE layer (no {spec.moe_block} in any of its {len(self.layers)} layers)"
             )
         self.windows = [self._window(i) for i in range(len(self.layers))]
+        self._probe()
         self._ir = validate_ir(self._capture())
+
+    def _probe(self) -> None:
+        """Run the library's forward once on two tokens, so a config it cannot run fails here, by name.
+
+        transformers checks few relations between config fields (see
+        :func:`~edgemoe.frontends.hf_archs.config_problems` for those checked up front); any other bad
+        value would otherwise surface as a shape error in the middle of export.
+        """
+        ids = torch.zeros((1, 2), dtype=torch.long)
+        try:
+            with torch.no_grad():
+                self.model(input_ids=ids)
+        except Exception as exc:  # only library code runs here: whatever it raises is the config's fault
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ModelError(
+                f"transformers' own {type(self.model).__name__}.forward fails on this config "
+                f"({type(exc).__name__}: {first}): a config field has a value the library accepts but cannot run"
+            ) from None
 
     # -- capture -------------------------------------------------------------------------
     def _window(self, layer: int) -> int | None:
@@ -406,7 +424,7 @@ class HFAdapter(ModelAdapter):
     def gate(self, layer: int, task: str, keep: tuple[int, ...]) -> GraphPartition:
         self.task_index(task)
         self._check_keep({layer: keep})
-        module = _Gate(self.spec, self._block(layer))
+        module = _Gate(self.spec, self._block(layer), self._shared_mlp(layer) is not None)
         shared = bool(self._ir.moe_layers[layer].shared_experts)
         return partitions.gate_partition(
             task, layer, module, self._ir.segments[layer].outputs[1], TRACING, shared=shared

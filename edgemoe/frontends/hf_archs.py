@@ -242,3 +242,91 @@ def mla_attention_real_rope(
     eager = inspect.getmodule(type(attn)).eager_attention_forward
     out, _ = eager(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling)
     return attn.o_proj(out.reshape(b, s, -1).contiguous())
+
+
+# -- config checks ------------------------------------------------------------------------------
+def _grouped_routing(cfg) -> bool:
+    """Whether the router picks experts within groups (DeepSeek's group-limited routing)."""
+    if cfg.model_type == "deepseek_v3":
+        return True
+    return cfg.model_type == "deepseek_v2" and getattr(cfg, "topk_method", "greedy") == "group_limited_greedy"
+
+
+def config_problems(cfg) -> list[str]:
+    """What in a transformers config the library accepts but cannot build or run, one line each.
+
+    transformers checks few of a config's relations: a bad one surfaces later as an assertion in
+    ``nn.Embedding`` or a shape error deep inside a forward. These are the relations the supported
+    archs rely on; each line names the fields and the rule.
+
+    Args:
+        cfg: A transformers ``PretrainedConfig``.
+    """
+    problems = []
+    vocab = getattr(cfg, "vocab_size", None)
+    pad = getattr(cfg, "pad_token_id", None)
+    if isinstance(vocab, int) and isinstance(pad, int) and not 0 <= pad < vocab:
+        problems.append(
+            f"pad_token_id {pad} lies outside the vocabulary (vocab_size {vocab}): the embedding's padding row "
+            f"must be one of its rows; set pad_token_id to an id below {vocab}, or null"
+        )
+    heads = getattr(cfg, "num_attention_heads", None)
+    kv = getattr(cfg, "num_key_value_heads", None)
+    if isinstance(heads, int) and isinstance(kv, int) and (kv < 1 or heads % kv):
+        problems.append(
+            f"num_key_value_heads {kv} must divide num_attention_heads {heads} "
+            "(grouped-query attention shares each key/value head among a whole number of query heads)"
+        )
+    hidden = getattr(cfg, "hidden_size", None)
+    if (
+        getattr(cfg, "head_dim", None) is None
+        and getattr(cfg, "qk_nope_head_dim", None) is None  # MLA sets its head widths explicitly
+        and isinstance(hidden, int)
+        and isinstance(heads, int)
+        and heads > 0
+        and hidden % heads
+    ):
+        problems.append(
+            f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}, and head_dim is not set"
+        )
+    spec = ARCHS.get(getattr(cfg, "model_type", None))
+    rotary_width = getattr(cfg, "qk_rope_head_dim", None) or getattr(cfg, "head_dim", None)
+    if rotary_width is None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        rotary_width = hidden // heads
+    if spec is not None and spec.rotary and isinstance(rotary_width, int) and rotary_width % 2:
+        field = "qk_rope_head_dim" if getattr(cfg, "qk_rope_head_dim", None) else "head_dim"
+        problems.append(f"{field} {rotary_width} is odd: rotary embeddings turn pairs of channels")
+    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+    if spec is not None and spec.rotary and any(k in rope for k in ("dynamic", "longrope")):
+        problems.append(
+            f"rope_type '{rope}' changes the rotary frequencies with the sequence length at run time, "
+            "which the exported segments do not reproduce; use a static rope type (default, linear, yarn)"
+        )
+    if spec is not None:
+        from transformers.activations import ACT2FN
+
+        act = getattr(cfg, spec.activation, None)
+        if isinstance(act, str) and act not in ACT2FN:
+            problems.append(f"{spec.activation} '{act}' is not an activation transformers knows ({', '.join(ACT2FN)})")
+    if _grouped_routing(cfg):
+        experts = getattr(cfg, "n_routed_experts", None)
+        groups, top_groups, k = cfg.n_group, cfg.topk_group, getattr(cfg, "num_experts_per_tok", None)
+        if not (isinstance(groups, int) and isinstance(top_groups, int)) or groups < 1:
+            problems.append(
+                f"group-limited routing needs n_group and topk_group as integers >= 1, got {groups} and {top_groups}"
+            )
+        elif isinstance(experts, int) and experts % groups:
+            problems.append(f"n_group {groups} must divide n_routed_experts {experts} (experts are split into groups)")
+        elif not 1 <= top_groups <= groups:
+            problems.append(f"topk_group {top_groups} must be between 1 and n_group {groups}")
+        elif isinstance(experts, int) and isinstance(k, int) and k > top_groups * (experts // groups):
+            problems.append(
+                f"num_experts_per_tok {k} exceeds the {top_groups * (experts // groups)} experts in the "
+                f"topk_group {top_groups} chosen groups of {experts // groups}"
+            )
+        elif cfg.model_type == "deepseek_v3" and isinstance(experts, int) and experts // groups < 2:
+            problems.append(
+                f"DeepSeek-V3 scores a group by its best two experts: n_routed_experts {experts} / n_group {groups} "
+                "leaves fewer than 2 per group"
+            )
+    return problems

@@ -108,13 +108,35 @@ def normalize(config: dict) -> dict:
 
 
 def _hf_config(arch: str, kwargs: dict):
-    from huggingface_hub.errors import StrictDataclassError  # what transformers' strict config classes raise
+    import logging
 
+    from huggingface_hub.errors import StrictDataclassError  # what transformers' strict config classes raise
+    from transformers.utils import logging as hf_logging
+
+    from ...frontends.hf_archs import config_problems
+
+    # transformers logs some config problems and goes on; hold its messages until ours are known, so a
+    # problem is reported once, as an error that says what to change.
+    held: list[logging.LogRecord] = []
+    holder = logging.Handler()
+    holder.emit = held.append
+    root = hf_logging.get_logger()
+    hf_logging.disable_default_handler()
+    root.addHandler(holder)
     try:
-        return _config_class(arch)(**kwargs, attn_implementation="eager", experts_implementation="eager")
-    except (TypeError, ValueError, StrictDataclassError) as exc:
+        cfg = _config_class(arch)(**kwargs, attn_implementation="eager", experts_implementation="eager")
+    except (TypeError, ValueError, KeyError, StrictDataclassError) as exc:
         first = str(exc).strip().splitlines()
         raise ModelError(f"bad {NAME} config for arch '{arch}': {' '.join(s.strip() for s in first[:2])}") from None
+    finally:
+        root.removeHandler(holder)
+        hf_logging.enable_default_handler()
+    problems = config_problems(cfg)
+    if problems:
+        raise ModelError(f"bad {NAME} config for arch '{arch}': {'; '.join(problems)}")
+    for record in held:
+        root.handle(record)
+    return cfg
 
 
 def build(config: dict):
@@ -130,9 +152,13 @@ def build(config: dict):
     try:
         with torch.device("cpu"):
             model = cls(cfg).to(torch.float32).eval()
-    except (AttributeError, TypeError, ValueError, RuntimeError, IndexError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"transformers cannot build {cls.__name__} from this {NAME} config: {first}") from None
+    except (AttributeError, TypeError, ValueError, RuntimeError, IndexError, KeyError, ArithmeticError) as exc:
+        # The library's own message, with its exception type: a bare KeyError reads as just "'x'".
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelError(
+            f"transformers cannot build {cls.__name__} from this {NAME} config ({type(exc).__name__}: {first}); "
+            "a config field has a value the library accepts but cannot use"
+        ) from None
     model.config.name_or_path = full["name"]  # the adapter names the captured model after it
     if full["router_bias_std"]:
         # The library initialises the score-correction bias to zeros; random values exercise the path
