@@ -241,7 +241,11 @@ def compile_cmd(
     as_json,
     quiet,
 ):
-    """Compile MODEL (a name from `edgemoe models`) into a bundle folder.
+    """Compile MODEL into a bundle folder.
+
+    MODEL is a name from `edgemoe models`, a .json model config, or a Hugging Face checkpoint
+    folder as save_pretrained writes it (config.json + *.safetensors shards), e.g. an OLMoE or
+    Mixtral folder; its files are checked (index, shards, sizes) before the weights are read.
 
     Captures the model, profiles routing per task on calibration inputs, drops experts a task
     never uses, exports the trunk, per-task gates and heads and one kernel per expert shape,

@@ -23,9 +23,10 @@ from typing import Any
 from ..errors import ModelError
 
 _FAMILIES = ("m3vit", "hf", "moe_lm", "bert_moe")
-# Checkpoint layouts ``load_checkpoint`` reads: edgemoe's own state dicts, and checkpoints saved by
-# the public M³ViT training code (family m3vit; see models/m3vit/checkpoint.py).
-WEIGHT_FORMATS = ("edgemoe", "m3vit")
+# Checkpoint layouts: edgemoe's own state dicts, and checkpoints saved by the public M³ViT training
+# code (family m3vit; see models/m3vit/checkpoint.py), both read by ``load_checkpoint``; and
+# transformers checkpoint folders (family hf; models/hf/checkpoint.py), read by the library itself.
+WEIGHT_FORMATS = ("edgemoe", "m3vit", "hf")
 # Keys of each kind a checkpoint that does not fit names in its error.
 _SHOWN_KEYS = 5
 
@@ -97,6 +98,12 @@ class ModelEntry:
 
     def build_with_notes(self) -> tuple[Any, list[str]]:
         """:meth:`build`, also returning what loading the checkpoint noted (keys ignored, tensors folded)."""
+        if self.weights_format == "hf":
+            if self.family != "hf":
+                raise ModelError(
+                    f"weights format hf (a transformers checkpoint folder) is for hf models, not {self.family}"
+                )
+            return family_module("hf").build(self.config, folder=self.weights), []
         module = family_module(self.family).build(self.config)
         notes = load_checkpoint(module, self.weights, self.weights_format) if self.weights else []
         return module, notes
@@ -243,7 +250,7 @@ def model_entries() -> dict[str, ModelEntry]:
 
 
 def resolve_model(spec: str) -> ModelEntry:
-    """A registry name, or a path to a JSON model config, resolved to what to build.
+    """A registry name, a path to a JSON model config, or a checkpoint folder, resolved to what to build.
 
     Raises:
         ModelError: Unknown name, unreadable file, or unknown config fields.
@@ -252,8 +259,16 @@ def resolve_model(spec: str) -> ModelEntry:
     if spec in entries:
         return entries[spec]
     path = Path(spec)
+    if path.is_dir():
+        from .hf.checkpoint import folder_config
+
+        config = family_module("hf").normalize(folder_config(path))
+        return ModelEntry(config["name"], "hf", f"checkpoint folder {path}", config, str(path.resolve()), "hf")
     if path.suffix != ".json":
-        raise ModelError(f"unknown model '{spec}' (known: {', '.join(sorted(entries))}; or a .json model config)")
+        raise ModelError(
+            f"unknown model '{spec}' (known: {', '.join(sorted(entries))}; or a .json model config, or a "
+            "checkpoint folder written by save_pretrained)"
+        )
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:

@@ -77,6 +77,12 @@ def _model_class(arch: str):
     return getattr(transformers, name)
 
 
+def config_fields(arch: str) -> set[str]:
+    """The fields (and aliases) the transformers config class of ``arch`` takes."""
+    cls = _config_class(arch)
+    return {f.name for f in dataclasses.fields(cls)} | set(getattr(cls, "attribute_map", {}))
+
+
 def normalize(config: dict) -> dict:
     """Validate a config dict and return it with the family's defaults filled in.
 
@@ -90,7 +96,7 @@ def normalize(config: dict) -> dict:
         raise ModelError(f"an {NAME} model config needs 'arch', a transformers model type such as 'mixtral'")
     cls = _config_class(arch)
     hf = {k: v for k, v in config.items() if k not in _FAMILY_KEYS}
-    fields = {f.name for f in dataclasses.fields(cls)} | set(getattr(cls, "attribute_map", {}))
+    fields = config_fields(arch)
     unknown = sorted(set(hf) - fields)
     if unknown:
         raise ModelError(
@@ -139,9 +145,17 @@ def _hf_config(arch: str, kwargs: dict):
     return cfg
 
 
-def build(config: dict):
-    """Build the transformers module (seeded random weights, float32, eval mode) from a config dict."""
+def build(config: dict, folder: str | None = None):
+    """Build the transformers module (float32, eval mode) from a config dict.
+
+    Args:
+        config: The family config.
+        folder: A checkpoint folder (:mod:`.checkpoint`) whose weights the library loads; None:
+            seeded random weights.
+    """
     import torch
+
+    from .checkpoint import load_folder
 
     full = normalize(config)
     arch = full["arch"]
@@ -150,17 +164,23 @@ def build(config: dict):
     cfg = _hf_config(arch, hf)
     torch.manual_seed(full["seed"])
     try:
-        with torch.device("cpu"):
-            model = cls(cfg).to(torch.float32).eval()
-    except (AttributeError, TypeError, ValueError, RuntimeError, IndexError, KeyError, ArithmeticError) as exc:
+        if folder is not None:
+            model = load_folder(cls, cfg, folder)
+        else:
+            with torch.device("cpu"):
+                model = cls(cfg).to(torch.float32).eval()
+    except (AttributeError, TypeError, ValueError, RuntimeError, IndexError, KeyError, ArithmeticError, OSError) as exc:
         # The library's own message, with its exception type: a bare KeyError reads as just "'x'".
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        what = f"load {cls.__name__} from {folder}" if folder else f"build {cls.__name__} from this {NAME} config"
         raise ModelError(
-            f"transformers cannot build {cls.__name__} from this {NAME} config ({type(exc).__name__}: {first}); "
+            f"transformers cannot {what} ({type(exc).__name__}: {first}); "
             "a config field has a value the library accepts but cannot use"
+            if folder is None
+            else f"transformers cannot {what} ({type(exc).__name__}: {first})"
         ) from None
     model.config.name_or_path = full["name"]  # the adapter names the captured model after it
-    if full["router_bias_std"]:
+    if full["router_bias_std"] and folder is None:
         # The library initialises the score-correction bias to zeros; random values exercise the path
         # where the bias changes which experts are chosen (but not their weights).
         gen = torch.Generator().manual_seed(full["seed"] + 1)

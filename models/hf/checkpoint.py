@@ -1,0 +1,118 @@
+"""Checkpoint folders as transformers' ``save_pretrained`` writes them.
+
+A folder holds ``config.json`` (its ``model_type`` picks the arch), the weights as one
+``model.safetensors`` or as shards listed in ``model.safetensors.index.json``, and optionally a
+tokenizer. The folder is checked before the library reads it (config, every listed shard present,
+no shard shorter than its header says), so a broken folder is one line naming the file, not a
+traceback from deep inside ``from_pretrained``. The weights are then loaded by the library's own
+``from_pretrained`` with the config edgemoe built, because the library converts between its saved
+layout and its modules (e.g. Mixtral's per-expert ``w1``/``w2``/``w3`` into stacked tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from ...errors import ModelError
+
+CONFIG = "config.json"
+INDEX = "model.safetensors.index.json"
+# Keys of config.json that record where the config came from, not fields of the config class.
+_PROVENANCE = {"architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype", "model_type"}
+
+
+def folder_config(folder: Path) -> dict:
+    """The hf family config of a checkpoint folder (``arch`` from ``model_type``, named after the folder).
+
+    Raises:
+        ModelError: No or unreadable ``config.json``, no ``model_type``, or broken weight files.
+    """
+    path = folder / CONFIG
+    if not path.is_file():
+        raise ModelError(
+            f"{folder} is not a checkpoint folder: it has no {CONFIG} (save_pretrained writes config.json "
+            "and *.safetensors; a model name or a .json model config is also accepted)"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        raise ModelError(f"{path} has no 'model_type' (the transformers arch, e.g. 'mixtral')")
+    weight_files(folder)
+    from .family import config_fields
+
+    # config.json also holds values a config class derives from its fields (SwitchTransformers'
+    # encoder_sparse_step); the class recomputes them, and only its fields go into the config.
+    known = config_fields(raw["model_type"])
+    fields = {k: v for k, v in raw.items() if k not in _PROVENANCE and k in known}
+    return {"arch": raw["model_type"], "name": folder.resolve().name, **fields}
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The folder's safetensors files, each checked against its own header.
+
+    Raises:
+        ModelError: No safetensors file, a shard listed in the index but missing, or a file that is
+            not safetensors or is shorter than its header says (an interrupted download or copy).
+    """
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelError(f"cannot read {index}: {type(exc).__name__}: {exc}") from None
+        files = [folder / name for name in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelError(
+                f"{folder}: {len(missing)} shard(s) listed in {INDEX} are missing: {', '.join(missing[:5])}"
+            )
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            bins = sorted(p.name for p in folder.glob("*.bin"))
+            extra = f" ({', '.join(bins[:3])} are pickle files, which edgemoe does not unpickle)" if bins else ""
+            raise ModelError(f"{folder}: no *.safetensors weights{extra}")
+    for f in files:
+        _check_safetensors(f)
+    return files
+
+
+def _check_safetensors(path: Path) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header, then exactly the tensors' bytes."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if 8 + n > size:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(fh.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ModelError(f"{path} is not a safetensors file ({type(exc).__name__}: {exc})") from None
+    if 8 + n + end != size:
+        what = "truncated" if 8 + n + end > size else "longer than its header says"
+        raise ModelError(
+            f"{path} is {what}: its header places {end} bytes of tensors after {8 + n} header bytes, the file "
+            f"has {size} bytes (copy or download it again)"
+        )
+
+
+def load_folder(cls, cfg, folder: str):
+    """The library's model of ``cls`` with config ``cfg`` and the folder's weights, float32, eval mode.
+
+    Raises:
+        ModelError: The folder or its weight files are broken (checked before the library reads them).
+    """
+    import torch
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise ModelError(f"checkpoint folder not found: {path}")
+    weight_files(path)
+    model = cls.from_pretrained(str(path), config=cfg, dtype=torch.float32, local_files_only=True)
+    return model.eval()

@@ -1,0 +1,96 @@
+"""Hugging Face checkpoint folders (save_pretrained output) compiled directly, and broken folders refused."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import read_manifest
+
+from edgemoe.frontends.hf import HFAdapter
+from edgemoe.models import resolve_model
+from edgemoe.runtime import Session
+
+ARCHS = ["hf-mixtral-micro", "hf-qwen2-moe-micro", "hf-olmoe-micro", "hf-switch-micro", "hf-deepseek-v3-micro"]
+
+
+def _save(name: str, folder, dtype=torch.float32, shard="60KB"):
+    model = resolve_model(name).build().to(dtype)
+    model.save_pretrained(folder, max_shard_size=shard)
+    return folder
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_a_saved_folder_compiles_to_the_named_models_bundle(name, bundle_factory, tmp_path):
+    folder = _save(name, tmp_path / name)
+    assert (folder / "model.safetensors.index.json").is_file()  # sharded, read through the index
+    bundle = bundle_factory(str(folder))
+    source = read_manifest(bundle)["model"]["source"]
+    named = read_manifest(bundle_factory(name))["model"]["source"]
+    assert source["weights_format"] == "hf" and source["weights"] == str(folder.resolve())
+    # The same weights as the model built in code (the library converts its saved expert layout back).
+    assert source["state_sha256"] == named["state_sha256"]
+    ad = HFAdapter(resolve_model(name).build())
+    task = ad.ir.task_names[0]
+    x = np.random.default_rng(0).integers(0, ad.ir.input.high, (2, 7))
+    assert np.abs(Session(bundle, task).run(x) - ad.reference(x, task)).max() <= 1e-4
+
+
+def test_a_bf16_folder_loads_as_float32_and_verifies(run_cli, tmp_path):
+    folder = _save("hf-olmoe-micro", tmp_path / "bf16", dtype=torch.bfloat16)
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    model = resolve_model(str(folder)).build()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    ref = resolve_model("hf-olmoe-micro").build()
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b.to(torch.bfloat16).float()), k  # bf16 values exactly, widened
+    out = tmp_path / "out"
+    assert run_cli("compile", folder, "-o", out, "-q").exit_code == 0
+    result = run_cli("verify", out, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["passed"]
+
+
+def _broken(tmp_path, how: str):
+    folder = _save("hf-mixtral-micro", tmp_path / how)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = folder / sorted(set(index["weight_map"].values()))[1]
+    if how == "no-config":
+        (folder / "config.json").unlink()
+    elif how == "missing-shard":
+        shard.unlink()
+    elif how == "truncated-shard":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif how == "not-safetensors":
+        shard.write_bytes(b"\x00" * 4)
+    elif how == "unsupported-arch":
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "granitemoe"}))
+    elif how == "pickle-only":
+        for f in folder.glob("*.safetensors*"):
+            f.unlink()
+        (folder / "pytorch_model.bin").write_bytes(b"not read")
+    return folder
+
+
+BROKEN = {
+    "no-config": r"is not a checkpoint folder: it has no config\.json",
+    "missing-shard": r"1 shard\(s\) listed in model\.safetensors\.index\.json are missing: model-00002-of-",
+    "truncated-shard": r"model-00002-of-\d+\.safetensors is truncated: .* the file has \d+ bytes",
+    "not-safetensors": r"model-00002-of-\d+\.safetensors is not a safetensors file",
+    "unsupported-arch": r"granitemoe",
+    "pickle-only": r"no \*\.safetensors weights \(pytorch_model\.bin are pickle files",
+}
+
+
+@pytest.mark.parametrize("how", BROKEN)
+def test_a_broken_folder_is_one_line_exit_3_and_nothing_written(run_cli, tmp_path, how):
+    folder = _broken(tmp_path, how)
+    out = tmp_path / "out"
+    result = run_cli("compile", folder, "-o", out)
+    assert result.exit_code == 3, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "internal error" not in result.stderr, result.stderr
+    import re
+
+    assert re.search(BROKEN[how], errors[0]), errors[0]
+    assert not out.exists()
