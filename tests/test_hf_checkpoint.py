@@ -11,7 +11,14 @@ from edgemoe.frontends.hf import HFAdapter
 from edgemoe.models import resolve_model
 from edgemoe.runtime import Session
 
-ARCHS = ["hf-mixtral-micro", "hf-qwen2-moe-micro", "hf-olmoe-micro", "hf-switch-micro", "hf-deepseek-v3-micro"]
+ARCHS = [
+    "hf-mixtral-micro",
+    "hf-qwen2-moe-micro",
+    "hf-olmoe-micro",
+    "hf-switch-micro",
+    "hf-deepseek-v2-micro",
+    "hf-deepseek-v3-micro",
+]
 
 
 def _save(name: str, folder, dtype=torch.float32, shard="60KB"):
