@@ -9,16 +9,10 @@ from helpers import read_manifest
 
 from edgemoe.frontends.hf import HFAdapter
 from edgemoe.models import resolve_model
+from edgemoe.models.hf.configs import CONFIGS
 from edgemoe.runtime import Session
 
-ARCHS = [
-    "hf-mixtral-micro",
-    "hf-qwen2-moe-micro",
-    "hf-olmoe-micro",
-    "hf-switch-micro",
-    "hf-deepseek-v2-micro",
-    "hf-deepseek-v3-micro",
-]
+ARCHS = sorted(CONFIGS)  # every named hf model: one per supported arch
 
 
 def _save(name: str, folder, dtype=torch.float32, shard="60KB"):
@@ -71,7 +65,7 @@ def _broken(tmp_path, how: str):
         shard.write_bytes(b"\x00" * 4)
     elif how == "unsupported-arch":
         cfg = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "granitemoe"}))
+        (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "llama4_text"}))
     elif how == "pickle-only":
         for f in folder.glob("*.safetensors*"):
             f.unlink()
@@ -84,7 +78,7 @@ BROKEN = {
     "missing-shard": r"1 shard\(s\) listed in model\.safetensors\.index\.json are missing: model-00002-of-",
     "truncated-shard": r"model-00002-of-\d+\.safetensors is truncated: .* the file has \d+ bytes",
     "not-safetensors": r"model-00002-of-\d+\.safetensors is not a safetensors file",
-    "unsupported-arch": r"granitemoe",
+    "unsupported-arch": r"model_type 'llama4_text' is not supported: Llama-4 multiplies each expert's input",
     "pickle-only": r"no \*\.safetensors weights \(pytorch_model\.bin are pickle files",
 }
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
+import torch
 from helpers import read_manifest
 
 import edgemoe
@@ -22,8 +23,23 @@ ARCHS = [
     "hf-switch-micro",
     "hf-deepseek-v2-micro",
     "hf-deepseek-v3-micro",
+    "hf-qwen3-moe-micro",
+    "hf-glm4-moe-micro",
+    "hf-ernie4-5-moe-micro",
+    "hf-phimoe-micro",
+    "hf-granitemoe-micro",
+    "hf-granitemoeshared-micro",
+    "hf-gpt-oss-micro",
+    "hf-dbrx-micro",
 ]
-SHARED = ["hf-qwen2-moe-micro", "hf-deepseek-v2-micro", "hf-deepseek-v3-micro"]
+SHARED = [
+    "hf-qwen2-moe-micro",
+    "hf-deepseek-v2-micro",
+    "hf-deepseek-v3-micro",
+    "hf-glm4-moe-micro",
+    "hf-ernie4-5-moe-micro",
+    "hf-granitemoeshared-micro",
+]
 
 
 def adapter(name: str) -> HFAdapter:
@@ -63,6 +79,14 @@ def test_task_and_layer_layout():
         "hf-switch-micro": ("encoder", [1, 3]),  # sparse every 2nd block
         "hf-deepseek-v2-micro": ("lm", [1, 2]),  # first_k_dense_replace = 1
         "hf-deepseek-v3-micro": ("lm", [1, 2]),
+        "hf-qwen3-moe-micro": ("lm", [0, 2]),  # layer 1 is in mlp_only_layers
+        "hf-glm4-moe-micro": ("lm", [1, 2]),  # first_k_dense_replace = 1
+        "hf-ernie4-5-moe-micro": ("lm", [1, 2]),  # moe_layer_start_index = 1
+        "hf-phimoe-micro": ("lm", [0, 1, 2]),
+        "hf-granitemoe-micro": ("lm", [0, 1, 2]),
+        "hf-granitemoeshared-micro": ("lm", [0, 1, 2]),
+        "hf-gpt-oss-micro": ("lm", [0, 1, 2]),
+        "hf-dbrx-micro": ("lm", [0, 1, 2]),
     }
     for name, (task, blocks) in expect.items():
         ir = adapter(name).ir
@@ -88,7 +112,7 @@ def test_shared_experts_are_resident_and_weighted(name, bundle_factory):
     assert experts.dtype == np.int64 and experts.shape[:2] == scores.shape[:2] == shared.shape[:2] == (2, 6)
     if name == "hf-qwen2-moe-micro":  # sigmoid(shared_expert_gate(x)) per token
         assert shared.shape[-1] == 1 and 0 < shared.min() < shared.max() < 1
-    else:  # DeepSeek adds its shared experts unweighted
+    else:  # DeepSeek, GLM-4, ERNIE-4.5 and Granite add their shared experts unweighted
         assert np.array_equal(shared, np.ones_like(shared))
 
 
@@ -139,6 +163,79 @@ def test_mixtral_sliding_window_is_reproduced(bundle_factory):
     assert np.abs(got - windowed).max() <= 1e-4
 
 
+def _no_multipliers(model):
+    model.model.embedding_multiplier = 1.0
+    for layer in model.model.layers:
+        layer.residual_multiplier = 1.0
+        layer.self_attn.scaling = layer.self_attn.head_dim**-0.5
+    model.config.logits_scaling = 1.0
+
+
+def _no_window(model):
+    model.config.sliding_window = None
+
+
+def _no_qkv_clip(model):
+    for block in model.transformer.blocks:
+        block.norm_attn_norm.attn.clip_qkv = 1e9
+
+
+def _no_choice_bias(model):
+    for m in model.modules():
+        if isinstance(getattr(m, "e_score_correction_bias", None), torch.Tensor):
+            m.e_score_correction_bias.zero_()
+
+
+def _no_clamp_or_sinks(model):
+    for layer in model.model.layers:
+        layer.mlp.experts.limit = 1e9
+        layer.self_attn.sinks.fill_(-1e4)
+
+
+# What each arch adds to the blocks the others share, and how to switch it off: with it off, the
+# library's output or routing changes, so the bundle's match with the library covers it.
+ARCH_FEATURES = [
+    ("hf-granitemoe-micro", _no_multipliers, "output"),
+    ("hf-granitemoeshared-micro", _no_multipliers, "output"),
+    ("hf-phimoe-micro", _no_window, "output"),
+    ("hf-gpt-oss-micro", _no_clamp_or_sinks, "output"),
+    ("hf-dbrx-micro", _no_qkv_clip, "output"),
+    ("hf-glm4-moe-micro", _no_choice_bias, "routing"),
+    ("hf-ernie4-5-moe-micro", _no_choice_bias, "routing"),
+]
+
+
+@pytest.mark.parametrize(("name", "switch_off", "changes"), ARCH_FEATURES, ids=[f[0] for f in ARCH_FEATURES])
+@torch.no_grad()
+def test_arch_features_change_the_library_output_and_reach_the_bundle(name, switch_off, changes, bundle_factory):
+    ad = adapter(name)
+    x = ids(ad, 2, 16, seed=7)
+    ref, routes = ad.reference(x, "lm"), ad.route(x, "lm")
+    session = Session(bundle_factory(name))
+    assert np.abs(session.run(x) - ref).max() <= 1e-4
+    for li, (experts, _) in enumerate(routes):
+        assert np.array_equal(np.sort(experts, axis=-1), session.last_routing[li])
+    switch_off(ad.model)
+    if changes == "output":
+        assert np.abs(ad.reference(x, "lm") - ref).max() > 1e-3
+    else:
+        assert any(
+            not np.array_equal(np.sort(a[0], -1), np.sort(b[0], -1))
+            for a, b in zip(routes, ad.route(x, "lm"), strict=True)
+        )
+
+
+def test_glm4_routing_is_group_limited(bundle_factory):
+    ad = adapter("hf-glm4-moe-micro")
+    x = ids(ad, 2, 16)
+    session = Session(bundle_factory("hf-glm4-moe-micro"))
+    session.run(x)
+    for routing in session.last_routing:  # 2 groups of 4 experts, topk_group 1: one group per token
+        assert np.all(routing[:, 0] // 4 == routing[:, 1] // 4)
+    # Renormalised, then scaled by routed_scaling_factor 1.5.
+    np.testing.assert_allclose(ad.route(x, "lm")[0][1].sum(-1), 1.5, rtol=1e-5)
+
+
 def test_verify_passes(run_cli, bundle_factory):
     result = run_cli("verify", bundle_factory("hf-qwen2-moe-micro"), "--json")
     assert result.exit_code == 0, result.output
@@ -162,10 +259,13 @@ def _build(arch: str, **kw):
 def test_unsupported_classes_raise_model_error():
     with pytest.raises(ModelError, match=r"LlamaForCausalLM .*'llama'.* not a mixture-of-experts model"):
         HFAdapter(_build("llama", intermediate_size=16))
-    with pytest.raises(ModelError, match=r"GraniteMoeForCausalLM .*'granitemoe'.* no spec .*supported: mixtral"):
-        HFAdapter(_build("granitemoe", intermediate_size=16, num_local_experts=4))
-    with pytest.raises(ModelError, match=r"JambaForCausalLM .*no spec"):
+    with pytest.raises(ModelError, match=r"MiniMaxForCausalLM .*'minimax'.* no spec .*supported: mixtral"):
+        HFAdapter(_build("minimax", intermediate_size=16, num_local_experts=4))
+    with pytest.raises(ModelError, match=r"JambaForCausalLM .*not supported: Jamba interleaves Mamba"):
         HFAdapter(_build("jamba", intermediate_size=16, num_experts=4))
+    llama4 = _build("llama4_text", intermediate_size=16, intermediate_size_mlp=16, num_local_experts=4, head_dim=8)
+    with pytest.raises(ModelError, match=r"Llama4ForCausalLM .*not supported: Llama-4 multiplies each expert's input"):
+        HFAdapter(llama4)
     with pytest.raises(ModelError, match=r"has no MoE layer \(no Qwen2MoeSparseMoeBlock"):
         HFAdapter(_build("qwen2_moe", num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0, 1]))
 
@@ -196,23 +296,24 @@ def test_bad_hf_configs_raise_model_error(run_cli, tmp_path):
             }
         )
     # From the CLI: an MoE arch without a spec is a model error (exit code 3) naming the arch.
-    path = tmp_path / "granite.json"
+    path = tmp_path / "minimax.json"
     path.write_text(
         json.dumps(
             {
                 "family": "hf",
-                "arch": "granitemoe",
+                "arch": "minimax",
                 "vocab_size": 64,
                 "hidden_size": 16,
                 "intermediate_size": 16,
                 "num_hidden_layers": 1,
                 "num_attention_heads": 2,
+                "num_key_value_heads": 2,
             }
         )
     )
     result = run_cli("compile", path, "-o", tmp_path / "out")
-    assert result.exit_code == 3
-    assert "granitemoe" in result.stderr and "no spec" in result.stderr
+    assert result.exit_code == 3, result.output
+    assert "minimax" in result.stderr and "no spec" in result.stderr
     assert not (tmp_path / "out").exists()
 
 

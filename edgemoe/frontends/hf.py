@@ -1,7 +1,8 @@
 """Adapter for Mixture-of-Experts classes from Hugging Face ``transformers`` (family ``hf``).
 
-Captures Mixtral, Qwen2-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3 (causal LMs, task ``lm``: logits)
-and the SwitchTransformers encoder (task ``encoder``: last hidden state); where each class keeps
+Captures Mixtral, Qwen2-MoE, OLMoE, DeepSeek-V2/V3, Qwen3-MoE, GLM-4-MoE, ERNIE-4.5-MoE, PhiMoE,
+GraniteMoe(Shared), GPT-OSS and DBRX (causal LMs, task ``lm``: logits) and the SwitchTransformers
+encoder (task ``encoder``: last hidden state); where each class keeps
 its parts is in :mod:`edgemoe.frontends.hf_archs`. Routing is per token, so the model has one
 router per MoE layer shared by its one task.
 
@@ -42,11 +43,14 @@ from . import partitions
 from .base import GraphPartition, ModelAdapter
 from .hf_archs import (
     ARCHS,
+    UNSUPPORTED_ARCH_REASON,
     UNSUPPORTED_CLASS_REASON,
     ArchSpec,
+    ClampedSwiGLUKernel,
     attr,
     complex_rope_cos_sin,
     config_problems,
+    interleaved_rope_attention,
     mla_attention_real_rope,
     pick_experts,
 )
@@ -82,16 +86,29 @@ class _DecoderSegment(nn.Module):
         self.layers = nn.ModuleList(adapter.layers)
         self.windows = adapter.windows
         self.start, self.stop, self.first, self.last = start, stop, first, last
+        cfg = adapter.config
+        self.embed_scale = getattr(cfg, spec.embed_scale) if spec.embed_scale else None
+        self.residual_scale = getattr(cfg, spec.residual_scale) if spec.residual_scale else None
+
+    def _join(self, h: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """Residual + branch, the branch scaled first where the arch scales it (Granite)."""
+        return h + (branch if self.residual_scale is None else branch * self.residual_scale)
 
     def _attend(self, layer: nn.Module, x: torch.Tensor, pos_emb, mask: torch.Tensor) -> torch.Tensor:
         attn = attr(layer, self.spec.attn)
         if self.spec.rope == "complex":
             return mla_attention_real_rope(attn, x, pos_emb, mask)
+        if self.spec.rope == "interleaved":
+            return interleaved_rope_attention(attn, x, pos_emb, mask)
         return attn(hidden_states=x, position_embeddings=pos_emb, attention_mask=mask)[0]
 
     def forward(self, *args: torch.Tensor):
         spec = self.spec
-        h = attr(self.backbone, spec.embed)(args[0]) if self.first else args[0] + args[1]
+        if self.first:
+            h = attr(self.backbone, spec.embed)(args[0])
+            h = h if self.embed_scale is None else h * self.embed_scale
+        else:
+            h = self._join(args[0], args[1])  # the previous MoE layer's output joins the residual
         pos = torch.arange(h.shape[1], device=h.device)
         position_ids = pos[None]
         rotary = attr(self.backbone, spec.rotary)
@@ -102,10 +119,10 @@ class _DecoderSegment(nn.Module):
             window = self.windows[i]
             if window not in masks:
                 masks[window] = _causal_mask(pos, window, h.dtype)
-            h = h + self._attend(layer, attr(layer, spec.attn_norm)(h), pos_emb, masks[window])
+            h = self._join(h, self._attend(layer, attr(layer, spec.attn_norm)(h), pos_emb, masks[window]))
             if i == self.stop:  # the MoE layer: its MLP input leaves the segment
                 return h, attr(layer, spec.mlp_norm)(h)
-            h = h + attr(layer, spec.mlp)(attr(layer, spec.mlp_norm)(h))
+            h = self._join(h, attr(layer, spec.mlp)(attr(layer, spec.mlp_norm)(h)))
         return h
 
 
@@ -140,15 +157,21 @@ class _T5EncoderSegment(nn.Module):
 
 
 class _Head(nn.Module):
-    """Final norm, then the LM head (or nothing: the task is the normalised hidden state)."""
+    """Final norm, then the LM head (or nothing: the task is the normalised hidden state).
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Module | None):
+    ``logits_scale`` divides the logits where the arch does (Granite's ``logits_scaling``).
+    """
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Module | None, logits_scale: float | None = None):
         super().__init__()
-        self.norm, self.lm_head = norm, lm_head
+        self.norm, self.lm_head, self.logits_scale = norm, lm_head, logits_scale
 
     def forward(self, h: torch.Tensor):
         h = self.norm(h)
-        return h if self.lm_head is None else self.lm_head(h)
+        if self.lm_head is None:
+            return h
+        logits = self.lm_head(h)
+        return logits if self.logits_scale is None else logits / self.logits_scale
 
 
 class _Gate(nn.Module):
@@ -158,23 +181,27 @@ class _Gate(nn.Module):
     list the same choice in different orders, and slot order does not change the MoE output.
     """
 
-    def __init__(self, spec: ArchSpec, block: nn.Module, shared: bool):
+    def __init__(self, spec: ArchSpec, layer: nn.Module, shared: bool):
         super().__init__()
         self.spec = spec
-        self.router = attr(block, spec.router)
+        self.block = attr(layer, spec.mlp)
+        self.router = attr(self.block, spec.router)
         # A width-0 shared expert (``shared_expert_intermediate_size: 0``) is no shared expert.
         self.shared = shared
-        self.shared_gate = attr(block, spec.shared_gate) if shared and spec.shared_gate else None
+        self.shared_gate = attr(layer, spec.shared_gate) if shared and spec.shared_gate else None
 
     def forward(self, h: torch.Tensor):
         b, s = h.shape[0], h.shape[1]
-        experts, scores = pick_experts(self.spec.pick, self.router(h))
+        # The library's MoE blocks hand their top-k routers (tokens, d): some normalise over dim 1
+        # (ERNIE-4.5), which on (batch, seq, d) would be the sequence. Switch's router takes 3-D input.
+        flat = h.reshape(-1, h.shape[-1])
+        out = self.router(h if self.spec.pick == "switch_top1" else flat)
+        experts, scores = pick_experts(self.spec.pick, out, self.block)
         experts, order = torch.sort(experts, dim=-1)
         scores = scores.gather(-1, order)
         out = (experts.reshape(b, s, -1), scores.reshape(b, s, -1))
         if not self.shared:
             return out
-        flat = h.reshape(-1, h.shape[-1])
         weight = torch.ones_like(flat[:, :1]) if self.shared_gate is None else torch.sigmoid(self.shared_gate(flat))
         return (*out, weight.reshape(b, s, -1))
 
@@ -204,11 +231,14 @@ def _spec_for(model) -> ArchSpec:
     spec = ARCHS.get(model_type)
     if spec is None:
         has_experts = any(name.endswith("experts") for name, _ in model.named_modules())
-        what = (
-            "a mixture-of-experts arch the hf adapter has no spec for (where its layers, router and experts live)"
-            if has_experts
-            else "not a mixture-of-experts model (no experts in any layer)"
-        )
+        if model_type in UNSUPPORTED_ARCH_REASON:
+            what = f"not supported: {UNSUPPORTED_ARCH_REASON[model_type]}"
+        elif has_experts:
+            what = (
+                "a mixture-of-experts arch the hf adapter has no spec for (where its layers, router and experts live)"
+            )
+        else:
+            what = "not a mixture-of-experts model (no experts in any layer)"
         raise ModelError(f"transformers {cls} (model_type '{model_type}') is {what}; supported: {supported}")
     if cls != spec.model_class:
         reason = UNSUPPORTED_CLASS_REASON.get(model_type, "other heads are not supported")
@@ -289,7 +319,7 @@ class HFAdapter(ModelAdapter):
     def _expert_spec(self, li: int) -> ExpertSpec:
         spec, block = self.spec, self._block(li)
         experts = attr(block, spec.experts)
-        act = str(getattr(self.config, spec.activation))
+        act = str(getattr(self.config, spec.activation, None))  # glu_rows: read from its experts
         if spec.expert_layout == "stacked_swiglu":
             flags = {
                 "is_transposed": False,
@@ -309,6 +339,23 @@ class HFAdapter(ModelAdapter):
             i = two_i // 2
             params = (ParamSpec("w_gate", (d, i)), ParamSpec("w_up", (d, i)), ParamSpec("w_down", (i, d)))
             return ExpertSpec(d_model=d, hidden=i, activation=act, params=params)
+        if spec.expert_layout == "glu_rows":
+            d, i = experts.hidden_size, experts.ffn_hidden_size
+            params = (ParamSpec("w_gate", (d, i)), ParamSpec("w_up", (d, i)), ParamSpec("w_down", (i, d)))
+            name = self.config.ffn_config.ffn_act_fn.get("name", "silu")
+            return ExpertSpec(d_model=d, hidden=i, activation=str(name), params=params)
+        if spec.expert_layout == "clamped_swiglu":
+            e, d, two_i = experts.gate_up_proj.shape
+            i = two_i // 2
+            params = (
+                ParamSpec("w_gate", (d, i)),
+                ParamSpec("b_gate", (i,)),
+                ParamSpec("w_up", (d, i)),
+                ParamSpec("b_up", (i,)),
+                ParamSpec("w_down", (i, d)),
+                ParamSpec("b_down", (d,)),
+            )
+            return ExpertSpec(d_model=d, hidden=i, activation="clamped_swiglu", params=params)
         first = experts["expert_0"]
         if first.wi.bias is not None or first.wo.bias is not None:
             raise ModelError(f"{type(first).__name__} of MoE layer {li}: experts with biases are not supported")
@@ -316,13 +363,18 @@ class HFAdapter(ModelAdapter):
         params = (ParamSpec("w_in", (d, f)), ParamSpec("w_out", (f, d)))
         return ExpertSpec(d_model=d, hidden=f, activation=act, params=params)
 
+    def _shared_linears(self, mlp: nn.Module) -> tuple[nn.Linear, ...]:
+        if self.spec.shared_layout == "concat_in_out":
+            return mlp.input_linear, mlp.output_linear
+        return mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
     def _shared_mlp(self, li: int) -> nn.Module | None:
         if self.spec.shared is None:
             return None
-        mlp = attr(self._block(li), self.spec.shared)
-        if mlp.gate_proj.out_features == 0:
+        mlp = attr(self.layers[self.moe_blocks[li]], self.spec.shared)
+        if mlp is None or self._shared_linears(mlp)[0].out_features == 0:
             return None
-        if any(p.bias is not None for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+        if any(p.bias is not None for p in self._shared_linears(mlp)):
             raise ModelError(f"shared expert of MoE layer {li}: biases are not supported")
         return mlp
 
@@ -330,7 +382,9 @@ class HFAdapter(ModelAdapter):
         mlp = self._shared_mlp(li)
         if mlp is None:
             return None
-        d, i = mlp.gate_proj.in_features, mlp.gate_proj.out_features
+        first = self._shared_linears(mlp)[0]
+        d = first.in_features
+        i = first.out_features // (2 if self.spec.shared_layout == "concat_in_out" else 1)
         params = (ParamSpec("w_gate", (d, i)), ParamSpec("w_up", (d, i)), ParamSpec("w_down", (i, d)))
         return ExpertSpec(d_model=d, hidden=i, activation=str(self.config.hidden_act), params=params)
 
@@ -346,17 +400,20 @@ class HFAdapter(ModelAdapter):
         normalize = spec.normalize if isinstance(spec.normalize, bool) else bool(getattr(cfg, spec.normalize))
         layers = []
         for li, block_index in enumerate(self.moe_blocks):
-            router = attr(self._block(li), spec.router)
-            top_k = getattr(router, "top_k", 1)
+            block = self._block(li)
+            router = attr(block, spec.router)
+            # DBRX keeps the expert count on its experts and k on the block; the others on the router.
+            top_k = getattr(router, "top_k", getattr(block, "top_k", 1))
+            num_experts = getattr(router, "num_experts", None) or attr(block, spec.experts).num_experts
             shared = self._shared_spec(li)
             layers.append(
                 MoELayerSpec(
                     index=li,
                     block=block_index,
-                    num_experts=router.num_experts,
+                    num_experts=num_experts,
                     top_k=top_k,
                     expert=self._expert_spec(li),
-                    routers=(RouterSpec(None, router.num_experts, top_k, score=spec.score, normalize=normalize),),
+                    routers=(RouterSpec(None, num_experts, top_k, score=spec.score, normalize=normalize),),
                     shared_experts=0 if shared is None else 1,
                     shared_expert=shared,
                 )
@@ -411,7 +468,7 @@ class HFAdapter(ModelAdapter):
         routers = [attr(self._block(li), self.spec.router) for li in range(len(self.moe_blocks))]
         ids = self._ids(x)
         return partitions.record_routes(
-            routers, lambda: self.model(input_ids=ids), lambda out: pick_experts(self.spec.pick, out)
+            routers, lambda: self.model(input_ids=ids), lambda out: pick_experts(self.spec.pick, out, self._block(0))
         )
 
     # -- partitions ----------------------------------------------------------------------
@@ -424,7 +481,7 @@ class HFAdapter(ModelAdapter):
     def gate(self, layer: int, task: str, keep: tuple[int, ...]) -> GraphPartition:
         self.task_index(task)
         self._check_keep({layer: keep})
-        module = _Gate(self.spec, self._block(layer), self._shared_mlp(layer) is not None)
+        module = _Gate(self.spec, self.layers[self.moe_blocks[layer]], self._shared_mlp(layer) is not None)
         shared = bool(self._ir.moe_layers[layer].shared_experts)
         return partitions.gate_partition(
             task, layer, module, self._ir.segments[layer].outputs[1], TRACING, shared=shared
@@ -433,7 +490,8 @@ class HFAdapter(ModelAdapter):
     def head(self, task: str) -> GraphPartition:
         self.task_index(task)
         lm_head = attr(self.model, self.spec.lm_head) if self.spec.lm_head else None
-        module = _Head(attr(self.backbone, self.spec.final_norm), lm_head)
+        scale = getattr(self.config, self.spec.logits_scale) if self.spec.logits_scale else None
+        module = _Head(attr(self.backbone, self.spec.final_norm), lm_head, scale)
         return partitions.head_partition(task, module, self._ir.segments[-1].outputs[0], TRACING)
 
     def expert_kernel(self, layer: int) -> GraphPartition:
@@ -441,6 +499,10 @@ class HFAdapter(ModelAdapter):
         experts = attr(self._block(layer), self.spec.experts)
         if self.spec.expert_layout == "stacked_swiglu":
             module: nn.Module = partitions.SwiGLUKernel(experts.act_fn)
+        elif self.spec.expert_layout == "clamped_swiglu":
+            module = ClampedSwiGLUKernel(experts.alpha, experts.limit)
+        elif self.spec.expert_layout == "glu_rows":
+            module = partitions.SwiGLUKernel(experts.mlp.activation_fn)
         else:
             module = _DenseActDenseKernel(experts["expert_0"].act)
         name = f"expert_kernel_{self.spec.expert_layout}_{spec.activation}_{spec.d_model}x{spec.hidden}"
@@ -456,6 +518,23 @@ class HFAdapter(ModelAdapter):
                 "w_up": partitions.float32_array(gate_up[hidden:].T),
                 "w_down": partitions.float32_array(experts.down_proj[expert].T),
             }
+        if self.spec.expert_layout == "glu_rows":
+            rows = slice(expert * experts.ffn_hidden_size, (expert + 1) * experts.ffn_hidden_size)
+            return {
+                "w_gate": partitions.float32_array(experts.mlp.w1[rows].T),
+                "w_up": partitions.float32_array(experts.mlp.v1[rows].T),
+                "w_down": partitions.float32_array(experts.mlp.w2[rows]),
+            }
+        if self.spec.expert_layout == "clamped_swiglu":
+            w, b = experts.gate_up_proj[expert], experts.gate_up_proj_bias[expert]  # (D, 2I), (2I,): interleaved
+            return {
+                "w_gate": partitions.float32_array(w[:, ::2]),
+                "b_gate": partitions.float32_array(b[::2]),
+                "w_up": partitions.float32_array(w[:, 1::2]),
+                "b_up": partitions.float32_array(b[1::2]),
+                "w_down": partitions.float32_array(experts.down_proj[expert]),
+                "b_down": partitions.float32_array(experts.down_proj_bias[expert]),
+            }
         e = experts[f"expert_{expert}"]
         return {"w_in": partitions.float32_array(e.wi.weight.T), "w_out": partitions.float32_array(e.wo.weight.T)}
 
@@ -465,12 +544,21 @@ class HFAdapter(ModelAdapter):
         if spec is None or mlp is None:
             return None
         name = f"expert_kernel_stacked_swiglu_{spec.activation}_{spec.d_model}x{spec.hidden}"
-        return partitions.kernel_partition(name, partitions.SwiGLUKernel(mlp.act_fn), spec, layer)
+        act = mlp.activation if self.spec.shared_layout == "concat_in_out" else mlp.act_fn
+        return partitions.kernel_partition(name, partitions.SwiGLUKernel(act), spec, layer)
 
     def shared_expert_weights(self, layer: int, index: int) -> dict[str, np.ndarray]:
         mlp = self._shared_mlp(layer)
         if mlp is None or index != 0:
             raise ModelError(f"MoE layer {layer} has no shared expert {index}")
+        if self.spec.shared_layout == "concat_in_out":
+            hidden = self._ir.moe_layers[layer].shared_expert.hidden
+            w_in = mlp.input_linear.weight  # (2I, D): gate rows, then up rows (chunk(2) of the output)
+            return {
+                "w_gate": partitions.float32_array(w_in[:hidden].T),
+                "w_up": partitions.float32_array(w_in[hidden:].T),
+                "w_down": partitions.float32_array(mlp.output_linear.weight.T),
+            }
         return {
             "w_gate": partitions.float32_array(mlp.gate_proj.weight.T),
             "w_up": partitions.float32_array(mlp.up_proj.weight.T),

@@ -45,22 +45,37 @@ class ArchSpec:
         router: Router module under the MoE block.
         experts: Experts under the MoE block.
         expert_layout: ``stacked_swiglu`` (``gate_up_proj`` (E, 2I, D) and ``down_proj`` (E, D, I),
-            ``act(x W_g) * (x W_u)`` then down) or ``dense_act_dense`` (one ``wi``/``wo`` module per
-            expert, ``act(x W_i) W_o``).
-        activation: Config attribute naming the experts' activation.
+            ``act(x W_g) * (x W_u)`` then down), ``dense_act_dense`` (one ``wi``/``wo`` module per
+            expert, ``act(x W_i) W_o``), ``glu_rows`` (DBRX: ``mlp.w1``, ``mlp.v1``, ``mlp.w2`` each
+            (E * I, D), gate, up and down of expert e in rows ``e*I..(e+1)*I``) or ``clamped_swiglu``
+            (GPT-OSS: ``gate_up_proj`` (E, D, 2I) with gate and up columns interleaved, biases,
+            clamped inputs, ``(up + 1) * g * sigmoid(a g)``; see :class:`ClampedSwiGLUKernel`).
+        activation: Config attribute naming the experts' activation (``glu_rows``: read from the
+            experts' module).
         pick: How the router's outputs become (experts, scores): ``topk`` (the router returns
-            logits, top-k weights, top-k indices) or ``switch_top1`` (one-hot dispatch mask with
+            logits, top-k weights, top-k indices), ``block_topk`` (the router returns logits and the
+            MoE block's ``route_tokens_to_experts`` picks, as DBRX) or ``switch_top1`` (one-hot dispatch mask with
             capacity overflow zeroed, top-1 probability, logits).
         score: Score function, for the manifest.
         normalize: Whether the top-k scores are renormalised: a bool, or the config attribute that says.
-        shared: Shared-expert MLP under the MoE block (None: no shared experts).
-        shared_gate: Linear gate of the shared expert under the MoE block; its sigmoid weighs the
-            shared expert per token (None: weight 1).
-        rope: ``library`` (the rotary module returns ``(cos, sin)``, attention is the library's) or
+        shared: Shared-expert MLP under a layer (None: no shared experts; a layer where the path
+            leads to None, or to an MLP of width 0, has none).
+        shared_layout: ``gate_up_down`` (``gate_proj``, ``up_proj``, ``down_proj``) or ``concat_in_out``
+            (``input_linear`` (2I, D), gate rows then up rows, and ``output_linear``).
+        shared_gate: Linear gate of the shared expert under a layer; its sigmoid weighs the shared
+            expert per token (None: weight 1).
+        rope: ``library`` (the rotary module returns ``(cos, sin)``, attention is the library's),
             ``complex`` (DeepSeek-V2: complex rotary, rewritten in real arithmetic, see
-            :func:`mla_attention_real_rope`).
+            :func:`mla_attention_real_rope`) or ``interleaved`` (ERNIE-4.5: rotary on interleaved
+            pairs, rewritten without ``repeat_interleave``, see :func:`interleaved_rope_attention`).
         window: Sliding-window attention: ``none``, ``all`` (``config.sliding_window`` on every
             layer) or ``layer_types`` (on layers whose ``config.layer_types`` entry is sliding).
+        embed_scale: Config attribute multiplying the token embeddings (None: 1).
+        residual_scale: Config attribute multiplying attention and MLP outputs before each joins the
+            residual stream (None: 1).
+        logits_scale: Config attribute dividing the logits (None: 1).
+        group_routing: Config attribute that says the router picks experts within groups (``n_group``,
+            ``topk_group``), or ``always``; None: no group routing.
     """
 
     model_type: str
@@ -86,9 +101,14 @@ class ArchSpec:
     score: str = "softmax"
     normalize: bool | str = False
     shared: str | None = None
+    shared_layout: str = "gate_up_down"
     shared_gate: str | None = None
     rope: str = "library"
     window: str = "none"
+    embed_scale: str | None = None
+    residual_scale: str | None = None
+    logits_scale: str | None = None
+    group_routing: str | None = None
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -108,8 +128,8 @@ ARCHS: dict[str, ArchSpec] = {
             moe_block="Qwen2MoeSparseMoeBlock",
             router="gate",
             normalize="norm_topk_prob",
-            shared="shared_expert",
-            shared_gate="shared_expert_gate",
+            shared="mlp.shared_expert",
+            shared_gate="mlp.shared_expert_gate",
             window="layer_types",
         ),
         ArchSpec(
@@ -124,8 +144,9 @@ ARCHS: dict[str, ArchSpec] = {
             "DeepseekV2ForCausalLM",
             moe_block="DeepseekV2Moe",
             router="gate",
-            shared="shared_experts",
+            shared="mlp.shared_experts",
             rope="complex",
+            group_routing="topk_method",
         ),
         ArchSpec(
             "deepseek_v3",
@@ -134,7 +155,93 @@ ARCHS: dict[str, ArchSpec] = {
             router="gate",
             score="sigmoid",
             normalize="norm_topk_prob",
-            shared="shared_experts",
+            shared="mlp.shared_experts",
+            group_routing="always",
+        ),
+        ArchSpec(
+            "qwen3_moe",
+            "Qwen3MoeForCausalLM",
+            moe_block="Qwen3MoeSparseMoeBlock",
+            router="gate",
+            normalize="norm_topk_prob",
+            window="all",
+        ),
+        ArchSpec(
+            "glm4_moe",
+            "Glm4MoeForCausalLM",
+            moe_block="Glm4MoeMoE",
+            router="gate",
+            score="sigmoid",
+            normalize="norm_topk_prob",
+            shared="mlp.shared_experts",
+            group_routing="always",
+        ),
+        ArchSpec(
+            "ernie4_5_moe",
+            "Ernie4_5_MoeForCausalLM",
+            moe_block="Ernie4_5_MoeSparseMoeBlock",
+            router="gate",
+            normalize=True,
+            shared="mlp.shared_experts",
+            rope="interleaved",
+        ),
+        ArchSpec(
+            "phimoe",
+            "PhimoeForCausalLM",
+            moe_block="PhimoeSparseMoeBlock",
+            router="router",
+            score="sparsemixer",
+            window="all",
+        ),
+        ArchSpec(
+            "granitemoe",
+            "GraniteMoeForCausalLM",
+            moe_block="GraniteMoeMoE",
+            router="router",
+            mlp="block_sparse_moe",
+            score="softmax_of_topk",
+            embed_scale="embedding_multiplier",
+            residual_scale="residual_multiplier",
+            logits_scale="logits_scaling",
+        ),
+        ArchSpec(
+            "granitemoeshared",
+            "GraniteMoeSharedForCausalLM",
+            moe_block="GraniteMoeSharedMoE",
+            router="router",
+            mlp="block_sparse_moe",
+            score="softmax_of_topk",
+            shared="shared_mlp",
+            shared_layout="concat_in_out",
+            embed_scale="embedding_multiplier",
+            residual_scale="residual_multiplier",
+            logits_scale="logits_scaling",
+        ),
+        ArchSpec(
+            "dbrx",
+            "DbrxForCausalLM",
+            moe_block="DbrxFFN",
+            router="router",
+            backbone="transformer",
+            embed="wte",
+            layers="blocks",
+            final_norm="norm_f",
+            attn="norm_attn_norm.attn",
+            attn_norm="norm_attn_norm.norm_1",
+            mlp="ffn",
+            mlp_norm="norm_attn_norm.norm_2",
+            expert_layout="glu_rows",
+            pick="block_topk",
+            normalize=True,
+        ),
+        ArchSpec(
+            "gpt_oss",
+            "GptOssForCausalLM",
+            moe_block="GptOssMLP",
+            router="router",
+            expert_layout="clamped_swiglu",
+            score="softmax_of_topk",
+            window="layer_types",
         ),
         ArchSpec(
             "switch_transformers",
@@ -159,6 +266,17 @@ ARCHS: dict[str, ArchSpec] = {
     )
 }
 
+# Why known MoE archs without a spec are refused (what their MoE layer does that a bundle's does not).
+UNSUPPORTED_ARCH_REASON = {
+    "llama4_text": (
+        "Llama-4 multiplies each expert's input by its sigmoid router score (the expert then runs on the "
+        "scaled tokens), while a bundle's MoE layer weighs expert outputs; its chunked attention and "
+        "no-rope layers are not captured either"
+    ),
+    "jetmoe": "JetMoE routes attention heads to experts too (mixture of attention heads), not only the MLP",
+    "jamba": "Jamba interleaves Mamba (state-space) layers, which have no captured segment",
+}
+
 # Why a class of a supported model_type other than the spec's class is refused.
 UNSUPPORTED_CLASS_REASON = {
     "switch_transformers": (
@@ -176,13 +294,17 @@ def attr(obj, path: str):
 
 
 # -- routers ------------------------------------------------------------------------------------
-def pick_experts(kind: str, out: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+def pick_experts(kind: str, out: tuple, block: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a router's outputs into chosen experts and their scores, both (tokens, k).
 
     Args:
         kind: The spec's ``pick``.
         out: What the router module returned.
+        block: The MoE block (``block_topk``: its ``route_tokens_to_experts`` picks from the logits).
     """
+    if kind == "block_topk":
+        weights, indices = block.route_tokens_to_experts(out)
+        return indices.reshape(-1, indices.shape[-1]), weights.reshape(-1, weights.shape[-1])
     if kind == "topk":
         _logits, weights, indices = out
         return indices.reshape(-1, indices.shape[-1]), weights.reshape(-1, weights.shape[-1])
@@ -196,6 +318,24 @@ def pick_experts(kind: str, out: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         scores = probs * dispatch.sum(dim=-1, keepdim=True).to(probs.dtype)
         return idx.reshape(-1, 1), scores.reshape(-1, 1)
     raise ValueError(f"unknown router kind {kind!r}")
+
+
+# -- expert kernels -----------------------------------------------------------------------------
+class ClampedSwiGLUKernel(nn.Module):
+    """GPT-OSS's expert on weights that are graph inputs (its gate and up columns already split).
+
+    ``GptOssExperts._apply_gate``: the gate is clamped from above and the up projection on both sides
+    at ``limit``, then ``(up + 1) * gate * sigmoid(alpha * gate)``; every projection has a bias.
+    """
+
+    def __init__(self, alpha: float, limit: float):
+        super().__init__()
+        self.alpha, self.limit = alpha, limit
+
+    def forward(self, x, w_gate, b_gate, w_up, b_up, w_down, b_down):
+        gate = (x @ w_gate + b_gate).clamp(max=self.limit)
+        up = (x @ w_up + b_up).clamp(min=-self.limit, max=self.limit)
+        return ((up + 1) * (gate * torch.sigmoid(gate * self.alpha))) @ w_down + b_down
 
 
 # -- rotary embedding ---------------------------------------------------------------------------
@@ -244,12 +384,47 @@ def mla_attention_real_rope(
     return attn.o_proj(out.reshape(b, s, -1).contiguous())
 
 
+def _repeat_pairs(t: torch.Tensor) -> torch.Tensor:
+    """``t[..., :d/2].repeat_interleave(2, dim=-1)`` as stack + flatten.
+
+    The TorchScript ONNX exporter's ``repeat_interleave`` overwrites a constant it shares with a
+    ``view`` elsewhere in the graph (the exported k/v reshape asked for 3 heads instead of 2), so
+    the pairs are built from ops it exports correctly; the values are the same.
+    """
+    half = t[..., : t.shape[-1] // 2]
+    return torch.stack((half, half), dim=-1).flatten(-2)
+
+
+def interleaved_rope_attention(
+    attn: nn.Module, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
+    """ERNIE-4.5 attention, step for step ``Ernie4_5_MoeAttention.forward`` (no cache).
+
+    Runs on the module's own projections, its module's ``rotate_half`` and eager attention; only
+    the cos/sin repetition of its ``apply_rotary_pos_emb`` is built by :func:`_repeat_pairs`.
+    """
+    library = inspect.getmodule(type(attn))
+    b, s = x.shape[0], x.shape[1]
+    shape = (b, s, -1, attn.head_dim)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    cos, sin = (_repeat_pairs(t.unsqueeze(1)) for t in cos_sin)
+    q_rot = (q.float() * cos + library.rotate_half(q).float() * sin).to(q.dtype)
+    k_rot = (k.float() * cos + library.rotate_half(k).float() * sin).to(k.dtype)
+    out, _ = library.eager_attention_forward(attn, q_rot, k_rot, v, mask, dropout=0.0, scaling=attn.scaling)
+    return attn.o_proj(out.reshape(b, s, -1).contiguous())
+
+
 # -- config checks ------------------------------------------------------------------------------
 def _grouped_routing(cfg) -> bool:
-    """Whether the router picks experts within groups (DeepSeek's group-limited routing)."""
-    if cfg.model_type == "deepseek_v3":
+    """Whether the router picks experts within groups (DeepSeek's and GLM-4's group-limited routing)."""
+    spec = ARCHS.get(getattr(cfg, "model_type", None))
+    if spec is None or spec.group_routing is None:
+        return False
+    if spec.group_routing == "always":
         return True
-    return cfg.model_type == "deepseek_v2" and getattr(cfg, "topk_method", "greedy") == "group_limited_greedy"
+    return getattr(cfg, spec.group_routing, None) == "group_limited_greedy"
 
 
 def config_problems(cfg) -> list[str]:
@@ -324,9 +499,9 @@ def config_problems(cfg) -> list[str]:
                 f"num_experts_per_tok {k} exceeds the {top_groups * (experts // groups)} experts in the "
                 f"topk_group {top_groups} chosen groups of {experts // groups}"
             )
-        elif cfg.model_type == "deepseek_v3" and isinstance(experts, int) and experts // groups < 2:
+        elif ARCHS[cfg.model_type].score == "sigmoid" and isinstance(experts, int) and experts // groups < 2:
             problems.append(
-                f"DeepSeek-V3 scores a group by its best two experts: n_routed_experts {experts} / n_group {groups} "
-                "leaves fewer than 2 per group"
+                f"{cfg.model_type} scores a group by its best two experts: n_routed_experts {experts} / "
+                f"n_group {groups} leaves fewer than 2 per group"
             )
     return problems

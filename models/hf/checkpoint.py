@@ -41,6 +41,14 @@ def folder_config(folder: Path) -> dict:
         raise ModelError(f"cannot read {path}: {exc}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
         raise ModelError(f"{path} has no 'model_type' (the transformers arch, e.g. 'mixtral')")
+    from ...frontends.hf_archs import ARCHS, UNSUPPORTED_ARCH_REASON
+
+    arch = raw["model_type"]
+    if arch not in ARCHS:  # refused from config.json alone, before any weight is read
+        why = UNSUPPORTED_ARCH_REASON.get(
+            arch, "the hf adapter has no spec for it (where its layers, router and experts live)"
+        )
+        raise ModelError(f"{path}: model_type '{arch}' is not supported: {why}; supported: {', '.join(ARCHS)}")
     weight_files(folder)
     from .family import config_fields
 

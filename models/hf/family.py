@@ -1,13 +1,15 @@
 """The hf family as the model registry sees it: transformers MoE classes from small configs in code.
 
-A config is ``{"arch": <transformers model_type>, "name": ..., **config kwargs}`` plus two family
-keys: ``seed`` (torch seed before construction, default 0) and ``router_bias_std`` (standard
+A config is ``{"arch": <transformers model_type>, "name": ..., **config kwargs}`` plus three family
+keys: ``seed`` (torch seed before construction, default 0), ``router_bias_std`` (standard
 deviation of random values put into routers' ``e_score_correction_bias``, default 0: the
-library's zeros). Models are built with random weights, float32, eager attention and eager
-experts. Causal LMs are built as ``<Arch>ForCausalLM``; ``switch_transformers`` as
-``SwitchTransformersEncoderModel`` (see :mod:`edgemoe.frontends.hf`). Whether the adapter can
-capture the class is decided there, so a config for any transformers arch builds here and
-unsupported ones fail at capture with a message naming what is missing.
+library's zeros) and ``bias_std`` (the same for every other bias parameter the library
+initialises to zeros, so a micro model exercises its biases). Models are built with random
+weights, float32, eager attention and eager experts. Causal LMs are built as
+``<Arch>ForCausalLM``; ``switch_transformers`` as ``SwitchTransformersEncoderModel`` (see
+:mod:`edgemoe.frontends.hf`). Whether the adapter can capture the class is decided there, so a
+config for any transformers arch builds here and unsupported ones fail at capture with a message
+naming what is missing.
 """
 
 from __future__ import annotations
@@ -25,13 +27,21 @@ DESCRIPTIONS = {
     "hf-switch-micro": "transformers SwitchTransformers encoder, dim 32, 4 blocks (2 sparse), 4 experts top-1",
     "hf-deepseek-v2-micro": "transformers DeepSeek-V2, MLA, 8 experts top-2 group-limited, 2 shared, 1 dense layer",
     "hf-deepseek-v3-micro": "transformers DeepSeek-V3, MLA, sigmoid + bias routing, group-limited, 2 shared experts",
+    "hf-qwen3-moe-micro": "transformers Qwen3-MoE, dim 32, 8 experts top-2, query/key norm, 1 dense layer",
+    "hf-glm4-moe-micro": "transformers GLM-4-MoE, sigmoid + bias routing, group-limited, 1 shared expert, half rotary",
+    "hf-ernie4-5-moe-micro": "transformers ERNIE-4.5-MoE, 8 experts top-2 with statistics bias, 1 shared expert",
+    "hf-phimoe-micro": "transformers PhiMoE, sparsemixer top-2 of 4, LayerNorm, biases, sliding window 8",
+    "hf-granitemoe-micro": "transformers GraniteMoe, 4 experts top-2, embedding/residual/logits multipliers",
+    "hf-granitemoeshared-micro": "transformers GraniteMoeShared, GraniteMoe + an ungated shared expert per layer",
+    "hf-dbrx-micro": "transformers DBRX, 4 experts top-2 renormalised, clipped fused QKV, LayerNorm",
+    "hf-gpt-oss-micro": "transformers GPT-OSS, 4 experts top-2, clamped SwiGLU with biases, attention sinks, YaRN",
 }
 
 # Shipped checkpoints (none: the configs are built with seeded random weights).
 WEIGHTS: dict[str, str] = {}
 
 # Keys of a config that belong to the family, not to the transformers config class.
-_FAMILY_KEYS = {"arch": None, "name": None, "seed": 0, "router_bias_std": 0.0}
+_FAMILY_KEYS = {"arch": None, "name": None, "seed": 0, "router_bias_std": 0.0, "bias_std": 0.0}
 
 # Archs built as something other than <Arch>ForCausalLM (model_type -> transformers class name).
 _MODEL_CLASS = {"switch_transformers": "SwitchTransformersEncoderModel"}
@@ -78,9 +88,14 @@ def _model_class(arch: str):
 
 
 def config_fields(arch: str) -> set[str]:
-    """The fields (and aliases) the transformers config class of ``arch`` takes."""
+    """The fields (and aliases, both ways) the transformers config class of ``arch`` takes.
+
+    ``save_pretrained`` writes an aliased field under the alias's target (Qwen3-MoE's ``num_experts``
+    is saved as ``num_local_experts``), so both names are fields.
+    """
     cls = _config_class(arch)
-    return {f.name for f in dataclasses.fields(cls)} | set(getattr(cls, "attribute_map", {}))
+    aliases = getattr(cls, "attribute_map", {})
+    return {f.name for f in dataclasses.fields(cls)} | set(aliases) | set(aliases.values())
 
 
 def normalize(config: dict) -> dict:
@@ -107,8 +122,9 @@ def normalize(config: dict) -> dict:
     out["name"] = out["name"] or f"{NAME}-{arch}-custom"
     if not isinstance(out["seed"], int) or isinstance(out["seed"], bool):
         raise ModelError(f"{NAME} config 'seed' must be an integer, got {out['seed']!r}")
-    if not isinstance(out["router_bias_std"], int | float) or out["router_bias_std"] < 0:
-        raise ModelError(f"{NAME} config 'router_bias_std' must be a number >= 0, got {out['router_bias_std']!r}")
+    for key in ("router_bias_std", "bias_std"):
+        if not isinstance(out[key], int | float) or isinstance(out[key], bool) or out[key] < 0:
+            raise ModelError(f"{NAME} config '{key}' must be a number >= 0, got {out[key]!r}")
     _hf_config(arch, hf)  # fail here, not at build, on values the config class rejects
     return {**out, **hf}
 
@@ -191,4 +207,14 @@ def build(config: dict, folder: str | None = None):
             for m in biased:
                 b = m.e_score_correction_bias
                 b.copy_(torch.randn(b.shape, generator=gen) * full["router_bias_std"])
+    if full["bias_std"] and folder is None:
+        gen = torch.Generator().manual_seed(full["seed"] + 2)
+        biases = [
+            p for name, p in model.named_parameters() if name.endswith("bias") and "e_score_correction" not in name
+        ]
+        if not biases:
+            raise ModelError(f"{NAME} config sets bias_std, but arch '{arch}' built without bias parameters")
+        with torch.no_grad():
+            for b in biases:
+                b.copy_(torch.randn(b.shape, generator=gen) * full["bias_std"])
     return model
