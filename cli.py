@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from edgemoe import __version__, targets
-from edgemoe.errors import EXIT_CODES, ConfigError, DependencyError, EdgeMoEError
+from edgemoe.errors import EXIT_CODES, ConfigError, DependencyError, EdgeMoEError, InputError
 
 EXIT_CODE_HELP = (
     "Exit codes: "
@@ -215,6 +215,14 @@ def cli():
     "(input, act, weight, embed, attn_bias, bias, norm, score), e.g. "
     "'act=ap_fixed<32,10>,weight=ap_fixed<16,2>'; or the preset 'edge-moe' (Edge-MoE's types).",
 )
+@click.option(
+    "--max-seq",
+    "max_seq",
+    default=None,
+    type=click.IntRange(8, None),
+    help="Causal LMs: also emit generation graphs on a key/value cache of this many positions "
+    "(prompt + new tokens), for `edgemoe generate`.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 @_handle_errors
@@ -238,6 +246,7 @@ def compile_cmd(
     memory_budget,
     tuning_db,
     fixed,
+    max_seq,
     as_json,
     quiet,
 ):
@@ -261,6 +270,9 @@ def compile_cmd(
     (or --fixed), a resource and latency estimate with tile sizes searched under the part's
     resources, and the design's accuracy measured by its bit-exact emulator. `edgemoe verify`
     checks its C simulation (g++) against PyTorch and the emulator; `edgemoe run` runs it.
+
+    With --max-seq N (causal LMs) the bundle also holds generation graphs: each trunk segment on
+    a key/value cache of N positions, for `edgemoe generate` (prefill, then one token per step).
 
     With --memory-budget the budget is checked against the bundle's experts as at session start
     (an error below shared + resident + largest expert; a warning, also in --json, below a
@@ -295,6 +307,7 @@ def compile_cmd(
         memory_budget=memory_budget,
         tuning_db=tuning_db,
         fixed=fixed,
+        max_seq=max_seq,
     )
     if tuning_db and target != "tvm":
         raise ConfigError(f"--tuning-db is for --target tvm, not {target}")
@@ -402,6 +415,101 @@ def run_cmd(
         providers=_comma_list(providers),
     )
     _emit(res, as_json, render_run)
+
+
+@cli.command("generate")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option(
+    "--prompt-ids",
+    "prompt_ids",
+    required=True,
+    metavar="IDS",
+    help="Prompt token ids, comma-separated (e.g. 12,7,301).",
+)
+@click.option(
+    "--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, None), help="Tokens to generate."
+)
+@click.option(
+    "--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0, None), help="0: greedy; else sampling."
+)
+@click.option(
+    "--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True), help="Nucleus sampling."
+)
+@click.option("--seed", default=None, type=int, help="Seed of the sampling.")
+@click.option("--stop", default=None, type=int, help="A token id that ends the generation (e.g. the EOS id).")
+@click.option("--threads", default=0, show_default=True, type=int, help="Executor threads (0: default).")
+@click.option(
+    "--memory-budget",
+    default=None,
+    metavar="BUDGET",
+    help="Memory for expert weights: 25% (of routed expert bytes), 6MB, bytes, or none. "
+    "[default: the bundle's schedule, else none]",
+)
+@click.option("--policy", type=click.Choice(["lru", "lfu", "planned"]), default=None, help="Eviction policy.")
+@click.option(
+    "--prefetch",
+    type=click.Choice(["none", "pregate", "affinity", "static", "plan"]),
+    default=None,
+    help="Prefetch predictor. [default: the schedule's plan, else none]",
+)
+@click.option(
+    "--storage-gbs", default=0.0, show_default=True, type=float, help="Throttle expert loads to this GB/s; 0: off."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (tokens not streamed).")
+@_handle_errors
+def generate_cmd(
+    bundle, prompt_ids, max_new_tokens, temperature, top_p, seed, stop, threads, memory_budget, policy, prefetch,
+    storage_gbs, as_json,
+):  # fmt: skip
+    r"""Generate tokens with a causal LM BUNDLE compiled with --max-seq.
+
+    
+    The prompt runs as one prefill step, then each token as one decode step on the bundle's
+    key/value cache; every step routes its tokens through the expert cache like `edgemoe run`
+    (budget, policy, prefetch from the bundle's schedule unless overridden). Token ids stream to
+    stdout as they are chosen; a summary (time to first token, prefill and decode tokens/s, expert
+    cache) goes to stderr, or everything as one object with --json.
+    """
+    from edgemoe.runtime.generate import generate_bundle
+    from edgemoe.runtime.session import BUNDLE
+
+    try:
+        prompt = [int(t) for t in prompt_ids.split(",") if t.strip()]
+    except ValueError:
+        raise InputError(f"--prompt-ids takes comma-separated integers, got {prompt_ids!r}") from None
+
+    def stream(token: int) -> None:
+        if not as_json:
+            click.echo(f"{token} ", nl=False)
+
+    res = generate_bundle(
+        bundle,
+        prompt,
+        max_new_tokens,
+        temperature,
+        top_p,
+        seed,
+        stop,
+        threads,
+        memory_budget=BUNDLE if memory_budget is None else memory_budget,
+        policy=policy or BUNDLE,
+        prefetch=BUNDLE if prefetch is None else prefetch,
+        storage_gbs=storage_gbs,
+        on_token=stream,
+    )
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo()
+    cache = res["cache"]
+    click.echo(
+        f"{len(res['tokens'])} tokens after a {res['prompt_tokens']}-token prompt: "
+        f"first token {res['ttft_ms']:.1f} ms, prefill {res['prefill_tok_s']:.1f} tok/s, "
+        f"decode {res['decode_tok_s']:.1f} tok/s; experts: "
+        f"{cache['hits']} hits, {cache['misses']} misses, {cache['evictions']} evictions, "
+        f"peak {cache['peak_expert_bytes']} B",
+        err=True,
+    )
 
 
 @cli.command("inspect")

@@ -58,7 +58,7 @@ def compile_model(cfg: CompileConfig, out: str | Path, progress: Progress = lamb
     progress(f"profile routing on {cfg.calib_samples} calibration inputs x {len(captured.tasks)} tasks")
     profile = profile_routing(captured, cfg.calib_samples, cfg.calib_seed)
     expert_sets = prune_experts(captured, profile, cfg.prune, cfg.prune_below)
-    plan = partition_model(captured, expert_sets)
+    plan = partition_model(captured, expert_sets, cfg.max_seq)
 
     def quantize(staging: Path, manifest: dict) -> dict:
         fp32_bytes = bundle_bytes(staging, manifest)

@@ -37,6 +37,9 @@ class CompileConfig:
             every type from the calibrated ranges.
         tuning_db: Target tvm: a MetaSchedule database folder (``edgemoe tune``) whose schedules
             the libraries are built with. None: untuned.
+        max_seq: Causal LMs: also emit generation graphs (each trunk segment on a key/value cache
+            of this many positions, prompt and new tokens together) for ``edgemoe generate``.
+            None: no generation graphs.
     """
 
     model: str
@@ -56,3 +59,4 @@ class CompileConfig:
     memory_budget: str | None = None
     tuning_db: str | None = None
     fixed: str | None = None
+    max_seq: int | None = None

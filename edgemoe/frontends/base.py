@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import TaskError
+from ..errors import ModelError, TaskError
 from ..ir import ModelIR, validate_ir
 
 if TYPE_CHECKING:
@@ -127,6 +127,14 @@ class ModelAdapter(abc.ABC):
         from ..bundle.format import sample_input
 
         return sample_input(self.ir.input.to_json(), batch=samples, seed=seed)
+
+    def step_segment(self, index: int, max_seq: int) -> GraphPartition:
+        """Trunk segment ``index`` for generation: new tokens on a key/value cache of ``max_seq`` positions.
+
+        Raises:
+            ModelError: The family has no generation graphs.
+        """
+        raise ModelError(f"the {self.family} family has no generation graphs (no --max-seq): it is not a causal LM")
 
     def shared_kernel(self, layer: int) -> GraphPartition | None:
         """Kernel of the layer's shared (always-on) experts, or None if it has none."""

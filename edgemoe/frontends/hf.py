@@ -59,14 +59,46 @@ SAMPLE_SEQ = 16  # sequence length of sample inputs (calibration, export example
 TRACING = partitions.Tracing({0: "batch", 1: "seq"}, seq=SAMPLE_SEQ)
 
 
-def _causal_mask(pos: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask (1, 1, seq, seq) as the library's eager mask: 0 where visible, dtype min elsewhere."""
-    hidden = pos[None, :] > pos[:, None]
+def _causal_mask(
+    pos: torch.Tensor, window: int | None, dtype: torch.dtype, keys: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Additive mask (1, 1, queries, keys) as the library's eager mask: 0 where visible, dtype min elsewhere.
+
+    Args:
+        pos: Positions of the queries.
+        window: Sliding window (None: full causal attention).
+        dtype: Mask dtype.
+        keys: Positions of the keys (None: the queries'); with a key/value cache, every slot of it,
+            so slots not written yet (after the queries) are hidden like future tokens.
+    """
+    keys = pos if keys is None else keys
+    hidden = keys[None, :] > pos[:, None]
     if window is not None:
         # The library's sliding window keeps key positions within `window - 1` behind the query.
-        hidden = hidden | (pos[:, None] - pos[None, :] >= window)
+        hidden = hidden | (pos[:, None] - keys[None, :] >= window)
     mask = torch.zeros_like(hidden, dtype=dtype).masked_fill(hidden, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+class _BufferCache:
+    """Stands in for a transformers cache over preallocated key/value buffers (graph inputs).
+
+    The library's attention modules call only ``update(key, value, layer_idx)``: the new tokens'
+    keys and values are scattered into the layer's buffers at their positions, out of place (the
+    updated buffers are graph outputs), and attention runs over every slot of the buffer, the mask
+    hiding the slots not written yet.
+    """
+
+    def __init__(self, buffers: dict[int, list[torch.Tensor]], positions: torch.Tensor):
+        self.buffers, self.positions = buffers, positions
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        out = []
+        for buf, new in zip(self.buffers[layer_idx], (key, value), strict=True):
+            b, h, s, d = new.shape
+            out.append(buf.scatter(2, self.positions.view(1, 1, s, 1).expand(b, h, s, d), new))
+        self.buffers[layer_idx] = out
+        return out[0], out[1]
 
 
 class _DecoderSegment(nn.Module):
@@ -94,36 +126,83 @@ class _DecoderSegment(nn.Module):
         """Residual + branch, the branch scaled first where the arch scales it (Granite)."""
         return h + (branch if self.residual_scale is None else branch * self.residual_scale)
 
-    def _attend(self, layer: nn.Module, x: torch.Tensor, pos_emb, mask: torch.Tensor) -> torch.Tensor:
+    @property
+    def attention_layers(self) -> range:
+        """The layers whose attention this segment runs (the MoE layer it ends at included)."""
+        return range(self.start, self.stop + (0 if self.last else 1))
+
+    def _attend(self, layer: nn.Module, x: torch.Tensor, pos_emb, mask: torch.Tensor, cache) -> torch.Tensor:
         attn = attr(layer, self.spec.attn)
         if self.spec.rope == "complex":
-            return mla_attention_real_rope(attn, x, pos_emb, mask)
+            return mla_attention_real_rope(attn, x, pos_emb, mask, cache)
         if self.spec.rope == "interleaved":
-            return interleaved_rope_attention(attn, x, pos_emb, mask)
-        return attn(hidden_states=x, position_embeddings=pos_emb, attention_mask=mask)[0]
+            return interleaved_rope_attention(attn, x, pos_emb, mask, cache)
+        return attn(hidden_states=x, position_embeddings=pos_emb, attention_mask=mask, past_key_values=cache)[0]
 
-    def forward(self, *args: torch.Tensor):
-        spec = self.spec
+    def _enter(self, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The residual stream at the segment's start: embedded tokens, or residual + previous MoE output."""
         if self.first:
-            h = attr(self.backbone, spec.embed)(args[0])
-            h = h if self.embed_scale is None else h * self.embed_scale
-        else:
-            h = self._join(args[0], args[1])  # the previous MoE layer's output joins the residual
-        pos = torch.arange(h.shape[1], device=h.device)
+            h = attr(self.backbone, self.spec.embed)(args[0])
+            return h if self.embed_scale is None else h * self.embed_scale
+        return self._join(args[0], args[1])  # the previous MoE layer's output joins the residual
+
+    def _layers(self, h: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor | None = None, cache=None):
+        """Run the segment's layers on tokens at positions ``pos`` (attending to ``keys`` through ``cache``)."""
+        spec = self.spec
         position_ids = pos[None]
         rotary = attr(self.backbone, spec.rotary)
         pos_emb = complex_rope_cos_sin(rotary, position_ids) if spec.rope == "complex" else rotary(h, position_ids)
         masks: dict[int | None, torch.Tensor] = {}
-        for i in range(self.start, self.stop + (0 if self.last else 1)):
+        for i in self.attention_layers:
             layer = self.layers[i]
             window = self.windows[i]
             if window not in masks:
-                masks[window] = _causal_mask(pos, window, h.dtype)
-            h = self._join(h, self._attend(layer, attr(layer, spec.attn_norm)(h), pos_emb, masks[window]))
+                masks[window] = _causal_mask(pos, window, h.dtype, keys)
+            h = self._join(h, self._attend(layer, attr(layer, spec.attn_norm)(h), pos_emb, masks[window], cache))
             if i == self.stop:  # the MoE layer: its MLP input leaves the segment
                 return h, attr(layer, spec.mlp_norm)(h)
             h = self._join(h, attr(layer, spec.mlp)(attr(layer, spec.mlp_norm)(h)))
-        return h
+        return (h,)
+
+    def forward(self, *args: torch.Tensor):
+        h = self._enter(args)
+        out = self._layers(h, torch.arange(h.shape[1], device=h.device))
+        return out if len(out) > 1 else out[0]
+
+
+class _WidthProbe:
+    """A cache that only records the (heads, width) of the keys and values each layer caches."""
+
+    def __init__(self):
+        self.widths: dict[int, list[tuple[int, int]]] = {}
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.widths[layer_idx] = [(key.shape[1], key.shape[3]), (value.shape[1], value.shape[3])]
+        return key, value
+
+
+class _DecoderStepSegment(_DecoderSegment):
+    """A segment for generation: new tokens at positions ``past..past+s-1`` on a key/value cache.
+
+    Inputs are the plain segment's, then ``past`` (int64 (1,): tokens already in the cache), then
+    per attention layer its key and value buffers (batch, heads, max_seq, width); outputs are the
+    plain segment's, then the updated buffers in the same order. One graph serves the prompt
+    (prefill, s tokens) and each decoded token (s = 1).
+    """
+
+    def __init__(self, adapter: HFAdapter, start: int, stop: int, first: bool, last: bool, max_seq: int):
+        super().__init__(adapter, start, stop, first, last)
+        self.max_seq = max_seq
+
+    def forward(self, *args: torch.Tensor):
+        n = 1 if self.first else 2
+        h = self._enter(args[:n])
+        past, flat = args[n], args[n + 1 :]
+        buffers = {layer: [flat[2 * i], flat[2 * i + 1]] for i, layer in enumerate(self.attention_layers)}
+        pos = past + torch.arange(h.shape[1], device=h.device)
+        cache = _BufferCache(buffers, pos)
+        out = self._layers(h, pos, torch.arange(self.max_seq, device=h.device), cache)
+        return (*out, *(t for layer in self.attention_layers for t in cache.buffers[layer]))
 
 
 class _T5EncoderSegment(nn.Module):
@@ -477,6 +556,53 @@ class HFAdapter(ModelAdapter):
         cls = _DecoderSegment if self.spec.trunk == "decoder" else _T5EncoderSegment
         module = cls(self, start, stop, first=index == 0, last=last)
         return partitions.segment_partition(self._ir.segments[index], module, TRACING)
+
+    def step_segment(self, index: int, max_seq: int) -> GraphPartition:
+        """Trunk segment ``index`` for generation, on a key/value cache of ``max_seq`` positions.
+
+        Raises:
+            ModelError: The model is not a decoder LM (nothing to generate with).
+            ConfigError: ``max_seq`` is too small to trace the graph with.
+        """
+        if self.spec.trunk != "decoder" or self.spec.lm_head is None:
+            raise ModelError(
+                f"{self.spec.model_class} has no next-token head: generation graphs are built for causal LMs"
+            )
+        if max_seq < 8:
+            raise ConfigError(f"max_seq must be at least 8 positions, got {max_seq}")
+        start, stop, last = partitions.segment_bounds(index, self.moe_blocks, len(self.layers))
+        module = _DecoderStepSegment(self, start, stop, index == 0, last, max_seq)
+        if not module.attention_layers:  # no attention, nothing cached: the plain segment serves
+            return self.segment(index)
+        spec = self._ir.segments[index]
+        # Traced with the tokens at the end of a cache whose other slots hold random values, so the
+        # graph check sees the mask hide every slot it must.
+        seq = min(SAMPLE_SEQ, max_seq // 2)
+        tracing = partitions.Tracing(TRACING.axes, seq=seq)
+        examples = [tracing.example(s) for s in spec.inputs]
+        probe = _WidthProbe()
+        with torch.no_grad():
+            module._layers(module._enter(tuple(examples)), torch.arange(seq), None, probe)
+        gen = torch.Generator().manual_seed(1)
+        caches, names_in, names_out = [], [], []
+        for layer in module.attention_layers:
+            for kind, (heads, width) in zip("kv", probe.widths[layer], strict=True):
+                caches.append(torch.randn(tracing.batch, heads, max_seq, width, generator=gen))
+                names_in.append(f"cache_{layer}_{kind}")
+                names_out.append(f"cache_{layer}_{kind}_out")
+        inputs = (*(s.name for s in spec.inputs), "past", *names_in)
+        outputs = (*(s.name for s in spec.outputs), *names_out)
+        axes = {n: TRACING.axes for n in (*(s.name for s in spec.inputs), *(s.name for s in spec.outputs))}
+        axes.update({n: {0: "batch"} for n in (*names_in, *names_out)})
+        return GraphPartition(
+            name=f"step_segment_{index}",
+            kind="step_segment",
+            module=module,
+            example_inputs=(*examples, torch.tensor([max_seq - seq - 1]), *caches),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+        )
 
     def gate(self, layer: int, task: str, keep: tuple[int, ...]) -> GraphPartition:
         self.task_index(task)

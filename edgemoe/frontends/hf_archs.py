@@ -359,13 +359,13 @@ def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 
 def mla_attention_real_rope(
-    attn: nn.Module, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+    attn: nn.Module, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, cache=None
 ) -> torch.Tensor:
     """DeepSeek-V2 multi-head latent attention with the complex rotary step done in real arithmetic.
 
-    Step for step ``DeepseekV2Attention.forward`` (no cache), on the module's own projections, norms,
-    ``expand_kv`` and its module's eager attention; only ``apply_rotary_emb`` (complex) is replaced by
-    :func:`_rotate_pairs`, which computes the same products.
+    Step for step ``DeepseekV2Attention.forward`` (``cache``: a key/value cache's ``update``), on the
+    module's own projections, norms, ``expand_kv`` and its module's eager attention; only
+    ``apply_rotary_emb`` (complex) is replaced by :func:`_rotate_pairs`, which computes the same products.
     """
     b, s = x.shape[0], x.shape[1]
     q = attn.q_proj(x) if attn.q_lora_rank is None else attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
@@ -377,6 +377,8 @@ def mla_attention_real_rope(
     k_pe = k_pe.view(b, 1, s, attn.qk_rope_head_dim)
     cos, sin = cos_sin
     q_pe, k_pe = _rotate_pairs(q_pe, cos, sin), _rotate_pairs(k_pe, cos, sin)
+    if cache is not None:  # as the library: the compressed latents are cached
+        k_nope, k_pe = cache.update(k_nope, k_pe, attn.layer_idx)
     query = torch.cat((q_nope, q_pe), dim=-1)
     key, value = attn.expand_kv(k_nope, k_pe)
     eager = inspect.getmodule(type(attn)).eager_attention_forward
@@ -396,9 +398,9 @@ def _repeat_pairs(t: torch.Tensor) -> torch.Tensor:
 
 
 def interleaved_rope_attention(
-    attn: nn.Module, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+    attn: nn.Module, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, cache=None
 ) -> torch.Tensor:
-    """ERNIE-4.5 attention, step for step ``Ernie4_5_MoeAttention.forward`` (no cache).
+    """ERNIE-4.5 attention, step for step ``Ernie4_5_MoeAttention.forward`` (``cache``: as the library's).
 
     Runs on the module's own projections, its module's ``rotate_half`` and eager attention; only
     the cos/sin repetition of its ``apply_rotary_pos_emb`` is built by :func:`_repeat_pairs`.
@@ -412,6 +414,8 @@ def interleaved_rope_attention(
     cos, sin = (_repeat_pairs(t.unsqueeze(1)) for t in cos_sin)
     q_rot = (q.float() * cos + library.rotate_half(q).float() * sin).to(q.dtype)
     k_rot = (k.float() * cos + library.rotate_half(k).float() * sin).to(k.dtype)
+    if cache is not None:
+        k_rot, v = cache.update(k_rot, v, attn.layer_idx)
     out, _ = library.eager_attention_forward(attn, q_rot, k_rot, v, mask, dropout=0.0, scaling=attn.scaling)
     return attn.o_proj(out.reshape(b, s, -1).contiguous())
 

@@ -26,6 +26,8 @@ class PartitionPlan:
         layer_shared_kernel: Per MoE layer, the kernel of its shared experts (None: no shared experts).
         experts: Per MoE layer, experts some built task keeps (the others are dropped).
         expert_sets: The per-task expert sets the gates were masked with.
+        step_segments: Generation graphs: each trunk segment on a key/value cache (empty: none).
+        max_seq: Positions of that cache (0: no generation graphs).
     """
 
     segments: tuple[GraphPartition, ...]
@@ -36,22 +38,26 @@ class PartitionPlan:
     layer_shared_kernel: tuple[str | None, ...]
     experts: tuple[tuple[int, ...], ...]
     expert_sets: ExpertSets
+    step_segments: tuple[GraphPartition, ...] = ()
+    max_seq: int = 0
 
     def graphs(self) -> list[GraphPartition]:
         """Every graph partition, each once."""
-        out = list(self.segments)
+        # A segment without attention caches nothing: its generation graph is the plain segment.
+        out = list(self.segments) + [s for s in self.step_segments if s not in self.segments]
         for task in self.gates:
             out.extend(self.gates[task])
             out.append(self.heads[task])
         return out + list(self.kernels)
 
 
-def partition_model(captured: CapturedModel, expert_sets: ExpertSets) -> PartitionPlan:
+def partition_model(captured: CapturedModel, expert_sets: ExpertSets, max_seq: int | None = None) -> PartitionPlan:
     """Build the partition plan.
 
     Args:
         captured: The captured model.
         expert_sets: Experts each task keeps per layer.
+        max_seq: Also cut generation graphs on a key/value cache of this many positions (None: none).
 
     Returns:
         The plan: trunk segments, per-task gates and heads, shared expert kernels.
@@ -74,6 +80,7 @@ def partition_model(captured: CapturedModel, expert_sets: ExpertSets) -> Partiti
             kernels.setdefault(shared.name, shared)
         layer_shared.append(None if shared is None else shared.name)
     experts = tuple(expert_sets.union(layer.index) for layer in ir.moe_layers)
+    steps = () if not max_seq else tuple(adapter.step_segment(s.index, max_seq) for s in ir.segments)
     return PartitionPlan(
         segments=segments,
         gates=gates,
@@ -83,4 +90,6 @@ def partition_model(captured: CapturedModel, expert_sets: ExpertSets) -> Partiti
         layer_shared_kernel=tuple(layer_shared),
         experts=experts,
         expert_sets=expert_sets,
+        step_segments=steps,
+        max_seq=int(max_seq or 0),
     )

@@ -157,9 +157,34 @@ def _fill(staging, cfg, captured, profile, plan, target, device, progress) -> di
         },
         **emitted.sections,
     }
+    if plan.step_segments:
+        manifest["generate"] = _generate_section(plan, graphs)
     progress("write manifest")
     write_manifest(staging, manifest)
     return manifest
+
+
+def _generate_section(plan, graphs: dict) -> dict:
+    """The manifest's ``generate`` section: the generation graphs and the key/value cache each one carries."""
+    segments = []
+    for part in plan.step_segments:
+        record = graphs[part.name]
+        n_in, n_out = len(record["inputs"]), len(record["outputs"])
+        if "past" not in record["inputs"]:  # no attention in the segment: nothing cached
+            segments.append({"graph": part.name, "cache": []})
+            continue
+        first = record["inputs"].index("past") + 1
+        caches = [
+            {"input": name, "output": out, "shape": list(example.shape[1:])}
+            for name, out, example in zip(
+                record["inputs"][first:],
+                record["outputs"][n_out - (n_in - first) :],
+                part.example_inputs[first:],
+                strict=True,
+            )
+        ]
+        segments.append({"graph": part.name, "cache": caches})
+    return {"max_seq": plan.max_seq, "segments": segments}
 
 
 def write_manifest(root: Path, manifest: dict) -> None:

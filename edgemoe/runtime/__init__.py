@@ -5,6 +5,6 @@ never torch and never the compiler — so ``pip install edgemoe[runtime]`` is en
 """
 
 from .inputs import load_input
-from .session import Session, SessionStats, SwitchStats
+from .session import GenerationStats, Session, SessionStats, SwitchStats
 
-__all__ = ["Session", "SessionStats", "SwitchStats", "load_input"]
+__all__ = ["GenerationStats", "Session", "SessionStats", "SwitchStats", "load_input"]

@@ -81,6 +81,49 @@ class TaskProgram(abc.ABC):
     def switch(self, task: str) -> TaskProgram:
         """A program for another task of the bundle, reusing what both tasks share (trunk, kernels)."""
 
+    def decoder(self, batch: int = 1) -> Decoder:
+        """Load the bundle's generation graphs and start an empty key/value cache for ``batch`` sequences.
+
+        Raises:
+            BundleError: This program cannot generate.
+        """
+        raise BundleError(f"{type(self).__name__} cannot generate: generation runs on the graphs' host path")
+
+    def start_step(self, x: np.ndarray, decoder: Decoder) -> object:
+        """Begin a generation step: the new tokens ``x`` (batch, s) through the first generation graph."""
+        raise BundleError(f"{type(self).__name__} cannot generate")
+
+
+class Decoder:
+    """A generation in progress: the key/value cache of each generation graph and how many tokens it holds.
+
+    Args:
+        graphs: The bundle's generation graphs, one per trunk segment.
+        records: Their ``generate.segments`` manifest records (cache tensor names and shapes).
+        max_seq: Cache positions.
+        batch: Sequences generated together.
+    """
+
+    def __init__(self, graphs: list, records: list[dict], max_seq: int, batch: int = 1):
+        self.graphs, self.max_seq = graphs, int(max_seq)
+        self.caches = [[np.zeros((batch, *c["shape"]), np.float32) for c in r["cache"]] for r in records]
+        self.past = 0
+        self.cache_bytes = sum(a.nbytes for c in self.caches for a in c)
+
+    def run(self, index: int, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Run generation graph ``index`` on the step's tokens at positions ``past..``; keep its updated cache."""
+        graph, cache = self.graphs[index], self.caches[index]
+        if not cache:  # no attention in the segment: the plain segment
+            return graph.run(*inputs)
+        outs = graph.run(*inputs, np.array([self.past], dtype=np.int64), *cache)
+        n = len(outs) - len(cache)
+        self.caches[index] = list(outs[n:])
+        return outs[:n]
+
+    def advance(self, tokens: int) -> None:
+        """The step's ``tokens`` are in every cache now."""
+        self.past += int(tokens)
+
 
 class _RecordingGraph:
     """Passes calls through to a graph and hands each call's inputs to a recorder (calibration)."""
@@ -97,10 +140,10 @@ class _RecordingGraph:
 class _GraphRun:
     """One run's state in a :class:`GraphProgram`."""
 
-    __slots__ = ("carried", "flat", "gate_out", "hidden", "moe_in", "out", "outs")
+    __slots__ = ("carried", "flat", "gate_out", "hidden", "moe_in", "out", "outs", "step")
 
-    def __init__(self, outs: tuple[np.ndarray, ...]):
-        self.outs = outs
+    def __init__(self, outs: tuple[np.ndarray, ...], step: Decoder | None = None):
+        self.outs, self.step = outs, step
         self.hidden = self.moe_in = self.flat = self.out = None
         self.carried: list[np.ndarray] = []
         self.gate_out: tuple[np.ndarray, ...] = ()
@@ -182,9 +225,21 @@ class GraphProgram(TaskProgram):
             shared=(self.shared, self.shared_bytes),
         )
 
+    def decoder(self, batch: int = 1) -> Decoder:
+        gen = self.manifest.get("generate")
+        if not gen:
+            raise BundleError("this bundle has no generation graphs: compile the model with --max-seq N")
+        graphs = [self._graph(s["graph"], self._loaded) for s in gen["segments"]]
+        return Decoder(graphs, gen["segments"], gen["max_seq"], batch)
+
     # -- a run -----------------------------------------------------------------------------
     def start(self, x: np.ndarray) -> _GraphRun:
         run = _GraphRun(self.segments[0].run(x))
+        self._enter(run)
+        return run
+
+    def start_step(self, x: np.ndarray, decoder: Decoder) -> _GraphRun:
+        run = _GraphRun(decoder.run(0, x), decoder)
         self._enter(run)
         return run
 
@@ -225,11 +280,15 @@ class GraphProgram(TaskProgram):
                 (y,) = kernel.run(run.flat, *(w[name] for name in kernel.input_names[1:]))
                 run.out += y * shared_scores[:, j : j + 1]
         moe_out = run.out.reshape(run.moe_in.shape)
-        run.outs = self.segments[layer + 1].run(run.hidden, moe_out, *run.carried)
+        inputs = (run.hidden, moe_out, *run.carried)
+        run.outs = self.segments[layer + 1].run(*inputs) if run.step is None else run.step.run(layer + 1, *inputs)
         if layer + 1 < len(self.layers):
             self._enter(run)
 
     def output(self, run: _GraphRun) -> np.ndarray:
+        if run.step is not None:  # generation needs the next token's logits only
+            (y,) = self.head.run(run.outs[0][:, -1:])
+            return y
         (y,) = self.head.run(*run.outs)
         return y
 

@@ -101,20 +101,26 @@ def run_bundle(
             "requested": list(getattr(session.executor, "requested", ()) or ()),
             "used": list(getattr(session.executor, "providers_used", ()) or ()),
         },
-        "cache": {
-            "budget_bytes": session.settings["memory_budget"],
-            "capacity_bytes": session.cache_capacity,
-            "shared_bytes": stats.shared_expert_bytes,
-            "policy": session.settings["policy"],
-            "prefetch": session.settings["prefetch"],
-            "from_schedule": session.settings["schedule"],
-            "peak_expert_bytes": stats.peak_expert_bytes,
-            "hits": stats.cache_hits,
-            "misses": stats.cache_misses,
-            "evictions": stats.evictions,
-            "prefetched": stats.prefetch_issued,
-            "prefetch_hits": stats.prefetch_used,
-            "stall_ms": stats.stall_ms,
-            "bytes_read": stats.expert_bytes_loaded + stats.shared_expert_bytes,
-        },
+        "cache": cache_report(session),
+    }
+
+
+def cache_report(session: Session) -> dict:
+    """The expert cache's settings and counters, as ``run --json`` and ``generate --json`` report them."""
+    stats = session.stats
+    return {
+        "budget_bytes": session.settings["memory_budget"],
+        "capacity_bytes": session.cache_capacity,
+        "shared_bytes": stats.shared_expert_bytes,
+        "policy": session.settings["policy"],
+        "prefetch": session.settings["prefetch"],
+        "from_schedule": session.settings["schedule"],
+        "peak_expert_bytes": stats.peak_expert_bytes,
+        "hits": stats.cache_hits,
+        "misses": stats.cache_misses,
+        "evictions": stats.evictions,
+        "prefetched": stats.prefetch_issued,
+        "prefetch_hits": stats.prefetch_used,
+        "stall_ms": stats.stall_ms,
+        "bytes_read": stats.expert_bytes_loaded + stats.shared_expert_bytes,
     }

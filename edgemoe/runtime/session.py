@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +112,47 @@ class SwitchStats:
     loaded: tuple[tuple[int, int], ...] = ()
 
 
+@dataclass(frozen=True)
+class GenerationStats:
+    """Timing of one :meth:`Session.generate` (wall clock, expert loads and stalls included).
+
+    Attributes:
+        prompt_tokens: Tokens of the prompt (one prefill step).
+        tokens: Tokens generated.
+        ttft_ms: Time to the first generated token (the prefill step and the first sampling).
+        prefill_tok_s: Prompt tokens per second of the prefill step.
+        decode_tok_s: Generated tokens per second after the first (one decode step each).
+        cache_bytes: Bytes of the key/value cache (every position of every layer).
+    """
+
+    prompt_tokens: int
+    tokens: int
+    ttft_ms: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    cache_bytes: int
+
+
+def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """The next token from one row of logits: greedy (temperature 0), else nucleus sampling.
+
+    Args:
+        logits: (vocab,) scores.
+        temperature: Softmax temperature; 0 picks the highest score (the first of ties, as argmax).
+        top_p: Sample from the smallest set of tokens whose probability reaches this (1: all).
+        rng: Random generator of the sampling.
+    """
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    prob = np.exp(z - z.max())
+    prob /= prob.sum()
+    order = np.argsort(-prob, kind="stable")
+    keep = int(np.searchsorted(np.cumsum(prob[order]), top_p) + 1)
+    top = order[:keep]
+    return int(rng.choice(top, p=prob[top] / prob[top].sum()))
+
+
 # Session's default for budget, policy and prefetch: what the bundle's swap schedule says.
 BUNDLE = "bundle"
 
@@ -194,6 +235,8 @@ class Session:
         self._records = [{e["index"]: e for e in layer["experts"]} for layer in self.layers]
         self.kept = self._kept_sets(task, self._task)
         self._runs = 0
+        self.last_generation: GenerationStats | None = None
+        self.last_logits: np.ndarray | None = None
         self.last_routing: list[np.ndarray] = []
         # With ``record_pregate``, each run also keeps what the gate of layer l picked on layer l-1's
         # MoE input (None for layer 0): pre-gating predictions for traces (not part of the run).
@@ -409,7 +452,88 @@ class Session:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Run the task on an input batch and return the head's output (waits while a task switch runs)."""
-        x = self.check_input(x)
+        return self._forward(self.check_input(x))
+
+    def generate(
+        self,
+        prompt,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: int | None = None,
+    ) -> Iterator[int]:
+        """Generate tokens after ``prompt``, one per step, on the bundle's key/value cache.
+
+        The prompt runs as one prefill step, then each new token as one decode step through the
+        generation graphs (``compile --max-seq``); every step routes its tokens through the MoE
+        layers like :meth:`run` (expert cache, budget, prefetch per step). Timing of the last
+        finished generation is :attr:`last_generation`; the logits each token was chosen from are
+        :attr:`last_logits` when it is yielded.
+
+        Args:
+            prompt: Token ids (1-D).
+            max_new_tokens: Tokens to generate (fewer when ``stop`` comes first).
+            temperature: 0: greedy; else sampling at this temperature.
+            top_p: Nucleus sampling threshold (with ``temperature`` > 0).
+            seed: Seed of the sampling.
+            stop: A token id that ends the generation (it is yielded).
+
+        Yields:
+            Each generated token id as soon as it is chosen.
+
+        Raises:
+            BundleError: The bundle has no generation graphs.
+            InputError: Bad prompt ids, or prompt + new tokens beyond the cache's positions.
+            ConfigError: Bad sampling settings.
+        """
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or ids.size == 0:
+            raise InputError(f"a prompt is a non-empty 1-D list of token ids, got shape {list(ids.shape)}")
+        ids = self.check_input(ids[None])
+        if int(max_new_tokens) < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ConfigError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
+        decoder = self.program.decoder()
+        if ids.shape[1] + int(max_new_tokens) - 1 > decoder.max_seq:
+            raise InputError(
+                f"prompt ({ids.shape[1]} tokens) + {max_new_tokens} new tokens need "
+                f"{ids.shape[1] + int(max_new_tokens) - 1} cache positions; the bundle has {decoder.max_seq} "
+                "(compile with a larger --max-seq)"
+            )
+        return self._generate(ids, int(max_new_tokens), temperature, top_p, np.random.default_rng(seed), stop, decoder)
+
+    def _generate(self, ids, max_new, temperature, top_p, rng, stop, decoder) -> Iterator[int]:
+        self.last_generation = None
+        t0 = time.perf_counter()
+        x, produced, first_s, decode_s = ids, 0, 0.0, 0.0
+        while produced < max_new:
+            t = time.perf_counter()
+            logits = self._forward(x, decoder)
+            decoder.advance(x.shape[1])
+            self.last_logits = logits[0, -1]
+            token = sample_token(self.last_logits, temperature, top_p, rng)
+            produced += 1
+            if produced == 1:
+                first_s = time.perf_counter() - t0
+            else:
+                decode_s += time.perf_counter() - t
+            yield token
+            if token == stop:
+                break
+            x = np.array([[token]], dtype=ids.dtype)
+        self.last_generation = GenerationStats(
+            prompt_tokens=int(ids.shape[1]),
+            tokens=produced,
+            ttft_ms=first_s * 1e3,
+            prefill_tok_s=ids.shape[1] / first_s if first_s else 0.0,
+            decode_tok_s=(produced - 1) / decode_s if decode_s else 0.0,
+            cache_bytes=decoder.cache_bytes,
+        )
+
+    def _forward(self, x: np.ndarray, decoder=None) -> np.ndarray:
+        """One pass through the task: a plain run, or a generation step on ``decoder``'s cache."""
         with self._gate:
             while self._switching:
                 self._gate.wait()
@@ -421,7 +545,7 @@ class Session:
                 # The first layers' experts load while the trunk runs (the previous run's last layer
                 # usually queued them already).
                 begin_run(self._cache, self._lookahead(-1, [], None), self._resident)
-            run = self.program.start(x)
+            run = self.program.start(x) if decoder is None else self.program.start_step(x, decoder)
             for layer in range(len(self.layers)):
                 self._moe(run, layer)
             y = self.program.output(run)

@@ -285,6 +285,11 @@ class ResidentProgram(GraphProgram):
     def _upload(self, array: np.ndarray):
         return self._tvm.runtime.tensor(np.ascontiguousarray(array), self._device)
 
+    def decoder(self, batch: int = 1):
+        raise BundleError(
+            "generation runs on the host path: open the session with resident=False (edgemoe generate does)"
+        )
+
     def start(self, x: np.ndarray) -> _ResidentRun:
         run = _ResidentRun(self.segments[0].run_device(x))
         self._enter(run)
