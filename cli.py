@@ -419,12 +419,13 @@ def run_cmd(
 
 @cli.command("generate")
 @click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prompt", default=None, help="Prompt text, encoded by the bundle's tokenizer.")
 @click.option(
     "--prompt-ids",
     "prompt_ids",
-    required=True,
+    default=None,
     metavar="IDS",
-    help="Prompt token ids, comma-separated (e.g. 12,7,301).",
+    help="Prompt token ids, comma-separated (e.g. 12,7,301): for bundles without a tokenizer.",
 )
 @click.option(
     "--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, None), help="Tokens to generate."
@@ -458,29 +459,40 @@ def run_cmd(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (tokens not streamed).")
 @_handle_errors
 def generate_cmd(
-    bundle, prompt_ids, max_new_tokens, temperature, top_p, seed, stop, threads, memory_budget, policy, prefetch,
-    storage_gbs, as_json,
+    bundle, prompt, prompt_ids, max_new_tokens, temperature, top_p, seed, stop, threads, memory_budget, policy,
+    prefetch, storage_gbs, as_json,
 ):  # fmt: skip
     r"""Generate tokens with a causal LM BUNDLE compiled with --max-seq.
 
     
     The prompt runs as one prefill step, then each token as one decode step on the bundle's
     key/value cache; every step routes its tokens through the expert cache like `edgemoe run`
-    (budget, policy, prefetch from the bundle's schedule unless overridden). Token ids stream to
-    stdout as they are chosen; a summary (time to first token, prefill and decode tokens/s, expert
-    cache) goes to stderr, or everything as one object with --json.
+    (budget, policy, prefetch from the bundle's schedule unless overridden). Text streams to
+    stdout as tokens are chosen (token ids where the bundle has no tokenizer); a summary (time to
+    first token, prefill and decode tokens/s, expert cache) goes to stderr, or everything as one
+    object with --json.
+
+    \b
+    Examples:
+      edgemoe compile mixtral-lm-bytes --max-seq 512 -o lm
+      edgemoe generate lm --prompt "def main(" --max-new-tokens 80
+      edgemoe generate lm --prompt "x = " --temperature 0.8 --top-p 0.9 --seed 1 --memory-budget 25%
     """
     from edgemoe.runtime.generate import generate_bundle
     from edgemoe.runtime.session import BUNDLE
 
-    try:
-        prompt = [int(t) for t in prompt_ids.split(",") if t.strip()]
-    except ValueError:
-        raise InputError(f"--prompt-ids takes comma-separated integers, got {prompt_ids!r}") from None
+    if (prompt is None) == (prompt_ids is None):
+        raise InputError("give the prompt as --prompt TEXT or as --prompt-ids IDS (one of them)")
+    if prompt_ids is not None:
+        try:
+            prompt = [int(t) for t in prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise InputError(f"--prompt-ids takes comma-separated integers, got {prompt_ids!r}") from None
 
-    def stream(token: int) -> None:
+    def stream(token: int, text: str) -> None:
         if not as_json:
-            click.echo(f"{token} ", nl=False)
+            click.echo(text if isinstance(prompt, str) else f"{token} ", nl=False)
+            sys.stdout.flush()  # a token shows when it is chosen
 
     res = generate_bundle(
         bundle,
@@ -501,6 +513,7 @@ def generate_cmd(
         click.echo(json.dumps(res, indent=2))
         return
     click.echo()
+    sys.stdout.flush()
     cache = res["cache"]
     click.echo(
         f"{len(res['tokens'])} tokens after a {res['prompt_tokens']}-token prompt: "

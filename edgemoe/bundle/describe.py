@@ -25,6 +25,8 @@ def describe_bundle(bundle: str | Path, check: bool = False) -> dict:
         for layer in m["moe_layers"]:
             for e in (*layer["experts"], *layer.get("shared", [])):
                 verified_path(root, e)
+        if "file" in m.get("tokenizer", {}):
+            verified_path(root, m["tokenizer"])
     graphs = [
         {
             "name": name,

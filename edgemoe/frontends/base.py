@@ -128,6 +128,13 @@ class ModelAdapter(abc.ABC):
 
         return sample_input(self.ir.input.to_json(), batch=samples, seed=seed)
 
+    def tokenizer(self) -> dict | None:
+        """How text becomes the model's token ids: ``{"kind": "bytes"}`` (UTF-8 bytes), or None (ids only).
+
+        A checkpoint folder's ``tokenizer.json`` is found by the bundle writer, not here.
+        """
+        return None
+
     def step_segment(self, index: int, max_seq: int) -> GraphPartition:
         """Trunk segment ``index`` for generation: new tokens on a key/value cache of ``max_seq`` positions.
 

@@ -568,41 +568,19 @@ class HFAdapter(ModelAdapter):
             raise ModelError(
                 f"{self.spec.model_class} has no next-token head: generation graphs are built for causal LMs"
             )
-        if max_seq < 8:
-            raise ConfigError(f"max_seq must be at least 8 positions, got {max_seq}")
+        partitions.check_max_seq(max_seq)
         start, stop, last = partitions.segment_bounds(index, self.moe_blocks, len(self.layers))
         module = _DecoderStepSegment(self, start, stop, index == 0, last, max_seq)
         if not module.attention_layers:  # no attention, nothing cached: the plain segment serves
             return self.segment(index)
         spec = self._ir.segments[index]
-        # Traced with the tokens at the end of a cache whose other slots hold random values, so the
-        # graph check sees the mask hide every slot it must.
-        seq = min(SAMPLE_SEQ, max_seq // 2)
-        tracing = partitions.Tracing(TRACING.axes, seq=seq)
-        examples = [tracing.example(s) for s in spec.inputs]
+        # What each layer caches (MLA caches compressed latents): the attention's own update calls say.
         probe = _WidthProbe()
+        examples = tuple(TRACING.example(s) for s in spec.inputs)
         with torch.no_grad():
-            module._layers(module._enter(tuple(examples)), torch.arange(seq), None, probe)
-        gen = torch.Generator().manual_seed(1)
-        caches, names_in, names_out = [], [], []
-        for layer in module.attention_layers:
-            for kind, (heads, width) in zip("kv", probe.widths[layer], strict=True):
-                caches.append(torch.randn(tracing.batch, heads, max_seq, width, generator=gen))
-                names_in.append(f"cache_{layer}_{kind}")
-                names_out.append(f"cache_{layer}_{kind}_out")
-        inputs = (*(s.name for s in spec.inputs), "past", *names_in)
-        outputs = (*(s.name for s in spec.outputs), *names_out)
-        axes = {n: TRACING.axes for n in (*(s.name for s in spec.inputs), *(s.name for s in spec.outputs))}
-        axes.update({n: {0: "batch"} for n in (*names_in, *names_out)})
-        return GraphPartition(
-            name=f"step_segment_{index}",
-            kind="step_segment",
-            module=module,
-            example_inputs=(*examples, torch.tensor([max_seq - seq - 1]), *caches),
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_axes=axes,
-        )
+            module._layers(module._enter(examples), torch.arange(SAMPLE_SEQ), None, probe)
+        widths = [(layer, *probe.widths[layer]) for layer in module.attention_layers]
+        return partitions.step_partition(spec, module, widths, max_seq, TRACING.axes)
 
     def gate(self, layer: int, task: str, keep: tuple[int, ...]) -> GraphPartition:
         self.task_index(task)

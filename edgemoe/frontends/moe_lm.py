@@ -184,6 +184,21 @@ class MoELMAdapter(NativeAdapter):
         module = partitions.PreNormSegment(self.model, start, stop, first=index == 0, last=last)
         return partitions.segment_partition(self._ir.segments[index], module, TRACING)
 
+    def tokenizer(self) -> dict | None:
+        # The text-trained models read UTF-8 bytes (vocab 256); the random-weight ones have no text.
+        return {"kind": "bytes"} if self.ir.name in text.TEXT_MODELS else None
+
+    def step_segment(self, index: int, max_seq: int) -> GraphPartition:
+        """Trunk segment ``index`` for generation, on a key/value cache of ``max_seq`` positions."""
+        partitions.check_max_seq(max_seq)
+        start, stop, last = partitions.segment_bounds(index, self.cfg.moe_blocks, self.cfg.depth)
+        module = partitions.PreNormStepSegment(self.model, start, stop, first=index == 0, last=last)
+        if not module.attention_layers:  # no attention, nothing cached: the plain segment serves
+            return self.segment(index)
+        kv = (self.cfg.heads, self.cfg.head_dim)
+        widths = [(layer, kv, kv) for layer in module.attention_layers]
+        return partitions.step_partition(self._ir.segments[index], module, widths, max_seq, TRACING.axes)
+
     def gate(self, layer: int, task: str, keep: tuple[int, ...]) -> GraphPartition:
         self.task_index(task)
         spec = self._ir.moe_layers[layer]

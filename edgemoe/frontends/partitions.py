@@ -144,6 +144,57 @@ def segment_partition(spec: DenseSegmentSpec, module: nn.Module, tracing: Tracin
     )
 
 
+def step_partition(
+    spec: DenseSegmentSpec,
+    module: nn.Module,
+    widths: Sequence[tuple[int, tuple[int, int], tuple[int, int]]],
+    max_seq: int,
+    axes: dict,
+) -> GraphPartition:
+    """The generation graph of trunk segment ``spec``: ``module`` on a key/value cache of ``max_seq`` positions.
+
+    ``module`` takes the plain segment's inputs, then ``past`` (int64 (1,): positions already
+    cached), then each attention layer's key and value buffers; it returns the plain segment's
+    outputs, then the updated buffers in the same order.
+
+    Args:
+        spec: The plain segment.
+        module: The generation segment.
+        widths: Per attention layer of the segment: (layer, (key heads, key width), (value heads, value width)).
+        max_seq: Cache positions.
+        axes: Dynamic axes of the plain segment's activations.
+    """
+    # Traced with the tokens at the end of a cache whose other slots hold random values, so the
+    # graph check sees the mask hide every slot it must.
+    seq = min(16, max_seq // 2)
+    tracing = Tracing(axes, seq=seq)
+    gen = torch.Generator().manual_seed(1)
+    caches, names_in, names_out = [], [], []
+    for layer, *kv in widths:
+        for kind, (heads, width) in zip("kv", kv, strict=True):
+            caches.append(torch.randn(tracing.batch, heads, max_seq, width, generator=gen))
+            names_in.append(f"cache_{layer}_{kind}")
+            names_out.append(f"cache_{layer}_{kind}_out")
+    plain_in, plain_out = tuple(s.name for s in spec.inputs), tuple(s.name for s in spec.outputs)
+    dynamic = {n: axes for n in plain_in + plain_out}
+    dynamic.update({n: {0: "batch"} for n in names_in + names_out})
+    return GraphPartition(
+        name=f"step_segment_{spec.index}",
+        kind="step_segment",
+        module=module,
+        example_inputs=(*(tracing.example(s) for s in spec.inputs), torch.tensor([max_seq - seq - 1]), *caches),
+        input_names=(*plain_in, "past", *names_in),
+        output_names=(*plain_out, *names_out),
+        dynamic_axes=dynamic,
+    )
+
+
+def check_max_seq(max_seq: int) -> None:
+    """Raise a ConfigError if a cache of ``max_seq`` positions is too small to trace generation graphs with."""
+    if max_seq < 8:
+        raise ConfigError(f"max_seq must be at least 8 positions, got {max_seq}")
+
+
 def check_kept(layer: int, keep: Sequence[int], top_k: int, task: str | None = None) -> None:
     """Raise a ConfigError if a gate's kept expert set cannot fill its top-k choice."""
     if len(keep) < top_k:
@@ -253,6 +304,36 @@ class PreNormSegment(nn.Module):
         moe_block = self.model.blocks[self.stop]
         x = moe_block.attend(x)
         return x, moe_block.norm2(x)
+
+
+class PreNormStepSegment(PreNormSegment):
+    """:class:`PreNormSegment` for generation: new tokens at positions ``past..`` on a key/value cache.
+
+    For models whose blocks' ``attn(x, cache)`` takes ``(keys, values, positions)`` and returns
+    ``(out, keys, values)`` with the new tokens written in (see ``models.moe_lm``). Inputs and
+    outputs as :func:`step_partition` describes.
+    """
+
+    @property
+    def attention_layers(self) -> range:
+        """The blocks whose attention this segment runs (the MoE block it ends at included)."""
+        return range(self.start, self.stop + (0 if self.last else 1))
+
+    def forward(self, *args: torch.Tensor):
+        n = 1 if self.first else 2
+        x = self.model.embed(args[0]) if self.first else args[0] + args[1]
+        past, flat = args[n], list(args[n + 1 :])
+        pos = past + torch.arange(x.shape[1], device=x.device)
+        out_caches = []
+        for j, i in enumerate(self.attention_layers):
+            block = self.model.blocks[i]
+            a, k, v = block.attn(block.norm1(x), (flat[2 * j], flat[2 * j + 1], pos))
+            out_caches += [k, v]
+            x = x + a
+            if i == self.stop:  # the MoE block: its MLP input leaves the segment
+                return (x, block.norm2(x), *out_caches)
+            x = x + block.mlp(block.norm2(x))
+        return (self.model.norm(x), *out_caches)
 
 
 class SwiGLUKernel(nn.Module):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
-from ..bundle.format import FORMAT_TAG, MANIFEST, SCHEMA_VERSION, is_bundle
+from ..bundle.format import FORMAT_TAG, MANIFEST, SCHEMA_VERSION, file_record, is_bundle
 from ..config import CompileConfig
 from ..devices import DeviceProfile
 from ..errors import OutputPathError
@@ -159,9 +159,30 @@ def _fill(staging, cfg, captured, profile, plan, target, device, progress) -> di
     }
     if plan.step_segments:
         manifest["generate"] = _generate_section(plan, graphs)
+    tokenizer = _tokenizer_section(staging, captured)
+    if tokenizer is not None:
+        manifest["tokenizer"] = tokenizer
     progress("write manifest")
     write_manifest(staging, manifest)
     return manifest
+
+
+def _tokenizer_section(staging: Path, captured) -> dict | None:
+    """The manifest's ``tokenizer`` section: the model's own (bytes), or a checkpoint folder's tokenizer.json.
+
+    The folder's file is copied into the bundle and checked like every blob before use.
+    """
+    own = captured.adapter.tokenizer()
+    if own is not None:
+        return own
+    source = captured.source
+    if source.get("weights_format") != "hf":
+        return None
+    path = Path(source["weights"]) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    shutil.copyfile(path, staging / "tokenizer.json")
+    return {"kind": "tokenizers", **file_record(staging, staging / "tokenizer.json")}
 
 
 def _generate_section(plan, graphs: dict) -> dict:

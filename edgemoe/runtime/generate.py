@@ -7,11 +7,12 @@ from pathlib import Path
 
 from .run import cache_report
 from .session import BUNDLE, Session
+from .tokenizer import load_tokenizer
 
 
 def generate_bundle(
     bundle: str | Path,
-    prompt: list[int],
+    prompt: str | list[int],
     max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -22,13 +23,13 @@ def generate_bundle(
     policy: str = BUNDLE,
     prefetch: str | None = BUNDLE,
     storage_gbs: float = 0.0,
-    on_token: Callable[[int], None] = lambda _token: None,
+    on_token: Callable[[int, str], None] = lambda _token, _text: None,
 ) -> dict:
     """Generate tokens after ``prompt`` on a bundle compiled with ``--max-seq``.
 
     Args:
         bundle: Bundle folder.
-        prompt: Prompt token ids.
+        prompt: Prompt text (encoded by the bundle's tokenizer), or token ids.
         max_new_tokens: Tokens to generate (fewer when ``stop`` comes first).
         temperature: 0: greedy; else sampling at this temperature.
         top_p: Nucleus sampling threshold.
@@ -39,12 +40,13 @@ def generate_bundle(
         policy: Eviction policy; default: the schedule's (else ``lru``).
         prefetch: Prefetch predictor (``none``: off); default: the schedule's plan.
         storage_gbs: Throttle expert loads to this bandwidth (GB/s; 0: unthrottled).
-        on_token: Called with each token id as soon as it is chosen (streaming).
+        on_token: Called with each token id and the text it completes ("" without a tokenizer)
+            as soon as it is chosen (streaming).
 
     Returns:
-        The ``edgemoe generate --json`` object: ``tokens``, ``prompt_tokens``, ``ttft_ms``,
-        ``prefill_tok_s``, ``decode_tok_s``, ``cache_bytes`` (key/value cache) and ``cache``
-        (the expert cache, as ``edgemoe run`` reports it).
+        The ``edgemoe generate --json`` object: ``tokens``, ``text`` (None without a tokenizer),
+        ``prompt_tokens``, ``ttft_ms``, ``prefill_tok_s``, ``decode_tok_s``, ``kv_cache_bytes``,
+        ``sampling`` and ``cache`` (the expert cache, as ``edgemoe run`` reports it).
     """
     if prefetch in ("none", "off"):
         prefetch = None
@@ -56,13 +58,20 @@ def generate_bundle(
         prefetch=prefetch,
         storage_gbs=storage_gbs,
     )
+    tokenizer = None
+    if isinstance(prompt, str):
+        tokenizer = load_tokenizer(session.root, session.manifest)
+        prompt = tokenizer.encode(prompt)
+    elif "tokenizer" in session.manifest:
+        tokenizer = load_tokenizer(session.root, session.manifest)
     tokens = []
     for token in session.generate(prompt, max_new_tokens, temperature, top_p, seed, stop):
         tokens.append(token)
-        on_token(token)
+        on_token(token, "" if tokenizer is None else tokenizer.push(token))
     gen = session.last_generation
     return {
         "tokens": tokens,
+        "text": None if tokenizer is None else tokenizer.decode(tokens),
         "prompt_tokens": gen.prompt_tokens,
         "ttft_ms": gen.ttft_ms,
         "prefill_tok_s": gen.prefill_tok_s,

@@ -132,20 +132,38 @@ class CausalSelfAttention(nn.Module):
         # Derived from the config, not a weight: kept out of the state dict and its digest.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, ...] | None = None):
+        """Attend over ``x``'s tokens, or over a key/value cache (generation).
+
+        Args:
+            x: (B, S, dim).
+            cache: None, or ``(keys, values, positions)``: this layer's cache buffers
+                (B, heads, max_seq, head_dim) and the positions of ``x``'s tokens in it.
+
+        Returns:
+            The attention output; with ``cache``, ``(output, keys, values)``: the buffers with
+            ``x``'s keys and values written at their positions (out of place). Slots after a
+            query's position are masked, so unwritten slots never count.
+        """
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        pos = torch.arange(n, device=x.device)
+        pos = torch.arange(n, device=x.device) if cache is None else cache[2]
         angles = pos.to(x.dtype)[:, None] * self.inv_freq[None, :]
         angles = torch.cat([angles, angles], dim=-1)
         cos, sin = angles.cos(), angles.sin()
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        future = pos[None, :] > pos[:, None]
+        keys = pos
+        if cache is not None:
+            slots = pos.view(1, 1, n, 1).expand(b, self.heads, n, self.head_dim)
+            k, v = cache[0].scatter(2, slots, k), cache[1].scatter(2, slots, v)
+            keys = torch.arange(k.shape[2], device=x.device)
+        future = keys[None, :] > pos[:, None]
         logits = (q @ k.transpose(-2, -1)) * self.scale
         attn = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+        out = self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+        return out if cache is None else (out, k, v)
 
 
 class SwiGLU(nn.Module):
