@@ -25,16 +25,37 @@ def _save(name: str, folder, dtype=torch.float32, shard="60KB"):
 def test_a_saved_folder_compiles_to_the_named_models_bundle(name, bundle_factory, tmp_path):
     folder = _save(name, tmp_path / name)
     assert (folder / "model.safetensors.index.json").is_file()  # sharded, read through the index
-    bundle = bundle_factory(str(folder))
+    causal = CONFIGS[name]["arch"] != "switch_transformers"  # the encoder has nothing to generate with
+    bundle = bundle_factory(str(folder), **({"max_seq": 48} if causal else {}))
     source = read_manifest(bundle)["model"]["source"]
     named = read_manifest(bundle_factory(name))["model"]["source"]
     assert source["weights_format"] == "hf" and source["weights"] == str(folder.resolve())
     # The same weights as the model built in code (the library converts its saved expert layout back).
     assert source["state_sha256"] == named["state_sha256"]
-    ad = HFAdapter(resolve_model(name).build())
+    model = resolve_model(name).build()
+    ad = HFAdapter(model)
     task = ad.ir.task_names[0]
     x = np.random.default_rng(0).integers(0, ad.ir.input.high, (2, 7))
-    assert np.abs(Session(bundle, task).run(x) - ad.reference(x, task)).max() <= 1e-4
+    session = Session(bundle, task)
+    assert np.abs(session.run(x) - ad.reference(x, task)).max() <= 1e-4
+    if causal:  # greedy generation from the folder's bundle = transformers' generate, token for token
+        prompt = np.random.default_rng(1).integers(3, ad.ir.input.high, 8)
+        model.generation_config.eos_token_id = None
+        with torch.no_grad():
+            want = model.generate(torch.from_numpy(prompt)[None], max_new_tokens=32, do_sample=False, pad_token_id=0)
+        assert list(session.generate(prompt, 32)) == want[0, 8:].tolist()
+
+
+def test_a_folder_compiles_with_a_memory_budget_and_verifies(run_cli, tmp_path):
+    """The planner and verify rebuild the source model from the folder the manifest names."""
+    folder = _save("hf-qwen3-moe-micro", tmp_path / "qwen3")
+    out = tmp_path / "out"
+    result = run_cli("compile", folder, "--memory-budget", "25%", "--max-seq", "32", "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert read_manifest(out)["schedule"]["budget_bytes"] > 0
+    result = run_cli("verify", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["passed"]
 
 
 def test_a_bf16_folder_loads_as_float32_and_verifies(run_cli, tmp_path):

@@ -156,6 +156,7 @@ def trace_inputs(bundle: str | Path, heldout: int = 8) -> tuple[np.ndarray, np.n
             CompileConfig(
                 model=manifest["model"]["name"],
                 weights=source.get("weights"),
+                weights_format=source.get("weights_format", "edgemoe"),
                 tasks=tuple(manifest["tasks"]),
                 model_family=source["family"],
                 model_config=source["config"],
