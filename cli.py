@@ -223,6 +223,12 @@ def cli():
     help="Causal LMs: also emit generation graphs on a key/value cache of this many positions "
     "(prompt + new tokens), for `edgemoe generate`.",
 )
+@click.option(
+    "--allow-nonfinite",
+    "allow_nonfinite",
+    is_flag=True,
+    help="Compile even if weights hold NaN or Inf (refused by default, naming the tensors).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 @_handle_errors
@@ -247,6 +253,7 @@ def compile_cmd(
     tuning_db,
     fixed,
     max_seq,
+    allow_nonfinite,
     as_json,
     quiet,
 ):
@@ -308,6 +315,7 @@ def compile_cmd(
         tuning_db=tuning_db,
         fixed=fixed,
         max_seq=max_seq,
+        allow_nonfinite=allow_nonfinite,
     )
     if tuning_db and target != "tvm":
         raise ConfigError(f"--tuning-db is for --target tvm, not {target}")

@@ -10,6 +10,7 @@ from .devices import get_device
 from .errors import ConfigError, EdgeMoEWarning
 from .passes.calibrate_activations import AdapterCalibration, calibrate_activations
 from .passes.capture_model import capture_model
+from .passes.check_finite_weights import check_finite_weights
 from .passes.measure_accuracy import bundle_bytes, measure_accuracy
 from .passes.partition_model import partition_model
 from .passes.plan_schedule import check_budget_text, plan_schedule
@@ -55,6 +56,8 @@ def compile_model(cfg: CompileConfig, out: str | Path, progress: Progress = lamb
     captured = capture_model(cfg)
     for note in captured.source.get("weights_notes", ()):
         progress(f"checkpoint: {note}")
+    for name in check_finite_weights(captured, cfg.allow_nonfinite):
+        warnings.warn(EdgeMoEWarning(f"non-finite weights compiled as asked: {name}"), stacklevel=2)
     progress(f"profile routing on {cfg.calib_samples} calibration inputs x {len(captured.tasks)} tasks")
     profile = profile_routing(captured, cfg.calib_samples, cfg.calib_seed)
     expert_sets = prune_experts(captured, profile, cfg.prune, cfg.prune_below)

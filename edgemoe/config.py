@@ -40,6 +40,8 @@ class CompileConfig:
         max_seq: Causal LMs: also emit generation graphs (each trunk segment on a key/value cache
             of this many positions, prompt and new tokens together) for ``edgemoe generate``.
             None: no generation graphs.
+        allow_nonfinite: Compile a model whose weights hold NaN or Inf (warned about by name)
+            instead of refusing it.
     """
 
     model: str
@@ -60,3 +62,4 @@ class CompileConfig:
     tuning_db: str | None = None
     fixed: str | None = None
     max_seq: int | None = None
+    allow_nonfinite: bool = False

@@ -98,7 +98,44 @@ def read_manifest(bundle: str | Path) -> dict:
         raise BundleError(f"garbled manifest {path}: missing {', '.join(missing)}")
     if len(manifest["segments"]) != len(manifest["moe_layers"]) + 1:
         raise BundleError(f"garbled manifest {path}: segments and MoE layers do not interleave")
+    _check_expert_records(path, manifest["moe_layers"])
     return manifest
+
+
+def _check_expert_records(path: Path, layers) -> None:
+    """Each layer lists each expert once, within its expert count, with a non-negative size.
+
+    A duplicated index would let one record's file stand in for another expert's weights; a size is
+    what the runtime allocates before the blob's own check, so it must at least be a byte count.
+    """
+    try:
+        for li, layer in enumerate(layers):
+            n = int(layer["num_experts"])
+            seen: set[int] = set()
+            for e in layer["experts"]:
+                index, size = e["index"], e["bytes"]
+                if not isinstance(index, int) or not 0 <= index < n:
+                    raise BundleError(f"garbled manifest {path}: layer {li} lists expert {index!r} (it has {n})")
+                if index in seen:
+                    raise BundleError(f"garbled manifest {path}: layer {li} lists expert {index} twice")
+                if not isinstance(size, int) or size < 0:
+                    raise BundleError(f"garbled manifest {path}: expert {index} of layer {li} has size {size!r}")
+                seen.add(index)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"garbled manifest {path}: an MoE layer record lacks or garbles {exc}") from None
+
+
+def check_blob_sizes(root: Path, records) -> None:
+    """Each listed blob's file exists and has the size its record says (before anything is allocated for it).
+
+    Raises:
+        IntegrityError: A file is missing or its size differs from the record.
+    """
+    for record in records:
+        path, rel, size, _digest = _resolve(root, record)
+        actual = path.stat().st_size
+        if actual != size:
+            raise IntegrityError(f"bundle file {rel} has {actual} bytes, manifest says {size} (truncated or replaced)")
 
 
 def _resolve(root: Path, record: dict) -> tuple[Path, str, int, str]:

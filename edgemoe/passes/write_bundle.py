@@ -65,6 +65,7 @@ def write_bundle(
     out = Path(out)
     check_output_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
     staging = out.parent / f".{out.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
@@ -77,6 +78,40 @@ def write_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove what killed compiles to ``out`` left beside it; return what was removed.
+
+    A staging folder is named after the compile's process id (``.<name>.staging-<pid>-<random>``):
+    one whose process is gone was left by a compile that was killed (an exception removes its own).
+    The backup of a replaced bundle (``.<name>.old-<random>``) only outlives an interrupted rename;
+    it goes once a bundle is at ``out`` again (before that it may be the only copy). Folders of
+    live compiles are left alone.
+    """
+    removed = []
+    for path in out.parent.glob(f".{out.name}.*"):
+        rest = path.name[len(out.name) + 2 :]
+        if rest.startswith("staging-"):
+            pid = rest.split("-")[1]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+        elif not (rest.startswith("old-") and is_bundle(out)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _fill(staging, cfg, captured, profile, plan, target, device, progress) -> dict:

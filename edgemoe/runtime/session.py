@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle.format import decode_expert, read_manifest, read_verified
+from ..bundle.format import check_blob_sizes, decode_expert, read_manifest, read_verified
 from ..errors import BundleError, ConfigError, InputError, TaskError
 from ..swap.budget import check_budget, expert_sizes, parse_budget
 from ..swap.policies import count_probabilities, make_policy
@@ -234,6 +234,9 @@ class Session:
         self.program: TaskProgram = self.executor.program(self.root, m, task, recorder)
         self._records = [{e["index"]: e for e in layer["experts"]} for layer in self.layers]
         self.kept = self._kept_sets(task, self._task)
+        # The cache allocates each expert's buffer from its record's size before the blob's sha256
+        # check: a record must not make it allocate more than the file holds.
+        check_blob_sizes(self.root, (self._records[li][e] for li, keep in enumerate(self.kept) for e in keep))
         self._runs = 0
         self.last_generation: GenerationStats | None = None
         self.last_logits: np.ndarray | None = None

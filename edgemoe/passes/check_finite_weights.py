@@ -1,0 +1,38 @@
+"""Stage 1b: refuse a model whose weights hold NaN or Inf, naming the tensors.
+
+A non-finite weight compiles and runs without complaint and turns every output it reaches into
+NaN; from a checkpoint someone else trained, that is a broken file, not a model to deploy.
+"""
+
+from __future__ import annotations
+
+from ..errors import ModelError
+from .capture_model import CapturedModel
+
+SHOWN = 5  # tensors named in the error (the count says how many more)
+
+
+def check_finite_weights(captured: CapturedModel, allow: bool = False) -> list[str]:
+    """The model's parameters that hold NaN or Inf (empty if none).
+
+    Args:
+        captured: The captured model (its adapter's torch module).
+        allow: Return the names instead of refusing (``--allow-nonfinite``).
+
+    Raises:
+        ModelError: Some parameter holds NaN or Inf and ``allow`` is False.
+    """
+    import torch
+
+    bad = []
+    for name, p in captured.adapter.model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            kinds = [k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if bool(f(p).any())]
+            bad.append(f"{name} ({'/'.join(kinds)})")
+    if bad and not allow:
+        more = f" and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
+        raise ModelError(
+            f"{captured.ir.name}: non-finite weights in {', '.join(bad[:SHOWN])}{more}: every output they reach "
+            "would be NaN (--allow-nonfinite compiles it anyway)"
+        )
+    return bad

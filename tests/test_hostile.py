@@ -1,0 +1,118 @@
+"""Untrusted files (issue 17, first cases): each is refused with its class's exit code and one line."""
+
+import json
+import os
+import subprocess
+
+import pytest
+from helpers import read_manifest
+
+from edgemoe.errors import BundleError, IntegrityError, ModelError
+from edgemoe.models import resolve_model
+
+
+def _one_line(result) -> str:
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.startswith("error")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def _edit_manifest(bundle, change) -> None:
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_a_manifest_listing_an_expert_twice_is_refused(run_cli, micro_bundle):
+    def twice(m):
+        experts = m["moe_layers"][0]["experts"]
+        experts[1]["index"] = experts[0]["index"]
+
+    _edit_manifest(micro_bundle, twice)
+    result = run_cli("run", micro_bundle, "--task", "semseg")
+    assert result.exit_code == BundleError.exit_code
+    assert "layer 0 lists expert" in _one_line(result) and "twice" in result.stderr
+
+
+def test_an_expert_index_outside_the_layer_is_refused(run_cli, micro_bundle):
+    _edit_manifest(micro_bundle, lambda m: m["moe_layers"][1]["experts"][0].update(index=99))
+    result = run_cli("run", micro_bundle, "--task", "semseg")
+    assert result.exit_code == BundleError.exit_code
+    assert "layer 1 lists expert 99" in _one_line(result)
+
+
+def test_a_size_claim_beyond_the_file_is_refused_before_allocating(run_cli, micro_bundle):
+    """A record claiming 4 GB fails on the file's size at session start, not after allocating 4 GB."""
+    _edit_manifest(micro_bundle, lambda m: m["moe_layers"][0]["experts"][0].update(bytes=4 << 30))
+    result = run_cli("run", micro_bundle, "--task", "semseg")
+    assert result.exit_code == IntegrityError.exit_code
+    assert "manifest says 4294967296" in _one_line(result)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_killed_compiles_leftovers_go_with_the_next_compile(run_cli, tmp_path):
+    out = tmp_path / "b"
+    assert run_cli("compile", "m3vit-micro", "-o", out, "-q").exit_code == 0
+    stale = tmp_path / f".b.staging-{_dead_pid()}-0badc0de"
+    backup = tmp_path / ".b.old-12345678"
+    for folder in (stale, backup):
+        (folder / "graphs").mkdir(parents=True)
+        (folder / "graphs" / "x.onnx").write_bytes(b"half-written")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        live = tmp_path / f".b.staging-{sleeper.pid}-0fedcba9"  # a compile still running elsewhere
+        live.mkdir()
+        other = tmp_path / ".c.staging-1-00000000"  # another output's
+        other.mkdir()
+        assert run_cli("compile", "m3vit-micro", "-o", out, "-q").exit_code == 0
+        assert not stale.exists() and not backup.exists()
+        assert live.exists() and other.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_non_finite_weights_are_refused_by_name(run_cli, tmp_path):
+    from safetensors.torch import save_file
+
+    model = resolve_model("m3vit-micro").build()
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    name = next(k for k in state if "experts" in k and k.endswith("weight"))
+    state[name].view(-1)[3] = float("nan")
+    ckpt = tmp_path / "nan.safetensors"
+    save_file(state, str(ckpt))
+    out = tmp_path / "out"
+    result = run_cli("compile", "m3vit-micro", "--weights", ckpt, "-o", out, "-q")
+    assert result.exit_code == ModelError.exit_code
+    line = _one_line(result)
+    assert name in line and "(NaN)" in line and "--allow-nonfinite" in line
+    assert not out.exists()
+    result = run_cli("compile", "m3vit-micro", "--weights", ckpt, "--allow-nonfinite", "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert f"non-finite weights compiled as asked: {name}" in result.stderr
+    assert read_manifest(out)["model"]["name"] == "m3vit-micro"
+    assert os.listdir(tmp_path)  # the compile left its bundle and nothing hidden beside it
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out.")]
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf"])
+def test_infinite_weights_are_named_too(tmp_path, value):
+    import torch
+
+    from edgemoe.config import CompileConfig
+    from edgemoe.passes.capture_model import capture_model
+    from edgemoe.passes.check_finite_weights import check_finite_weights
+
+    captured = capture_model(CompileConfig(model="m3vit-micro"))
+    param = next(iter(captured.adapter.model.parameters()))
+    with torch.no_grad():
+        param.view(-1)[0] = float(value)
+    with pytest.raises(ModelError, match=r"\(Inf\)"):
+        check_finite_weights(captured)
+    assert len(check_finite_weights(captured, allow=True)) == 1
