@@ -163,6 +163,7 @@ def _read_checkpoint(p: Path) -> Any:
     import pickle
 
     import torch
+    from safetensors import SafetensorError
 
     try:
         if p.suffix == ".safetensors":
@@ -188,6 +189,9 @@ def _read_checkpoint(p: Path) -> Any:
             "unpickle arbitrary objects; where you trust the file, re-save its tensors alone, e.g. "
             "torch.save({'state_dict': torch.load(f, weights_only=False)['state_dict']}, 'clean.pth')"
         ) from None
+    except SafetensorError as exc:  # a truncated, overlapping or random-bytes file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load checkpoint {p}: not a whole safetensors file ({first})") from None
     except (RuntimeError, OSError, ValueError, KeyError, EOFError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load checkpoint {p}: {first}") from None

@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import subprocess
 
+import numpy as np
 import pytest
 from helpers import read_manifest
 
@@ -116,3 +118,51 @@ def test_infinite_weights_are_named_too(tmp_path, value):
     with pytest.raises(ModelError, match=r"\(Inf\)"):
         check_finite_weights(captured)
     assert len(check_finite_weights(captured, allow=True)) == 1
+
+
+GARBLED = {
+    "no-gates": (lambda m: m["tasks"]["semseg"].pop("gates"), "tasks.semseg.gates must be one name per MoE layer"),
+    "no-kernel": (lambda m: m["moe_layers"][0].pop("kernel"), r"moe_layers\[0\].kernel must be a name"),
+    "tensors-not-a-list": (
+        lambda m: m["moe_layers"][0]["experts"][0].update(tensors=5),
+        r"moe_layers\[0\].experts\[0\].tensors must be a list",
+    ),
+    "negative-offset": (
+        lambda m: m["moe_layers"][1]["experts"][0]["tensors"][0].update(offset=-8),
+        "non-negative offset",
+    ),
+    "no-input-shape": (lambda m: m["input"].pop("shape"), "input.shape must be a list"),
+    "kept-sets-short": (
+        lambda m: m["tasks"]["semseg"].update(experts=[[0]]),
+        "tasks.semseg.experts must be one list of expert ids per MoE layer",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", GARBLED)
+def test_garbled_nested_manifest_fields_are_bundle_errors(run_cli, micro_bundle, case):
+    """Each was an internal error (KeyError, TypeError, ValueError: exit 1) before the structure check."""
+    change, message = GARBLED[case]
+    _edit_manifest(micro_bundle, change)
+    for command in (("run", micro_bundle, "--task", "semseg"), ("inspect", micro_bundle, "--check")):
+        result = run_cli(*command)
+        assert result.exit_code == BundleError.exit_code, (command, result.output)
+        assert re.search(message, _one_line(result))
+
+
+@pytest.mark.parametrize("damage", ["random-bytes", "truncated"])
+def test_a_broken_safetensors_checkpoint_is_a_model_error(run_cli, tmp_path, damage):
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "w.safetensors"
+    if damage == "random-bytes":
+        ckpt.write_bytes(np.random.default_rng(0).bytes(5000))
+    else:
+        model = resolve_model("m3vit-micro").build()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+        data = ckpt.read_bytes()
+        ckpt.write_bytes(data[: len(data) // 2])
+    result = run_cli("compile", "m3vit-micro", "--weights", ckpt, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == ModelError.exit_code
+    assert "not a whole safetensors file" in _one_line(result)
+    assert not (tmp_path / "out").exists()

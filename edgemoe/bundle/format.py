@@ -98,8 +98,76 @@ def read_manifest(bundle: str | Path) -> dict:
         raise BundleError(f"garbled manifest {path}: missing {', '.join(missing)}")
     if len(manifest["segments"]) != len(manifest["moe_layers"]) + 1:
         raise BundleError(f"garbled manifest {path}: segments and MoE layers do not interleave")
+    _check_structure(path, manifest)
     _check_expert_records(path, manifest["moe_layers"])
     return manifest
+
+
+def _need(path: Path, ok: bool, where: str, what: str) -> None:
+    if not ok:
+        raise BundleError(f"garbled manifest {path}: {where} must be {what}")
+
+
+def _check_structure(path: Path, m: dict) -> None:
+    """The fields the runtime reads have the types it reads them as (a manifest is an untrusted file).
+
+    The JSON Schema says more; this is what a session relies on before it touches a file, so a
+    garbled manifest is one BundleError line instead of a KeyError deep in a run.
+    """
+    graphs, layers = m["graphs"], m["moe_layers"]
+    _need(path, isinstance(graphs, dict) and all(isinstance(g, dict) for g in graphs.values()), "graphs", "an object")
+    _need(path, isinstance(layers, list) and all(isinstance(x, dict) for x in layers), "moe_layers", "a list")
+    # Names are strings here; whether each is a graph is for the executor (an HLS bundle's are steps
+    # of its one accelerator, not files).
+    _need(path, isinstance(m["segments"], list) and all(isinstance(g, str) for g in m["segments"]), "segments", "names")
+    spec = m["input"]
+    _need(path, isinstance(spec, dict) and isinstance(spec.get("shape"), list), "input.shape", "a list")
+    _need(path, isinstance(spec.get("dtype"), str), "input.dtype", "a string")
+    for li, layer in enumerate(layers):
+        where = f"moe_layers[{li}]"
+        _need(path, isinstance(layer.get("num_experts"), int), f"{where}.num_experts", "an integer")
+        _need(path, isinstance(layer.get("top_k"), int), f"{where}.top_k", "an integer")
+        _need(path, isinstance(layer.get("kernel"), str), f"{where}.kernel", "a name")
+        for key in ("experts", "shared"):
+            records = layer.get(key, [])
+            _need(path, isinstance(records, list), f"{where}.{key}", "a list")
+            for j, e in enumerate(records):
+                at = f"{where}.{key}[{j}]"
+                _need(path, isinstance(e, dict) and isinstance(e.get("tensors"), list), f"{at}.tensors", "a list")
+                for t in e["tensors"]:
+                    _need(
+                        path,
+                        isinstance(t, dict)
+                        and isinstance(t.get("name"), str)
+                        and isinstance(t.get("dtype"), str)
+                        and isinstance(t.get("offset"), int)
+                        and t["offset"] >= 0
+                        and isinstance(t.get("shape"), list)
+                        and all(isinstance(d, int) and d >= 0 for d in t["shape"]),
+                        f"{at}.tensors",
+                        "records of name, dtype, non-negative offset and shape",
+                    )
+                _need(path, isinstance(e.get("kernel", ""), str), f"{at}.kernel", "a name")
+    _need(path, isinstance(m["tasks"], dict) and m["tasks"], "tasks", "a non-empty object")
+    for name, task in m["tasks"].items():
+        where = f"tasks.{name}"
+        _need(path, isinstance(task, dict) and isinstance(task.get("head"), str), f"{where}.head", "a name")
+        gates = task.get("gates")
+        _need(
+            path,
+            isinstance(gates, list) and len(gates) == len(layers) and all(isinstance(g, str) for g in gates),
+            f"{where}.gates",
+            "one name per MoE layer",
+        )
+        kept = task.get("experts")
+        _need(
+            path,
+            isinstance(kept, list)
+            and len(kept) == len(layers)
+            and all(isinstance(k, list) and all(isinstance(e, int) for e in k) for k in kept),
+            f"{where}.experts",
+            "one list of expert ids per MoE layer",
+        )
 
 
 def _check_expert_records(path: Path, layers) -> None:
