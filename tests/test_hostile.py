@@ -166,3 +166,53 @@ def test_a_broken_safetensors_checkpoint_is_a_model_error(run_cli, tmp_path, dam
     assert result.exit_code == ModelError.exit_code
     assert "not a whole safetensors file" in _one_line(result)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_blob_rewritten_in_place_is_caught_on_reload(bundle_factory, tmp_path):
+    """Same size, mtime put back: the reload after an eviction still checks (the ctime moved)."""
+    import shutil
+
+    from edgemoe.bundle.format import sample_input
+    from edgemoe.runtime import Session
+
+    bundle = tmp_path / "b"
+    shutil.copytree(bundle_factory("m3vit-micro"), bundle)
+    session = Session(bundle, "semseg", memory_budget="25%", policy="lru")
+    x = sample_input(session.input_spec, batch=1, seed=0)
+    session.run(x)
+    assert session.stats.evictions > 0
+    for blob in (bundle / "experts").iterdir():
+        st = blob.stat()
+        data = bytearray(blob.read_bytes())
+        data[-1] ^= 0xFF
+        with open(blob, "r+b") as f:  # in place: same inode, same size
+            f.write(data)
+        os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(IntegrityError, match="fails its sha256 check"):
+        for _ in range(3):
+            session.run(x)
+
+
+def test_output_storage_errors_name_the_output(run_cli, tmp_path):
+    result = run_cli("compile", "m3vit-micro", "-o", "/proc/edgemoe-bundle", "-q")
+    from edgemoe.errors import OutputPathError
+
+    assert result.exit_code == OutputPathError.exit_code
+    assert "cannot write a bundle at /proc/edgemoe-bundle" in _one_line(result)
+
+
+def test_a_full_disk_is_an_output_error_with_nothing_left(run_cli, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip("mounting a small tmpfs needs privileges this machine does not give")
+    try:
+        from edgemoe.errors import OutputPathError
+
+        result = run_cli("compile", "m3vit-micro", "-o", small / "b", "-q")
+        assert result.exit_code == OutputPathError.exit_code
+        assert "No space left on device" in _one_line(result)
+        assert os.listdir(small) == []  # the staging folder went too
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

@@ -8,6 +8,7 @@ bundle at the output path.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import shutil
@@ -64,20 +65,48 @@ def write_bundle(
     """
     out = Path(out)
     check_output_path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out)
-    staging = out.parent / f".{out.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(out)
+        staging = out.parent / f".{out.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+    except OSError as exc:
+        raise OutputPathError(f"cannot write a bundle at {out}: {_os_reason(exc)}") from None
     try:
         manifest = _fill(staging, cfg, captured, profile, plan, target, device, progress)
         if finalize is not None:
             manifest = finalize(staging, manifest)
             write_manifest(staging, manifest)
         _install(staging, out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno not in _STORAGE_ERRNOS and not _inside(exc.filename, out.parent):
+            raise  # not the output's fault (a tool or an input file): its own error
+        # Disk full, read-only or vanished output: say where; nothing is left behind.
+        raise OutputPathError(f"cannot write the bundle at {out}: {_os_reason(exc)}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+# Errors that are the output storage's whatever file was being written (a write() names none).
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _inside(filename, folder: Path) -> bool:
+    if not filename:
+        return False
+    try:
+        return Path(os.fsdecode(filename)).resolve().is_relative_to(folder.resolve())
+    except (OSError, ValueError):
+        return False
+
+
+def _os_reason(exc: OSError) -> str:
+    """``No space left on device (writing .../graphs/x.onnx)``: the OS's reason and the file."""
+    reason = exc.strerror or type(exc).__name__
+    return f"{reason} ({exc.filename})" if exc.filename else reason
 
 
 def _alive(pid: int) -> bool:

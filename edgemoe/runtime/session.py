@@ -112,6 +112,11 @@ class SwitchStats:
     loaded: tuple[tuple[int, int], ...] = ()
 
 
+def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What identifies a checked file's bytes without reading them: size, inode, mtime and ctime."""
+    return (st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+
 @dataclass(frozen=True)
 class GenerationStats:
     """Timing of one :meth:`Session.generate` (wall clock, expert loads and stalls included).
@@ -350,8 +355,10 @@ class Session:
     def _read_expert(self, key: tuple[int, int], into: bytearray) -> dict[str, object]:
         """Read an expert blob into ``into`` (its size), sha256-checked on its first load, and place it.
 
-        A reload after eviction skips the hash when the file's size, mtime and inode are still
-        those it had when it was checked (hashing on every swap would cost more than the read).
+        A reload after eviction skips the hash when the file's size, inode, mtime and ctime are
+        still those it had when it was checked (hashing on every swap would cost more than the
+        read). The ctime is the kernel's: a rewrite in place changes it even when the writer puts
+        the size and mtime back.
 
         Returns:
             The expert's tensors: views on ``into``, or the executor's copies on its device
@@ -366,7 +373,7 @@ class Session:
                 try:
                     st = os.fstat(fd)
                     # One read straight into the buffer the tensors will view.
-                    if (st.st_size, st.st_mtime_ns, st.st_ino) == signature and os.readv(fd, [into]) == len(into):
+                    if _signature(st) == signature and os.readv(fd, [into]) == len(into):
                         return self.executor.place(decode_expert(into, record["tensors"]))
                 finally:
                     os.close(fd)
@@ -377,7 +384,7 @@ class Session:
         memoryview(into)[:] = read_verified(self.root, record)  # checked to be the record's size, as ``into``
         weights = decode_expert(into, record["tensors"])
         if st is not None:
-            self._verified[key] = (path, (st.st_size, st.st_mtime_ns, st.st_ino))
+            self._verified[key] = (path, _signature(st))
         return self.executor.place(weights)
 
     def _check_kept(self, layer: int, expert: int) -> None:
