@@ -677,6 +677,11 @@ def plan_cmd(bundle, device, budget, policy, heldout, plots_dir, no_write, as_js
     """
     from edgemoe.schedule.planner import plan_bundle, render_plan
 
+    if plots_dir:  # before the manifest is rewritten: a missing plotting library must not leave half a job
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise DependencyError("--plots needs matplotlib: pip install 'edgemoe[compiler]'") from None
     keep = bool(plots_dir)
     notes: list[str] = []
     with _budget_warnings(notes):

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -216,3 +217,24 @@ def test_a_full_disk_is_an_output_error_with_nothing_left(run_cli, tmp_path):
         assert os.listdir(small) == []  # the staging folder went too
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_plan_plots_without_matplotlib_fail_before_the_manifest_changes(run_cli, micro_bundle, monkeypatch, tmp_path):
+    from edgemoe.errors import DependencyError
+
+    before = (micro_bundle / "manifest.json").read_bytes()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without it raises on import
+    result = run_cli("plan", micro_bundle, "--budget", "50%", "--plots", tmp_path / "plots")
+    assert result.exit_code == DependencyError.exit_code
+    assert "--plots needs matplotlib" in _one_line(result)
+    assert (micro_bundle / "manifest.json").read_bytes() == before
+
+
+def test_a_bundle_whose_executor_is_not_installed_is_a_dependency_error(run_cli, bundle_factory, monkeypatch):
+    from edgemoe.errors import DependencyError
+
+    bundle = bundle_factory("m3vit-micro")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    result = run_cli("run", bundle, "--task", "semseg")
+    assert result.exit_code == DependencyError.exit_code
+    assert "executor 'onnxruntime' needs the package 'onnxruntime'" in _one_line(result)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import BundleError
+from ..errors import BundleError, DependencyError
 
 if TYPE_CHECKING:
     from .program import TaskProgram
@@ -134,10 +134,14 @@ def get_executor(name: str, **options) -> Executor:
     """Instantiate the executor a bundle asks for.
 
     Raises:
-        BundleError: Unknown executor, or its runtime library is not installed.
+        BundleError: Unknown executor.
+        DependencyError: Its runtime library is not installed (the bundle is fine; this install lacks it).
     """
-    cls = executor_class(name)
     try:
+        cls = executor_class(name)
         return cls(**options)
     except ImportError as exc:
-        raise BundleError(f"executor '{name}' needs a package that is not installed: {exc.name}") from None
+        raise DependencyError(
+            f"executor '{name}' needs the package '{exc.name}', which is not installed here "
+            f"(pip install 'edgemoe[{name if name in ('tvm',) else 'runtime'}]')"
+        ) from None
