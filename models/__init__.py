@@ -96,8 +96,50 @@ class ModelEntry:
         """Build the torch module and load its checkpoint, if any."""
         return self.build_with_notes()[0]
 
+    def param_count(self) -> int | None:
+        """Parameters the config builds (at least), computed without building anything.
+
+        The hf family counts its transformers model on torch's meta device (stacked expert
+        tensors: no per-expert objects). The native families get a lower bound from their sizes:
+        the experts of one MoE layer plus each block's attention and every embedding row; a meta
+        build would still create one Python module per expert, which is what an absurd config
+        must not get to do. None: no size fields to bound.
+        """
+        fam = family_module(self.family)
+        if hasattr(fam, "param_count"):
+            return fam.param_count(self.config)
+        full = fam.normalize(self.config) if hasattr(fam, "normalize") else dict(self.config)
+
+        def size(key: str) -> int:
+            value = full.get(key, 0)
+            return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+        d = size("dim")
+        bound = 2 * size("num_experts") * size("expert_hidden") * d + 4 * d * d * size("depth") + size("vocab_size") * d
+        return bound or None
+
+    def check_size(self) -> None:
+        """Refuse a config whose fp32 weights alone exceed this machine's available memory.
+
+        A config is an untrusted file: ``num_experts: 100000`` would otherwise allocate until the
+        host runs out, minutes later.
+
+        Raises:
+            ModelError: The weights do not fit.
+        """
+        count = self.param_count()
+        available = _available_memory()
+        if count is None or available is None or 4 * count <= available:
+            return
+        raise ModelError(
+            f"{self.name}: the config builds at least {count:,} parameters ({4 * count / 2**30:.1f} GiB in fp32), "
+            f"more than this machine's available memory ({available / 2**30:.1f} GiB); "
+            "check its sizes (experts, width, depth)"
+        )
+
     def build_with_notes(self) -> tuple[Any, list[str]]:
         """:meth:`build`, also returning what loading the checkpoint noted (keys ignored, tensors folded)."""
+        self.check_size()
         if self.weights_format == "hf":
             if self.family != "hf":
                 raise ModelError(
@@ -107,6 +149,15 @@ class ModelEntry:
         module = family_module(self.family).build(self.config)
         notes = load_checkpoint(module, self.weights, self.weights_format) if self.weights else []
         return module, notes
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``; None elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def load_checkpoint(module, path: str, weights_format: str = "edgemoe") -> list[str]:

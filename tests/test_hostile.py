@@ -238,3 +238,35 @@ def test_a_bundle_whose_executor_is_not_installed_is_a_dependency_error(run_cli,
     result = run_cli("run", bundle, "--task", "semseg")
     assert result.exit_code == DependencyError.exit_code
     assert "executor 'onnxruntime' needs the package 'onnxruntime'" in _one_line(result)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"base": "mixtral-lm-micro", "num_experts": 2_000_000},
+        {"base": "m3vit-micro", "dim": 65536, "expert_hidden": 65536},
+        {
+            "family": "hf",
+            "arch": "mixtral",
+            "vocab_size": 320,
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "num_local_experts": 8,
+        },
+    ],
+    ids=["moe_lm-experts", "m3vit-width", "hf-mixtral-8x7b"],
+)
+def test_a_config_beyond_the_hosts_memory_is_refused_before_building(run_cli, tmp_path, config):
+    import time
+
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(config))
+    start = time.perf_counter()
+    result = run_cli("compile", path, "-o", tmp_path / "out", "-q")
+    assert time.perf_counter() - start < 30  # counted, not built (this ran for minutes before)
+    assert result.exit_code == ModelError.exit_code
+    assert "more than this machine's available memory" in _one_line(result)
+    assert not (tmp_path / "out").exists()

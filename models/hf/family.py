@@ -161,6 +161,18 @@ def _hf_config(arch: str, kwargs: dict):
     return cfg
 
 
+def param_count(config: dict) -> int:
+    """Parameters of the transformers model a config builds, counted on the meta device (nothing allocated)."""
+    import torch
+
+    full = normalize(config)
+    arch = full["arch"]
+    cfg = _hf_config(arch, {k: v for k, v in full.items() if k not in _FAMILY_KEYS})
+    with torch.device("meta"):
+        model = _model_class(arch)(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
 def build(config: dict, folder: str | None = None):
     """Build the transformers module (float32, eval mode) from a config dict.
 
