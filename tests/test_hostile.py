@@ -270,3 +270,34 @@ def test_a_config_beyond_the_hosts_memory_is_refused_before_building(run_cli, tm
     assert result.exit_code == ModelError.exit_code
     assert "more than this machine's available memory" in _one_line(result)
     assert not (tmp_path / "out").exists()
+
+
+def _npy_claiming(path, shape):
+    from numpy.lib import format as npy
+
+    with open(path, "wb") as f:
+        npy.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        f.write(b"\0" * 64)
+    return path
+
+
+def test_input_headers_are_checked_against_their_files(run_cli, bundle_factory, tmp_path):
+    """.npy headers and image sizes are claims: checked before numpy or Pillow allocate for them."""
+    from PIL import Image
+
+    from edgemoe.errors import InputError
+
+    bundle = bundle_factory("m3vit-micro")
+    bomb = _npy_claiming(tmp_path / "bomb.npy", (100_000, 100_000))
+    objects = tmp_path / "objects.npy"
+    np.save(objects, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    big = tmp_path / "big.png"
+    Image.new("L", (9000, 9000)).save(big)  # 81 Mpx, a small file
+    for path, message in (
+        (bomb, "header declares a float32 array of shape [100000, 100000] (40000000000 bytes)"),
+        (objects, "holds Python objects"),
+        (big, "9000x9000 pixels"),
+    ):
+        result = run_cli("run", bundle, "--task", "semseg", "--input", path)
+        assert result.exit_code == InputError.exit_code, result.output
+        assert message in _one_line(result)

@@ -26,6 +26,7 @@ def load_input(path: str | Path, spec: dict) -> np.ndarray:
         raise InputError(f"input file not found: {p}")
     suffix = p.suffix.lower()
     if suffix == ".npy":
+        _check_npy_header(p)
         try:
             return np.load(p, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
@@ -33,6 +34,42 @@ def load_input(path: str | Path, spec: dict) -> np.ndarray:
     if suffix in IMAGE_SUFFIXES:
         return _load_image(p, spec)
     raise InputError(f"unsupported input file type '{suffix}' (use .npy or an image: {', '.join(IMAGE_SUFFIXES)})")
+
+
+# Pixels an input image may have before it is decoded (about 8K x 8K); Pillow's own bomb check
+# only starts at 89 million and warns before it errors.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def _check_npy_header(path: Path) -> None:
+    """The array a ``.npy`` header declares must be exactly what the file holds, before numpy allocates it.
+
+    A header is an untrusted claim: one saying (100000, 100000) float32 on a 1 KB file would
+    otherwise have numpy reserve 40 GB first.
+    """
+    from numpy.lib import format as npy
+
+    try:
+        with open(path, "rb") as f:
+            version = npy.read_magic(f)
+            if version == (1, 0):
+                shape, _fortran, dtype = npy.read_array_header_1_0(f, max_header_size=10_000)
+            elif version == (2, 0):
+                shape, _fortran, dtype = npy.read_array_header_2_0(f, max_header_size=10_000)
+            else:
+                raise ValueError(f".npy format version {version} is not read (1.0 and 2.0 are)")
+            data_start = f.tell()
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise InputError(f"cannot read {path} as .npy: {exc}") from None
+    if dtype.hasobject:
+        raise InputError(f"{path} holds Python objects (pickles), which are never loaded")
+    declared = int(np.prod(shape, dtype=np.uint64)) * dtype.itemsize
+    held = path.stat().st_size - data_start
+    if declared != held:
+        raise InputError(
+            f"{path}: its header declares a {dtype} array of shape {list(shape)} ({declared} bytes), the file holds "
+            f"{held} bytes of data"
+        )
 
 
 def _load_image(path: Path, spec: dict) -> np.ndarray:
@@ -45,7 +82,12 @@ def _load_image(path: Path, spec: dict) -> np.ndarray:
         raise InputError("reading images needs Pillow: pip install 'edgemoe[runtime]'") from None
     _, channels, height, width = spec["shape"]
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise InputError(
+                    f"image {path} is {img.width}x{img.height} pixels, more than the {MAX_IMAGE_PIXELS:,} an input "
+                    "may have (it is resized to the model's input anyway)"
+                )
             img = img.convert("RGB" if channels == 3 else "L").resize((width, height), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError) as exc:
