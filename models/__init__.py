@@ -107,7 +107,12 @@ class ModelEntry:
         """
         fam = family_module(self.family)
         if hasattr(fam, "param_count"):
-            return fam.param_count(self.config)
+            try:
+                return fam.param_count(self.config)
+            except ModelError:
+                raise
+            except Exception:  # a config the library cannot build: the real build reports it, by name
+                return None
         full = fam.normalize(self.config) if hasattr(fam, "normalize") else dict(self.config)
 
         def size(key: str) -> int:
