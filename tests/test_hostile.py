@@ -133,6 +133,22 @@ GARBLED = {
         "non-negative offset",
     ),
     "no-input-shape": (lambda m: m["input"].pop("shape"), "input.shape must be a list"),
+    "overlapping-tensors": (
+        lambda m: m["moe_layers"][0]["experts"][0]["tensors"][1].update(
+            offset=m["moe_layers"][0]["experts"][0]["tensors"][0]["offset"]
+        ),
+        r"tensors \w+ and \w+ of expert \d+ of layer 0 overlap",
+    ),
+    "tensor-named-twice": (
+        lambda m: m["moe_layers"][0]["experts"][0]["tensors"][1].update(
+            name=m["moe_layers"][0]["experts"][0]["tensors"][0]["name"]
+        ),
+        "lists tensor w1 twice",
+    ),
+    "tensor-past-the-blob": (
+        lambda m: m["moe_layers"][0]["experts"][0]["tensors"][-1].update(offset=1 << 20),
+        "runs past its",
+    ),
     "kept-sets-short": (
         lambda m: m["tasks"]["semseg"].update(experts=[[0]]),
         "tasks.semseg.experts must be one list of expert ids per MoE layer",

@@ -14,6 +14,7 @@ devices that have no torch.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from pathlib import Path
@@ -188,9 +189,36 @@ def _check_expert_records(path: Path, layers) -> None:
                     raise BundleError(f"garbled manifest {path}: layer {li} lists expert {index} twice")
                 if not isinstance(size, int) or size < 0:
                     raise BundleError(f"garbled manifest {path}: expert {index} of layer {li} has size {size!r}")
+                _check_tensor_layout(path, f"expert {index} of layer {li}", e["tensors"], size)
                 seen.add(index)
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"garbled manifest {path}: an MoE layer record lacks or garbles {exc}") from None
+
+
+def _check_tensor_layout(path: Path, what: str, tensors: list, size: int) -> None:
+    """A blob's tensors have distinct names and disjoint byte ranges inside it.
+
+    Overlapping ranges would let one tensor's bytes be read as another's; a range past the end is
+    caught again when the blob is decoded, but a layout is refused whole before anything is read.
+    """
+    spans, names = [], set()
+    for t in tensors:
+        try:
+            itemsize = np.dtype(t["dtype"]).itemsize
+        except TypeError:
+            raise BundleError(f"garbled manifest {path}: {what} has tensor dtype {t['dtype']!r}") from None
+        if t["name"] in names:
+            raise BundleError(f"garbled manifest {path}: {what} lists tensor {t['name']} twice")
+        names.add(t["name"])
+        start = t["offset"]
+        end = start + math.prod(t["shape"]) * itemsize
+        if end > size:
+            raise BundleError(f"garbled manifest {path}: tensor {t['name']} of {what} runs past its {size} bytes")
+        spans.append((start, end, t["name"]))
+    spans.sort()
+    for (_, end, a), (start, _, b) in itertools.pairwise(spans):  # sorted: any overlap shows in a pair
+        if start < end:
+            raise BundleError(f"garbled manifest {path}: tensors {a} and {b} of {what} overlap")
 
 
 def check_blob_sizes(root: Path, records) -> None:
