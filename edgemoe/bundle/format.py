@@ -100,7 +100,6 @@ def read_manifest(bundle: str | Path) -> dict:
     if len(manifest["segments"]) != len(manifest["moe_layers"]) + 1:
         raise BundleError(f"garbled manifest {path}: segments and MoE layers do not interleave")
     _check_structure(path, manifest)
-    _check_expert_records(path, manifest["moe_layers"])
     return manifest
 
 
@@ -129,6 +128,7 @@ def _check_structure(path: Path, m: dict) -> None:
         _need(path, isinstance(layer.get("num_experts"), int), f"{where}.num_experts", "an integer")
         _need(path, isinstance(layer.get("top_k"), int), f"{where}.top_k", "an integer")
         _need(path, isinstance(layer.get("kernel"), str), f"{where}.kernel", "a name")
+        n, seen = layer["num_experts"], set()
         for key in ("experts", "shared"):
             records = layer.get(key, [])
             _need(path, isinstance(records, list), f"{where}.{key}", "a list")
@@ -149,6 +149,19 @@ def _check_structure(path: Path, m: dict) -> None:
                         "records of name, dtype, non-negative offset and shape",
                     )
                 _need(path, isinstance(e.get("kernel", ""), str), f"{at}.kernel", "a name")
+                # A size is what the runtime allocates before the blob's own check: at least a byte count.
+                size = e.get("bytes")
+                _need(path, isinstance(size, int) and size >= 0, f"{at}.bytes", "a byte count")
+                what = f"shared expert {j} of layer {li}"
+                if key == "experts":  # each once, within the layer: a duplicate would stand in for another's weights
+                    index = e.get("index")
+                    if not isinstance(index, int) or not 0 <= index < n:
+                        raise BundleError(f"garbled manifest {path}: layer {li} lists expert {index!r} (it has {n})")
+                    if index in seen:
+                        raise BundleError(f"garbled manifest {path}: layer {li} lists expert {index} twice")
+                    seen.add(index)
+                    what = f"expert {index} of layer {li}"
+                _check_tensor_layout(path, what, e["tensors"], size)
     _need(path, isinstance(m["tasks"], dict) and m["tasks"], "tasks", "a non-empty object")
     for name, task in m["tasks"].items():
         where = f"tasks.{name}"
@@ -169,30 +182,6 @@ def _check_structure(path: Path, m: dict) -> None:
             f"{where}.experts",
             "one list of expert ids per MoE layer",
         )
-
-
-def _check_expert_records(path: Path, layers) -> None:
-    """Each layer lists each expert once, within its expert count, with a non-negative size.
-
-    A duplicated index would let one record's file stand in for another expert's weights; a size is
-    what the runtime allocates before the blob's own check, so it must at least be a byte count.
-    """
-    try:
-        for li, layer in enumerate(layers):
-            n = int(layer["num_experts"])
-            seen: set[int] = set()
-            for e in layer["experts"]:
-                index, size = e["index"], e["bytes"]
-                if not isinstance(index, int) or not 0 <= index < n:
-                    raise BundleError(f"garbled manifest {path}: layer {li} lists expert {index!r} (it has {n})")
-                if index in seen:
-                    raise BundleError(f"garbled manifest {path}: layer {li} lists expert {index} twice")
-                if not isinstance(size, int) or size < 0:
-                    raise BundleError(f"garbled manifest {path}: expert {index} of layer {li} has size {size!r}")
-                _check_tensor_layout(path, f"expert {index} of layer {li}", e["tensors"], size)
-                seen.add(index)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"garbled manifest {path}: an MoE layer record lacks or garbles {exc}") from None
 
 
 def _check_tensor_layout(path: Path, what: str, tensors: list, size: int) -> None:
