@@ -96,6 +96,53 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
+def _expert_cache_options(command):
+    """The expert-cache options `run` and `generate` share (defaults: the bundle's schedule)."""
+    options = (
+        click.option(
+            "--memory-budget",
+            default=None,
+            metavar="BUDGET",
+            help="Memory for expert weights: 25% (of routed expert bytes), 6MB, 6MiB, bytes, or none (unbounded). "
+            "[default: the bundle's schedule, else none]",
+        ),
+        click.option(
+            "--policy",
+            type=click.Choice(["lru", "lfu", "planned"]),
+            default=None,
+            help="Eviction policy. [default: the bundle's schedule, else lru]",
+        ),
+        click.option(
+            "--prefetch",
+            type=click.Choice(["none", "pregate", "affinity", "static", "plan"]),
+            default=None,
+            help="Prefetch predictor (plan: the one the schedule chose). [default: the schedule's plan, else none]",
+        ),
+        click.option(
+            "--storage-gbs",
+            default=0.0,
+            show_default=True,
+            type=float,
+            help="Throttle expert loads to this bandwidth in GB/s (a device's storage, to see its stalls here); "
+            "0: off.",
+        ),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _cache_settings(memory_budget, policy, prefetch) -> dict:
+    """Session settings from those options: an option left out takes the bundle's schedule."""
+    from edgemoe.runtime.session import BUNDLE
+
+    return {
+        "memory_budget": BUNDLE if memory_budget is None else memory_budget,
+        "policy": policy or BUNDLE,
+        "prefetch": BUNDLE if prefetch is None else prefetch,
+    }
+
+
 def _emit(obj: dict, as_json: bool, render) -> None:
     click.echo(json.dumps(obj, indent=1) if as_json else render(obj))
 
@@ -357,32 +404,7 @@ def compile_cmd(
     default=None,
     help="Write input.png and <task>.png (class colours / greyscale) into this folder.",
 )
-@click.option(
-    "--memory-budget",
-    default=None,
-    metavar="BUDGET",
-    help="Memory for expert weights: 25% (of routed expert bytes), 6MB, 6MiB, bytes, or none (unbounded). "
-    "[default: the bundle's schedule, else none]",
-)
-@click.option(
-    "--policy",
-    type=click.Choice(["lru", "lfu", "planned"]),
-    default=None,
-    help="Eviction policy. [default: the bundle's schedule, else lru]",
-)
-@click.option(
-    "--prefetch",
-    type=click.Choice(["none", "pregate", "affinity", "static", "plan"]),
-    default=None,
-    help="Prefetch predictor (plan: the one the schedule chose). [default: the schedule's plan, else none]",
-)
-@click.option(
-    "--storage-gbs",
-    default=0.0,
-    show_default=True,
-    type=float,
-    help="Throttle expert loads to this bandwidth in GB/s (a device's storage, to see its stalls here); 0: off.",
-)
+@_expert_cache_options
 @click.option(
     "--providers",
     default="",
@@ -406,7 +428,6 @@ def run_cmd(
     """
     from edgemoe.report import render_run
     from edgemoe.runtime.run import run_bundle
-    from edgemoe.runtime.session import BUNDLE
 
     res = run_bundle(
         bundle,
@@ -416,9 +437,7 @@ def run_cmd(
         repeat,
         threads,
         png_dir,
-        memory_budget=BUNDLE if memory_budget is None else memory_budget,
-        policy=policy or BUNDLE,
-        prefetch=BUNDLE if prefetch is None else prefetch,
+        **_cache_settings(memory_budget, policy, prefetch),
         storage_gbs=storage_gbs,
         providers=_comma_list(providers),
     )
@@ -447,23 +466,7 @@ def run_cmd(
 @click.option("--seed", default=None, type=int, help="Seed of the sampling.")
 @click.option("--stop", default=None, type=int, help="A token id that ends the generation (e.g. the EOS id).")
 @click.option("--threads", default=0, show_default=True, type=int, help="Executor threads (0: default).")
-@click.option(
-    "--memory-budget",
-    default=None,
-    metavar="BUDGET",
-    help="Memory for expert weights: 25% (of routed expert bytes), 6MB, bytes, or none. "
-    "[default: the bundle's schedule, else none]",
-)
-@click.option("--policy", type=click.Choice(["lru", "lfu", "planned"]), default=None, help="Eviction policy.")
-@click.option(
-    "--prefetch",
-    type=click.Choice(["none", "pregate", "affinity", "static", "plan"]),
-    default=None,
-    help="Prefetch predictor. [default: the schedule's plan, else none]",
-)
-@click.option(
-    "--storage-gbs", default=0.0, show_default=True, type=float, help="Throttle expert loads to this GB/s; 0: off."
-)
+@_expert_cache_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (tokens not streamed).")
 @_handle_errors
 def generate_cmd(
@@ -487,7 +490,6 @@ def generate_cmd(
       edgemoe generate lm --prompt "x = " --temperature 0.8 --top-p 0.9 --seed 1 --memory-budget 25%
     """
     from edgemoe.runtime.generate import generate_bundle
-    from edgemoe.runtime.session import BUNDLE
 
     if (prompt is None) == (prompt_ids is None):
         raise InputError("give the prompt as --prompt TEXT or as --prompt-ids IDS (one of them)")
@@ -511,9 +513,7 @@ def generate_cmd(
         seed,
         stop,
         threads,
-        memory_budget=BUNDLE if memory_budget is None else memory_budget,
-        policy=policy or BUNDLE,
-        prefetch=BUNDLE if prefetch is None else prefetch,
+        **_cache_settings(memory_budget, policy, prefetch),
         storage_gbs=storage_gbs,
         on_token=stream,
     )
