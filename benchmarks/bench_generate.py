@@ -198,6 +198,7 @@ def _transformers(spec: dict) -> tuple[list[list[int]], list[dict], dict]:
 
 def _edgemoe(spec: dict):
     from edgemoe.runtime import Session
+    from edgemoe.runtime.run import cache_report
 
     if spec["kind"] == "edgemoe-lru":
         session = Session(
@@ -217,16 +218,7 @@ def _edgemoe(spec: dict):
         gen = session.last_generation
         timings.append({"ttft_ms": gen.ttft_ms, "decode_tok_s": gen.decode_tok_s})
         session.wait_prefetch()
-    s = session.stats
-    extra = {
-        "policy": session.settings["policy"],
-        "prefetch": session.settings["prefetch"],
-        "hits": s.cache_hits,
-        "misses": s.cache_misses,
-        "stall_ms": s.stall_ms,
-        "peak_expert_bytes": s.peak_expert_bytes,
-    }
-    return outs, timings, extra
+    return outs, timings, cache_report(session)
 
 
 def _peak_rss() -> int:
