@@ -35,7 +35,8 @@ def _handle_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             try:
-                return fn(*args, **kwargs)
+                with _json_only_stdout(bool(kwargs.get("as_json"))):
+                    return fn(*args, **kwargs)
             except ModuleNotFoundError as exc:
                 if (exc.name or "").split(".")[0] not in DependencyError.EXTRAS:
                     raise
@@ -55,6 +56,49 @@ def _handle_errors(fn):
             sys.exit(1)
 
     return wrapper
+
+
+_PENDING_JSON: list[dict] = []
+
+
+@contextlib.contextmanager
+def _json_only_stdout(active: bool):
+    """With --json, stdout holds exactly the command's one JSON object.
+
+    Everything else a command or a library prints on the way (TVM's MetaSchedule logs, a
+    library's print) goes to stderr, at the Python level and at the file-descriptor level (native
+    code writes to fd 1 directly); :func:`_emit` queues the object, written here once the command
+    succeeded and stdout is back.
+    """
+    if not active:
+        yield
+        return
+    real = sys.stdout
+    real.flush()
+    try:
+        fd = real.fileno()
+    except (AttributeError, OSError, ValueError):  # an in-memory stdout (click's test runner)
+        fd = None
+    saved = None
+    if fd is not None:
+        saved = os.dup(fd)
+        os.dup2(sys.stderr.fileno(), fd)
+    _PENDING_JSON.clear()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    except BaseException:
+        _PENDING_JSON.clear()
+        raise
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, fd)
+            os.close(saved)
+    for obj in _PENDING_JSON:
+        real.write(json.dumps(obj, indent=1) + "\n")
+    real.flush()
+    _PENDING_JSON.clear()
 
 
 class _Progress:
@@ -144,7 +188,11 @@ def _cache_settings(memory_budget, policy, prefetch) -> dict:
 
 
 def _emit(obj: dict, as_json: bool, render) -> None:
-    click.echo(json.dumps(obj, indent=1) if as_json else render(obj))
+    """Print ``render(obj)``, or with --json queue ``obj`` for :func:`_json_only_stdout` to write."""
+    if as_json:
+        _PENDING_JSON.append(obj)
+    else:
+        click.echo(render(obj))
 
 
 @click.group(
@@ -153,7 +201,7 @@ def _emit(obj: dict, as_json: bool, render) -> None:
 )
 @click.version_option(__version__, prog_name="edgemoe")
 def cli():
-    r"""Compile Mixture-of-Experts models into deployment bundles for edge devices, and run them.
+    """Compile Mixture-of-Experts models into deployment bundles for edge devices, and run them.
 
     \b
     Typical flow:
@@ -165,7 +213,7 @@ def cli():
       edgemoe verify out/tiny                          # bundle vs PyTorch, per task
 
     Every command that prints results takes --json for one machine-readable object on stdout.
-    """
+    """  # noqa: D301 (click keeps a paragraph after a real \b unwrapped)
 
 
 @cli.command("compile")
@@ -366,7 +414,7 @@ def compile_cmd(
     )
     if tuning_db and target != "tvm":
         raise ConfigError(f"--tuning-db is for --target tvm, not {target}")
-    progress = _Progress(quiet or as_json)
+    progress = _Progress(quiet)
     notes: list[str] = []
     with _budget_warnings(notes):
         compile_model(cfg, output, progress)
@@ -417,7 +465,7 @@ def run_cmd(
     bundle, task, input_path, output_path, repeat, threads, png_dir, memory_budget, policy, prefetch, storage_gbs,
     providers, as_json,
 ):  # fmt: skip
-    r"""Run one task of BUNDLE, loading only the experts its tokens are routed to.
+    """Run one task of BUNDLE, loading only the experts its tokens are routed to.
 
     \b
     Expert memory follows the bundle's swap schedule when it has one (compile --memory-budget,
@@ -425,7 +473,7 @@ def run_cmd(
     override them. A budget the bundle cannot meet fails before any work (exit 4). The report's
     cache line (--json: "cache") gives the budget, peak expert bytes, hits, misses, evictions,
     prefetches, stall and bytes read.
-    """
+    """  # noqa: D301 (click keeps a paragraph after a real \b unwrapped)
     from edgemoe.report import render_run
     from edgemoe.runtime.run import run_bundle
 
@@ -473,7 +521,7 @@ def generate_cmd(
     bundle, prompt, prompt_ids, max_new_tokens, temperature, top_p, seed, stop, threads, memory_budget, policy,
     prefetch, storage_gbs, as_json,
 ):  # fmt: skip
-    r"""Generate tokens with a causal LM BUNDLE compiled with --max-seq.
+    """Generate tokens with a causal LM BUNDLE compiled with --max-seq.
 
     
     The prompt runs as one prefill step, then each token as one decode step on the bundle's
@@ -488,7 +536,7 @@ def generate_cmd(
       edgemoe compile mixtral-lm-bytes --max-seq 512 -o lm
       edgemoe generate lm --prompt "def main(" --max-new-tokens 80
       edgemoe generate lm --prompt "x = " --temperature 0.8 --top-p 0.9 --seed 1 --memory-budget 25%
-    """
+    """  # noqa: D301 (click keeps a paragraph after a real \b unwrapped)
     from edgemoe.runtime.generate import generate_bundle
 
     if (prompt is None) == (prompt_ids is None):
@@ -518,7 +566,7 @@ def generate_cmd(
         on_token=stream,
     )
     if as_json:
-        click.echo(json.dumps(res, indent=2))
+        _emit(res, True, None)
         return
     click.echo()
     sys.stdout.flush()
@@ -539,10 +587,19 @@ def generate_cmd(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @_handle_errors
 def inspect_cmd(what, check, as_json):
-    """Show a bundle (a folder) or a model (a name): partitions, sizes, per-task expert sets."""
+    """Show a bundle or a model: partitions, sizes, per-task expert sets.
+
+    WHAT is a bundle folder, or what compile takes as MODEL: a model name, a .json model config
+    or a checkpoint folder written by save_pretrained.
+    """
     from edgemoe.report import render_bundle, render_model
 
-    if Path(what).exists():
+    path = Path(what)
+    # A model config file or a checkpoint folder is a model, not a broken bundle.
+    is_model = (path.is_file() and path.suffix == ".json") or (
+        path.is_dir() and not (path / "manifest.json").exists() and (path / "config.json").exists()
+    )
+    if path.exists() and not is_model:
         from edgemoe.bundle.describe import describe_bundle
 
         _emit(describe_bundle(what, check=check), as_json, render_bundle)
@@ -577,7 +634,7 @@ def verify_cmd(bundle, samples, seed, tolerance, as_json, quiet):
     from edgemoe.passes.verify_bundle import verify_bundle
     from edgemoe.report import render_verify
 
-    rep = verify_bundle(bundle, samples=samples, seed=seed, tolerance=tolerance, progress=_Progress(quiet or as_json))
+    rep = verify_bundle(bundle, samples=samples, seed=seed, tolerance=tolerance, progress=_Progress(quiet))
     _emit(rep.to_json(), as_json, render_verify)
     if not rep.passed:
         bad = [t for t, r in rep.tasks.items() if not r.passed]
@@ -650,7 +707,7 @@ def moefy_cmd(source, output, experts, top_k, router, calib_texts, heldout, seed
     calib, held = default_texts(heldout, seed)
     texts = read_texts(calib_texts) if calib_texts else calib
     cfg = MoefyConfig(num_experts=experts, top_k=top_k, router=router, calib_texts=tuple(texts), seed=seed)
-    report = moefy_source(source, output, cfg, held, progress=_Progress(quiet or as_json))
+    report = moefy_source(source, output, cfg, held, progress=_Progress(quiet))
     _emit(report, as_json, render_moefy)
 
 
@@ -786,7 +843,7 @@ def tune_cmd(model, output, device, trials, token_buckets, batch, seq, kinds, we
         weights=weights,
         seed=seed,
         rpc=rpc,
-        progress=_Progress(quiet or as_json),
+        progress=_Progress(quiet),
     )
 
     def render(d: dict) -> str:
@@ -824,7 +881,7 @@ def package_cmd(bundle, device, output, as_json, quiet):
 
     notes: list[str] = []
     with _budget_warnings(notes):
-        summary = package_bundle(bundle, device, output, progress=_Progress(quiet or as_json))
+        summary = package_bundle(bundle, device, output, progress=_Progress(quiet))
     _emit(summary, as_json, render_package)
 
 

@@ -15,7 +15,7 @@ import platform
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from .errors import ConfigError, TargetError
+from .errors import ConfigError, TargetError, did_you_mean
 
 GiB = 1 << 30
 
@@ -442,5 +442,5 @@ def get_device(name: str) -> DeviceProfile:
         return next(iter(loaded.values()))
     profiles = device_profiles()
     if name not in profiles:
-        raise TargetError(f"unknown device '{name}' (known: {', '.join(profiles)})")
+        raise TargetError(f"unknown device '{name}'{did_you_mean(name, profiles)} (known: {', '.join(profiles)})")
     return profiles[name]

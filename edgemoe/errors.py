@@ -101,6 +101,19 @@ class RemoteError(EdgeMoEError):
     exit_code = 13
 
 
+def did_you_mean(name: str, known) -> str:
+    """`` (did you mean 'x'?)`` for the known names closest to a mistyped ``name``, else ``""``.
+
+    Appended to "unknown X" messages so a typo costs one read, not a scan of the whole list.
+    """
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=2, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(f"'{c}'" for c in close) + "?)"
+
+
 class EdgeMoEWarning(UserWarning):
     """Something the user should know that does not stop the command (printed as ``warning: ...``)."""
 

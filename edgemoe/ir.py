@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,9 @@ class ModelIR:
         for t in self.tasks:
             if t.name == name:
                 return t
-        raise ConfigError(f"unknown task '{name}' (model has: {', '.join(self.task_names)})")
+        raise ConfigError(
+            f"unknown task '{name}'{did_you_mean(name, self.task_names)} (model has: {', '.join(self.task_names)})"
+        )
 
 
 def validate_ir(ir: ModelIR) -> ModelIR:

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..errors import ModelError
+from ..errors import ModelError, did_you_mean
 
 _FAMILIES = ("m3vit", "hf", "moe_lm", "bert_moe")
 # Checkpoint layouts: edgemoe's own state dicts, and checkpoints saved by the public M³ViT training
@@ -326,7 +326,8 @@ def resolve_model(spec: str) -> ModelEntry:
         return ModelEntry(config["name"], "hf", f"checkpoint folder {path}", config, str(path.resolve()), "hf")
     if path.suffix != ".json":
         raise ModelError(
-            f"unknown model '{spec}' (known: {', '.join(sorted(entries))}; or a .json model config, or a "
+            f"unknown model '{spec}'{did_you_mean(spec, entries)} (known: {', '.join(sorted(entries))}; or a .json "
+            "model config, or a "
             "checkpoint folder written by save_pretrained)"
         )
     try:

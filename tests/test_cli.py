@@ -20,6 +20,29 @@ def test_help_teaches_the_flow(run_cli):
     for word in ("compile", "run", "inspect", "verify", "models", "devices", "Exit codes", "--json"):
         assert word in out
     assert "--no-prune" in run_cli("compile", "--help").stdout
+    # The typical flow is a list, one command per line (click rewraps a paragraph without a real \b).
+    lines = out.splitlines()
+    assert any(line.strip().startswith("edgemoe compile m3vit-tiny") for line in lines)
+    assert not any("\\b" in line for line in lines)
+
+
+def test_unknown_names_suggest_the_closest(run_cli, tmp_path):
+    result = run_cli("compile", "m3vit-tny", "-o", tmp_path / "o")
+    assert result.exit_code == 3 and "did you mean 'm3vit-tiny'" in result.stderr
+    result = run_cli("compile", "m3vit-micro", "--device", "jetson-orin-nano", "-o", tmp_path / "o")
+    assert "did you mean 'jetson-orin-nano-8gb'" in result.stderr
+    result = run_cli("inspect", "m3vit-micro", "--json")
+    assert result.exit_code == 0
+    result = run_cli("compile", "m3vit-micro", "--tasks", "semsegg", "-o", tmp_path / "o")
+    assert result.exit_code == 8 and "did you mean 'semseg'" in result.stderr, result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_inspect_takes_a_model_config_file(run_cli, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"base": "m3vit-micro", "name": "my-micro", "depth": 4}))
+    model = js(run_cli("inspect", config, "--json"))
+    assert model["kind"] == "model" and model["name"] == "my-micro" and model["family"] == "m3vit"
 
 
 def test_console_script_and_module_entry_points():

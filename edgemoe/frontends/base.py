@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import ModelError, TaskError
+from ..errors import ModelError, TaskError, did_you_mean
 from ..ir import ModelIR, validate_ir
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class ModelAdapter(abc.ABC):
         """
         names = [t.name for t in self.ir.tasks]
         if task not in names:
-            raise TaskError(f"unknown task '{task}' (model has: {', '.join(names)})")
+            raise TaskError(f"unknown task '{task}'{did_you_mean(task, names)} (model has: {', '.join(names)})")
         return names.index(task)
 
     def state_sha256(self) -> str:

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..config import CompileConfig
-from ..errors import ConfigError, TaskError
+from ..errors import ConfigError, TaskError, did_you_mean
 from ..frontends import ModelAdapter, adapter_class
 from ..ir import ModelIR
 
@@ -60,7 +60,10 @@ def capture_model(cfg: CompileConfig) -> CapturedModel:
     tasks = cfg.tasks or ir.task_names
     unknown = [t for t in tasks if t not in ir.task_names]
     if unknown:
-        raise TaskError(f"unknown task '{unknown[0]}' for {ir.name} (model has: {', '.join(ir.task_names)})")
+        raise TaskError(
+            f"unknown task '{unknown[0]}' for {ir.name}{did_you_mean(unknown[0], ir.task_names)} "
+            f"(model has: {', '.join(ir.task_names)})"
+        )
     ordered = tuple(t for t in ir.task_names if t in tasks)
     source = {
         "spec": cfg.model,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle.format import check_blob_sizes, decode_expert, read_manifest, read_verified
-from ..errors import BundleError, ConfigError, InputError, TaskError
+from ..errors import BundleError, ConfigError, InputError, TaskError, did_you_mean
 from ..swap.budget import check_budget, expert_sizes, parse_budget
 from ..swap.policies import count_probabilities, make_policy
 from ..swap.predict import PREDICTORS, PreGate, Static, lookahead, predictor_from_json
@@ -228,7 +228,7 @@ class Session:
                 raise TaskError(f"bundle has tasks {', '.join(tasks)}: choose one")
             task = next(iter(tasks))
         if task not in tasks:
-            raise TaskError(f"unknown task '{task}' (bundle has: {', '.join(tasks)})")
+            raise TaskError(f"unknown task '{task}'{did_you_mean(task, tasks)} (bundle has: {', '.join(tasks)})")
         self.task = task
         self._task = tasks[task]
         self.input_spec = m["input"]
@@ -595,7 +595,7 @@ class Session:
         """
         tasks = self.manifest["tasks"]
         if task not in tasks:
-            raise TaskError(f"unknown task '{task}' (bundle has: {', '.join(tasks)})")
+            raise TaskError(f"unknown task '{task}'{did_you_mean(task, tasks)} (bundle has: {', '.join(tasks)})")
         with self._gate:
             while self._switching:
                 self._gate.wait()
