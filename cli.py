@@ -28,6 +28,16 @@ EXIT_CODE_HELP = (
 )
 
 
+def _one_line(text: str, limit: int = 2000) -> str:
+    """A message as one printable line of at most ``limit`` characters.
+
+    Messages quote names from untrusted files (tasks, tensors, keys), which may hold a newline or
+    run for megabytes: control characters are escaped, and the end is cut.
+    """
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _handle_errors(fn):
     """Turn library errors into one-line messages and their exit codes (tracebacks with EDGEMOE_DEBUG=1)."""
 
@@ -44,7 +54,7 @@ def _handle_errors(fn):
         except EdgeMoEError as exc:
             if os.environ.get("EDGEMOE_DEBUG"):
                 raise
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_one_line(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

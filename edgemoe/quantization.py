@@ -98,23 +98,14 @@ def check_finite(name: str, w: np.ndarray) -> None:
 
 
 # -- per-channel int8 ---------------------------------------------------------------------------
-# int8 weights use 7 bits of range (onnxruntime's ``reduce_range``). Its uint8 x int8 matmul kernels
-# on x86 CPUs without VNNI (AVX2, AVX-512F) add pairs of products in 16 bits with saturation:
-# 2 * 255 * 127 overflows, 2 * 255 * 63 does not. Full range gave wrong integer results on such a
-# CPU (int8 expert kernel off by up to 0.08; int8-dynamic cosine 0.979), and a bundle may run on
-# any x86 host.
-INT8_WEIGHT_MAX = 63
-
-
-def quantize_int8_per_channel(
-    w: np.ndarray, name: str = "weight", limit: int = INT8_WEIGHT_MAX
-) -> tuple[np.ndarray, np.ndarray]:
+def quantize_int8_per_channel(w: np.ndarray, name: str = "weight", limit: int = 127) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per output channel (last axis) of a (K, N) weight.
 
     Args:
         w: The weight.
         name: Its name, for errors.
-        limit: Largest magnitude of ``q`` (127 where no onnxruntime integer kernel consumes it).
+        limit: Largest magnitude of ``q``: the target's ``int8_weight_max`` (onnxruntime's integer
+            kernels take 63, see ``targets/onnx/target.py``).
 
     Returns:
         ``q`` int8 (K, N) in [-limit, limit] and ``scale`` float32 (N,), with ``w ≈ q * scale``.

@@ -209,8 +209,9 @@ def load_checkpoint(module, path: str, weights_format: str = "edgemoe") -> list[
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load checkpoint {p}: {first}") from None
+        # torch's message is a header line ("Error(s) in loading state_dict for M3ViT:") then the errors.
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        raise ModelError(f"cannot load checkpoint {p}: {' '.join(lines)[:300]}") from None
     return notes
 
 
@@ -222,6 +223,10 @@ def _read_checkpoint(p: Path) -> Any:
     from safetensors import SafetensorError
 
     try:
+        # A key named twice: every loader keeps one of the two silently, each its own (JSON: the last).
+        twice = _safetensors_key_twice(p) if p.suffix == ".safetensors" else _pickled_key_twice(p)
+        if twice is not None:
+            raise ModelError(f"cannot load checkpoint {p}: it names {_shown(twice)} twice (which one is meant?)")
         if p.suffix == ".safetensors":
             from safetensors import safe_open
             from safetensors.torch import load_file
@@ -237,6 +242,8 @@ def _read_checkpoint(p: Path) -> Any:
             return state
         with torch.serialization.safe_globals(_numpy_scalar_globals()):
             return torch.load(p, map_location="cpu", weights_only=True)
+    except ModelError:
+        raise
     except pickle.UnpicklingError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln or "Unsupported" in ln]
         why = lines[0] if lines else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -248,9 +255,141 @@ def _read_checkpoint(p: Path) -> Any:
     except SafetensorError as exc:  # a truncated, overlapping or random-bytes file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load checkpoint {p}: not a whole safetensors file ({first})") from None
-    except (RuntimeError, OSError, ValueError, KeyError, EOFError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load checkpoint {p}: {first}") from None
+    except Exception as exc:  # torch's unpickler and zip reader raise any type on a damaged file
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ModelError(f"cannot load checkpoint {p}: {type(exc).__name__}: {first}") from None
+
+
+def _shown(key: object) -> str:
+    text = repr(key)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# safetensors refuses headers beyond 100 MB; a larger one is not read here either.
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+class KeyNamedTwice(ValueError):
+    """A JSON object or pickled dict naming a key twice."""
+
+
+def unique_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    """``json.loads`` hook: an object naming a key twice is refused (``json`` would keep the last one)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise KeyNamedTwice(key)
+        out[key] = value
+    return out
+
+
+def _safetensors_key_twice(p: Path) -> str | None:
+    """A key a safetensors header names twice, or None (a header that is not JSON is for safetensors to report)."""
+    import struct
+
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return None
+        (n,) = struct.unpack("<Q", head)
+        if n > min(p.stat().st_size - 8, _MAX_SAFETENSORS_HEADER):
+            return None
+        text = f.read(n)
+    try:
+        json.loads(text, object_pairs_hook=unique_pairs)
+    except KeyNamedTwice as exc:
+        return exc.args[0]
+    except (ValueError, RecursionError):
+        pass
+    return None
+
+
+def _pickled_key_twice(p: Path) -> object | None:
+    """A key a torch file's pickle sets twice on one dict, or None.
+
+    Reads the pickle's opcodes with :mod:`pickletools` (nothing is unpickled): the data pickle of a
+    zip checkpoint (``torch.save``'s format), else the first pickles of a legacy file. A stream this
+    cannot follow is left to ``torch.load`` to report.
+    """
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as z:
+                names = [n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+                if not names:
+                    return None
+                with z.open(names[0]) as stream:
+                    return _key_twice_in(pickletools.genops(stream))
+        with open(p, "rb") as f:  # legacy: magic number, protocol, system info, then the data
+            for _ in range(4):
+                found = _key_twice_in(pickletools.genops(f))
+                if found is not None:
+                    return found
+    except (ValueError, IndexError, KeyError, EOFError, OSError, zipfile.BadZipFile, NotImplementedError):
+        pass
+    return None
+
+
+def _key_twice_in(ops) -> object | None:
+    """Follow a pickle's stack through its opcodes; return the first key set twice on one dict (else None).
+
+    Values are opaque tokens except constants (strings, numbers), which keys are; each opcode's stack
+    effect comes from :mod:`pickletools`' tables, memo entries are tracked, so a dict keeps one
+    identity from its creation (``EMPTY_DICT``, ``OrderedDict()``) through its ``SETITEMS``.
+    """
+    import pickletools
+
+    mark = object()
+    stack: list = []
+    memo: dict = {}
+    seen: dict[int, set] = {}
+    tokens: list = []  # every token stays alive, so ids are not reused
+
+    def token() -> object:
+        tokens.append(object())
+        return tokens[-1]
+
+    def pop_mark() -> list:
+        i = len(stack) - 1 - stack[::-1].index(mark)
+        items = stack[i + 1 :]
+        del stack[i:]
+        return items
+
+    for op, arg, _pos in ops:
+        name = op.name
+        if name == "MARK":
+            stack.append(mark)
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = stack[-1]
+        elif name == "MEMOIZE":
+            memo[len(memo)] = stack[-1]
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo.get(arg, token()))
+        elif name == "DUP":
+            stack.append(stack[-1])
+        elif name in ("SETITEM", "SETITEMS", "DICT"):
+            items = [stack.pop(-2), stack.pop()] if name == "SETITEM" else pop_mark()
+            if name == "DICT":
+                stack.append(token())
+            target = stack[-1]
+            keys = seen.setdefault(id(target), set())
+            for key in items[0::2]:
+                if isinstance(key, str | bytes | int | float):
+                    if key in keys:
+                        return key
+                    keys.add(key)
+        else:
+            before, after = op.stack_before, op.stack_after
+            if pickletools.markobject in before:
+                pop_mark()
+                before = before[: before.index(pickletools.markobject)]
+            if before:
+                del stack[-len(before) :]
+            constant = isinstance(arg, str | bytes | int | float) and not before and name not in ("GLOBAL", "PERSID")
+            stack.extend(arg if constant and len(after) == 1 else token() for _ in after)
+    return None
 
 
 def _numpy_scalar_globals() -> list:
@@ -278,6 +417,12 @@ def _check_fits(module, state: Any, p: Path) -> None:
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [str(k) for k in state if k not in expected]
+    # A float parameter from integer, bool or complex data: not this model's weights (a cast would hide it).
+    mistyped = [
+        f"{k} ({str(state[k].dtype).removeprefix('torch.')}, model {str(v.dtype).removeprefix('torch.')})"
+        for k, v in expected.items()
+        if isinstance(state.get(k), torch.Tensor) and v.is_floating_point() and not state[k].is_floating_point()
+    ]
     misshaped = [
         f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})"
         if isinstance(state[k], torch.Tensor)
@@ -287,7 +432,12 @@ def _check_fits(module, state: Any, p: Path) -> None:
     ]
     parts = [
         f"{len(keys)} {kind} key(s): {', '.join(keys[:_SHOWN_KEYS])}{', ...' if len(keys) > _SHOWN_KEYS else ''}"
-        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+        for kind, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mis-shaped", misshaped),
+            ("mis-typed", mistyped),
+        )
         if keys
     ]
     if parts:

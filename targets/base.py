@@ -112,11 +112,14 @@ class Target(abc.ABC):
         name: Backend name (``--target``): the name of its folder under ``targets/``.
         executor: Name of the runtime executor that runs this target's artifacts.
         suffix: File suffix of emitted graphs.
+        int8_weight_max: Largest magnitude of an int8 expert weight this target's kernels take (127:
+            the full range; a target whose integer kernels can overflow narrows it).
     """
 
     name: str = ""
     executor: str = ""
     suffix: str = ""
+    int8_weight_max: int = 127
 
     @abc.abstractmethod
     def check_device(self, device: DeviceProfile) -> None:
@@ -141,7 +144,7 @@ class Target(abc.ABC):
         for i, part in enumerate(parts, 1):
             job.progress(f"emit {self.name} graph {i}/{len(parts)}: {part.name}")
             path = self.emit(part, job.root / "graphs", job.cfg)
-            graphs[part.name] = graph_record(job.root, path, part)
+            graphs[part.name] = graph_record(job.root, path, part, self.graph_files(job.root, path))
         experts, shared = write_fp32_experts(job)
         sizes = tuple(layer.expert.param_count * 4 for layer in job.captured.ir.moe_layers)
         return Emitted(graphs, experts, shared, sizes)
@@ -197,14 +200,22 @@ class Target(abc.ABC):
         """The fp32 kernel exposing the activation entering each weight (for calibration)."""
         raise TargetError(f"target {self.name} cannot calibrate expert activations")
 
+    def graph_files(self, root: Path, path: Path) -> dict:
+        """The manifest record of a graph file this target wrote: file, bytes, sha256.
+
+        A target whose graphs read further files (ONNX external data) lists them here, so that the
+        runtime checks them like the graph and reads nothing else.
+        """
+        return file_record(root, path)
+
     def graph_io(self, path: Path) -> tuple[list[str], list[str]]:
         """Input and output names of a graph file this target wrote (a quantized kernel variant)."""
         raise TargetError(f"target {self.name} cannot list the inputs of {path.name}")
 
 
-def graph_record(root: Path, path: Path, part: GraphPartition) -> dict:
-    """The manifest ``graphs`` entry of a partition's graph file."""
-    entry = file_record(root, path)
+def graph_record(root: Path, path: Path, part: GraphPartition, files: dict | None = None) -> dict:
+    """The manifest ``graphs`` entry of a partition's graph file (``files``: its record, if already made)."""
+    entry = dict(files) if files is not None else file_record(root, path)
     entry.update(kind=part.kind, inputs=list(part.input_names), outputs=list(part.output_names))
     if part.task is not None:
         entry["task"] = part.task

@@ -16,7 +16,6 @@ from edgemoe.errors import ConfigError
 from edgemoe.passes.plan_expert_bits import ExpertChoice, balance_tasks, plan_expert_bits
 from edgemoe.passes.verify_bundle import verify_bundle
 from edgemoe.quantization import (
-    INT8_WEIGHT_MAX,
     QuantConfig,
     dequantize_int8_per_channel,
     dequantize_nbits,
@@ -26,6 +25,7 @@ from edgemoe.quantization import (
 )
 from edgemoe.runtime import Session
 from edgemoe.swap.budget import parse_bytes
+from edgemoe.targets.onnx.target import INT8_WEIGHT_MAX, OnnxTarget
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
 shapes = st.tuples(st.integers(1, 70), st.integers(1, 12))
@@ -34,12 +34,13 @@ shapes = st.tuples(st.integers(1, 70), st.integers(1, 12))
 @settings(max_examples=60, deadline=None)
 @given(arrays(np.float32, shapes, elements=finite))
 def test_int8_round_trip_error_is_half_a_step(w):
-    q, scale = quantize_int8_per_channel(w)
-    assert q.dtype == np.int8 and scale.dtype == np.float32 and (np.abs(q) <= INT8_WEIGHT_MAX).all()
-    # 7 bits: no pair of uint8 x int8 products can saturate a 16-bit sum (x86 without VNNI)
-    assert 2 * 255 * INT8_WEIGHT_MAX < 2**15
-    back = dequantize_int8_per_channel(q, scale)
-    assert (np.abs(back - w) <= scale * 0.5 + 1e-6 * np.abs(w) + 1e-30).all()
+    for limit in (OnnxTarget.int8_weight_max, 127):
+        q, scale = quantize_int8_per_channel(w, limit=limit)
+        assert q.dtype == np.int8 and scale.dtype == np.float32 and (np.abs(q) <= limit).all()
+        back = dequantize_int8_per_channel(q, scale)
+        assert (np.abs(back - w) <= scale * 0.5 + 1e-6 * np.abs(w) + 1e-30).all()
+    # onnxruntime's 7 bits: no pair of uint8 x int8 products can saturate a 16-bit sum (x86 without VNNI)
+    assert OnnxTarget.int8_weight_max == INT8_WEIGHT_MAX and 2 * 255 * INT8_WEIGHT_MAX < 2**15
 
 
 @settings(max_examples=60, deadline=None)
@@ -192,6 +193,10 @@ def test_bits_follow_the_scheme(quant_bundles):
     assert bits["mixed"] <= {2, 4, 8}
     mp = read_manifest(quant_bundles["mixed"])["quantization"]
     assert mp["avg_expert_bits"] <= 3.0 + 1e-9 and mp["mixed_precision"]["solve_seconds"] < 5
+    assert mp["scheme"] == "mixed" and mp["dense_scheme"] == "int8"  # not "fp32", the uniform scheme's default
+    assert {read_manifest(b)["quantization"]["scheme"] for n, b in quant_bundles.items() if n != "mixed"} <= {
+        "fp16", "int8", "int8-dynamic", "int4"
+    }  # fmt: skip
 
 
 def test_no_unreferenced_files_after_quantization(quant_bundles):

@@ -411,7 +411,9 @@ def test_plan_cli_json_plots_and_manifest(bundle, run_cli, tmp_path):
         s = Session(bundle, "semseg", memory_budget=out["budget_bytes"], policy="planned", prefetch=prefetch)
         assert s._cache.policy.prob == sched["tasks"]["semseg"]["probability"]
         np.testing.assert_array_equal(s.run(x), want)
-        assert s.stats.prefetch_issued > 0 and s.stats.peak_expert_bytes <= out["budget_bytes"]
+        # 'plan' is the chosen predictor, or none where the plan found that none pays on the device.
+        issues = prefetch != "plan" or sched["predictor"] is not None
+        assert (s.stats.prefetch_issued > 0) == issues and s.stats.peak_expert_bytes <= out["budget_bytes"]
         s.close()
 
 
@@ -452,4 +454,34 @@ def test_failed_prefetch_reports_the_integrity_error(bundle):
         blob.write_bytes(b"\0" * blob.stat().st_size)
     with pytest.raises(IntegrityError, match="sha256"):
         s.run(x)
+    s.close()
+
+
+def test_plan_prefetches_only_where_its_simulation_says_it_pays(bundle_factory, tmp_path):
+    from dataclasses import replace
+
+    from edgemoe.schedule import plan_bundle
+
+    bundle = tmp_path / "b"
+    shutil.copytree(bundle_factory("m3vit-micro"), bundle)
+    # A fast device: loads cannot hide behind the little compute there is, so guesses only add loads.
+    fast = plan_bundle(bundle, "jetson-orin-nano-8gb", "50%", write=False)
+    demand = fast["policies"][fast["policy"]]["stall_s"]
+    assert fast["predictor"] is None and all(r["stall_s"] > demand for r in fast["prefetch"].values())
+    # A slow processor: each layer's compute hides the next layer's loads, and prefetch pays.
+    slow = replace(get_device("jetson-orin-nano-8gb"), name="slow-cpu", compute_gflops=0.001)
+    res = plan_bundle(bundle, slow, "50%", write=True)
+    assert res["predictor"] is not None
+    assert res["prefetch"][res["predictor"]]["stall_s"] < res["policies"][res["policy"]]["stall_s"]
+    sched = read_manifest(bundle)["schedule"]
+    assert sched["predictor"] == res["predictor"] and sched["tasks"]["semseg"]["prefetch"] is not None
+    # Stored as "no prefetch": the runtime then loads on demand, with the same outputs.
+    plan_bundle(bundle, "jetson-orin-nano-8gb", "50%", write=True)
+    sched = read_manifest(bundle)["schedule"]
+    assert sched["predictor"] is None and sched["tasks"]["semseg"]["prefetch"] is None
+    x = _inputs(bundle, 2)
+    s = Session(bundle, "semseg", prefetch="plan")
+    assert s.prefetch is None
+    np.testing.assert_array_equal(s.run(x), Session(bundle, "semseg", memory_budget=None).run(x))
+    assert s.stats.prefetch_issued == 0
     s.close()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .format import MANIFEST, read_manifest, verified_path
+from ..errors import BundleError
+from .format import MANIFEST, graph_bytes, read_manifest, read_verified, verified_path
+from .onnx_data import check_external_refs
 
 
 def describe_bundle(bundle: str | Path, check: bool = False) -> dict:
@@ -16,23 +18,32 @@ def describe_bundle(bundle: str | Path, check: bool = False) -> dict:
 
     Returns:
         A JSON-ready dict (the ``inspect --json`` form for bundles).
+
+    Raises:
+        BundleError: Not a bundle, or a manifest garbled where the summary reads it.
+        IntegrityError: With ``check``, a file is missing, truncated or fails its sha256.
     """
     root = Path(bundle)
     m = read_manifest(root)
-    if check:
-        for record in m["graphs"].values():
-            verified_path(root, record)
-        for layer in m["moe_layers"]:
-            for e in (*layer["experts"], *layer.get("shared", [])):
-                verified_path(root, e)
-        if "file" in m.get("tokenizer", {}):
-            verified_path(root, m["tokenizer"])
+    try:
+        if check:
+            check_files(root, m)
+        return _summary(root, m, check)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        # read_manifest checks what a session reads; a summary also reads what only it shows (blocks,
+        # shapes, outputs, totals), so a field missing or of another type there is the manifest's fault.
+        what = f"no {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else f"{type(exc).__name__}: {exc}"
+        raise BundleError(f"garbled manifest {root / MANIFEST}: {what[:200]}") from None
+
+
+def _summary(root: Path, m: dict, check: bool) -> dict:
+    """The ``inspect --json`` object of a manifest ``read_manifest`` accepted."""
     graphs = [
         {
             "name": name,
             "kind": g["kind"],
             "file": g["file"],
-            "bytes": g["bytes"],
+            "bytes": graph_bytes(g),
             "task": g.get("task"),
             "layer": g.get("layer"),
         }
@@ -68,8 +79,8 @@ def describe_bundle(bundle: str | Path, check: bool = False) -> dict:
             "experts_kept": sum(len(s) for s in t["experts"]),
             "expert_bytes": sum(expert_bytes[(li, e)] for li, s in enumerate(t["experts"]) for e in s),
             # HLS bundles have no per-partition graphs: the accelerator's files serve every task.
-            "graph_bytes": sum(m["graphs"][g]["bytes"] for g in task_graphs if g in m["graphs"])
-            or sum(g["bytes"] for g in m["graphs"].values()),
+            "graph_bytes": sum(graph_bytes(m["graphs"][g]) for g in task_graphs if g in m["graphs"])
+            or sum(graph_bytes(g) for g in m["graphs"].values()),
             "output": t["output"],
         }
     shared_bytes = sum(e["bytes"] for layer in m["moe_layers"] for e in layer.get("shared", []))
@@ -94,6 +105,33 @@ def describe_bundle(bundle: str | Path, check: bool = False) -> dict:
         "checked": check,
         **({"hls": _hls_summary(m["hls"])} if "hls" in m else {}),
     }
+
+
+def check_files(root: Path, m: dict) -> None:
+    """Verify every file a manifest lists: size and sha256, and what each ONNX graph reads from outside it.
+
+    An ONNX graph's external data references must name the data files listed with it
+    (:mod:`.onnx_data`), which are checked like the rest: a graph that would read a file the
+    manifest does not cover fails here as it would when a session loads it.
+
+    Raises:
+        BundleError: A graph reads external data the manifest does not list for it.
+        IntegrityError: A file is missing, truncated or fails its sha256.
+    """
+    target = m.get("target")
+    onnx_bundle = isinstance(target, dict) and target.get("executor") == "onnxruntime"
+    for record in m["graphs"].values():
+        if onnx_bundle or str(record.get("file", "")).endswith(".onnx"):
+            check_external_refs(record, read_verified(root, record))
+        else:
+            verified_path(root, record)
+        for data in record.get("external_data", []):
+            verified_path(root, data)
+    for layer in m["moe_layers"]:
+        for e in (*layer["experts"], *layer.get("shared", [])):
+            verified_path(root, e)
+    if "file" in m.get("tokenizer", {}):
+        verified_path(root, m["tokenizer"])
 
 
 def _hls_summary(hls: dict) -> dict:

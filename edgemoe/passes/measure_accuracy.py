@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle.format import MANIFEST
+from ..bundle.format import MANIFEST, graph_bytes
 from ..runtime import Session
 
 
 def bundle_bytes(root: Path, manifest: dict) -> int:
     """Bytes of every file of the bundle (manifest included as currently on disk, if any)."""
-    files = [g["bytes"] for g in manifest["graphs"].values()]
+    files = [graph_bytes(g) for g in manifest["graphs"].values()]
     for layer in manifest["moe_layers"]:
         files += [e["bytes"] for e in (*layer["experts"], *layer.get("shared", []))]
     path = root / MANIFEST

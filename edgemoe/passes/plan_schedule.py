@@ -52,6 +52,6 @@ def plan_schedule(
     result = plan_bundle(staging, device, budget, write=True)
     progress(
         f"schedule: budget {result['budget_bytes']} B, cache {result['cache_bytes']} B, "
-        f"policy {result['policy']}, prefetch {result['predictor']}"
+        f"policy {result['policy']}, prefetch {result['predictor'] or 'none'}"
     )
     return read_manifest(staging)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle.format import decode_expert, encode_expert, file_record, read_verified
+from ..bundle.format import decode_expert, encode_expert, file_record, graph_bytes, read_verified
 from ..quantization import (
     QuantConfig,
     dequantize_int8_per_channel,
@@ -56,8 +56,12 @@ def quantize_weights(
     bits: int,
     group: int,
     act: dict[str, tuple[np.float32, np.uint8]] | None = None,
+    int8_max: int = 127,
 ) -> dict[str, np.ndarray]:
-    """Quantize an expert's tensors: 2-D ``matrices`` by the scheme, the rest kept float32."""
+    """Quantize an expert's tensors: 2-D ``matrices`` by the scheme, the rest kept float32.
+
+    ``int8_max`` bounds int8 weights (the target's ``int8_weight_max``).
+    """
     out: dict[str, np.ndarray] = {}
     for name, w in weights.items():
         if name not in matrices:
@@ -65,7 +69,7 @@ def quantize_weights(
         elif scheme == "fp16":
             out[name] = w.astype(np.float16)
         elif scheme in ("int8", "int8-dynamic"):
-            out[f"{name}.q"], out[f"{name}.scale"] = quantize_int8_per_channel(w, name)
+            out[f"{name}.q"], out[f"{name}.scale"] = quantize_int8_per_channel(w, name, int8_max)
             if scheme == "int8":
                 scale, zp = act[name]
                 # One-element vectors: what the int8 kernel declares (a per-tensor activation scale).
@@ -94,7 +98,7 @@ class _Kernels:
             self.target.quantize_kernel(src, dst, matrices, scheme, bits, self.quant.group_size)
             inputs, outputs = self.target.graph_io(dst)
             graphs[name] = {
-                **file_record(self.staging, dst),
+                **self.target.graph_files(self.staging, dst),
                 "kind": "expert_kernel",
                 "inputs": inputs,
                 "outputs": outputs,
@@ -146,7 +150,8 @@ def quantize_bundle(
                 progress(f"quantize {name} ({dense})")
                 path = staging / g["file"]
                 target.quantize_graph(path, dense, calib.graph_feeds.get(name, []), quant)
-                g.update(file_record(staging, path))
+                g.pop("external_data", None)  # the quantized graph may have no data file, or another
+                g.update(target.graph_files(staging, path))
 
     executor = get_executor(manifest["target"]["executor"])
     kernels = _Kernels(staging, manifest, target, quant)
@@ -175,7 +180,7 @@ def quantize_bundle(
                     )
                 tok = tokens if tokens is not None and len(tokens) else calib.layer_tokens[li]
                 act = _act_params(probes[base], matrices, tok, quant, weights)
-            q = quantize_weights(weights, matrices, scheme, nb, quant.group_size, act)
+            q = quantize_weights(weights, matrices, scheme, nb, quant.group_size, act, target.int8_weight_max)
             blob, tensors = encode_expert(q)
             path = staging / record["file"]
             path.write_bytes(blob)
@@ -194,7 +199,7 @@ def quantize_bundle(
     totals = manifest["totals"]
     totals["expert_bytes_bundle"] = sum(e["bytes"] for e in experts)
     totals["shared_expert_bytes"] = sum(e["bytes"] for e in shared)
-    totals["graph_bytes"] = sum(g["bytes"] for g in graphs.values())
+    totals["graph_bytes"] = sum(graph_bytes(g) for g in graphs.values())
     weights_total = sum(
         int(np.prod(p["shape"]))
         for layer in manifest["moe_layers"]
@@ -203,7 +208,9 @@ def quantize_bundle(
         for _ in layer["experts"]
     )
     manifest["quantization"] = {
-        "scheme": quant.scheme,
+        # Mixed precision gives each expert its own bit-width: the bundle is not "fp32" even though the
+        # uniform scheme asked for stayed at its default.
+        "scheme": "mixed" if plan is not None else quant.scheme,
         "dense_scheme": dense,
         "group_size": quant.group_size,
         "calibrator": quant.calibrator,
@@ -240,7 +247,9 @@ def _drop_unused_kernels(staging: Path, manifest: dict) -> None:
             layer["kernel"] = layer["experts"][0]["kernel"]
         used.add(layer["kernel"])
     for name in [n for n, g in graphs.items() if g["kind"] == "expert_kernel" and n not in used]:
-        (staging / graphs.pop(name)["file"]).unlink()
+        record = graphs.pop(name)
+        for entry in (record, *record.get("external_data", [])):
+            (staging / entry["file"]).unlink()
 
 
 def _probe_graph(executor, probe_bytes: bytes, suffix: str, outputs: list[str], inputs: list[str]):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle.describe import check_files
 from ..bundle.format import read_manifest
 from ..config import CompileConfig
 from ..errors import BundleError, ModelError
@@ -123,11 +124,25 @@ def verify_bundle(
         The per-task report.
 
     Raises:
+        BundleError: A graph reads external data its manifest record does not list.
+        IntegrityError: A listed file is missing, truncated or fails its sha256.
         ModelError: The source model cannot be rebuilt, or its weights differ from the bundle's.
     """
     manifest = read_manifest(bundle)
-    source = manifest["model"]["source"]
-    if "family" not in source or "config" not in source:
+    # Every listed file (graphs, their external data, experts), not only those the runs below load.
+    progress("check the size and sha256 of every bundle file")
+    check_files(Path(bundle), manifest)
+    model = manifest["model"]
+    source = model.get("source") if isinstance(model, dict) else None
+    if not (
+        isinstance(source, dict)
+        and isinstance(model.get("name"), str)
+        and isinstance(source.get("family"), str)
+        and isinstance(source.get("config"), dict)
+        and isinstance(source.get("state_sha256"), str)
+        and isinstance(source.get("weights") or "", str)
+        and isinstance(source.get("weights_format", "edgemoe"), str)
+    ):
         raise BundleError("the bundle's manifest does not say how to rebuild its source model; recompile it")
     progress(f"rebuild source model {manifest['model']['name']}")
     captured = capture_model(

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
-from ..bundle.format import FORMAT_TAG, MANIFEST, SCHEMA_VERSION, file_record, is_bundle
+from ..bundle.format import FORMAT_TAG, MANIFEST, SCHEMA_VERSION, file_record, graph_bytes, is_bundle
 from ..config import CompileConfig
 from ..devices import DeviceProfile
 from ..errors import OutputPathError
@@ -217,7 +217,7 @@ def _fill(staging, cfg, captured, profile, plan, target, device, progress) -> di
             "expert_bytes_model": sum(emitted.expert_bytes[layer.index] * layer.num_experts for layer in ir.moe_layers),
             "expert_bytes_bundle": sum(e["bytes"] for e in expert_files),
             "shared_expert_bytes": sum(e["bytes"] for e in shared_files),
-            "graph_bytes": sum(g["bytes"] for g in graphs.values()),
+            "graph_bytes": sum(graph_bytes(g) for g in graphs.values()),
         },
         **emitted.sections,
     }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +61,13 @@ def _check_npy_header(path: Path) -> None:
             else:
                 raise ValueError(f".npy format version {version} is not read (1.0 and 2.0 are)")
             data_start = f.tell()
-    except (ValueError, OSError, EOFError, SyntaxError) as exc:
-        raise InputError(f"cannot read {path} as .npy: {exc}") from None
+    except Exception as exc:  # numpy parses the header text with tokenize and ast: any error means it is garbled
+        raise InputError(f"cannot read {path} as .npy: {type(exc).__name__}: {str(exc)[:200]}") from None
     if dtype.hasobject:
         raise InputError(f"{path} holds Python objects (pickles), which are never loaded")
-    declared = int(np.prod(shape, dtype=np.uint64)) * dtype.itemsize
+    if any(d < 0 for d in shape):
+        raise InputError(f"cannot read {path} as .npy: its header declares the shape {list(shape)}")
+    declared = math.prod(shape) * dtype.itemsize  # Python integers: a product of huge sizes cannot wrap
     held = path.stat().st_size - data_start
     if declared != held:
         raise InputError(
@@ -82,7 +86,11 @@ def _load_image(path: Path, spec: dict) -> np.ndarray:
         raise InputError("reading images needs Pillow: pip install 'edgemoe[runtime]'") from None
     _, channels, height, width = spec["shape"]
     try:
-        with Image.open(path) as img:  # reads the header only
+        with warnings.catch_warnings():
+            # Pillow's own bomb check warns from 89 Mpx (and fails from twice that) on open: ours is below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)  # reads the header only
+        with img:
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 raise InputError(
                     f"image {path} is {img.width}x{img.height} pixels, more than the {MAX_IMAGE_PIXELS:,} an input "
@@ -90,8 +98,14 @@ def _load_image(path: Path, spec: dict) -> np.ndarray:
                 )
             img = img.convert("RGB" if channels == 3 else "L").resize((width, height), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.float32) / 255.0
+    except InputError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"image {path} is too large: {exc}") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"cannot read image {path}: {exc}") from None
+    except Exception as exc:  # Pillow's decoders raise SyntaxError, ValueError, zlib.error ... on a damaged file
+        raise InputError(f"cannot read image {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
     if arr.ndim == 2:
         arr = arr[..., None]
     arr = (arr - np.asarray(pre["mean"], np.float32)) / np.asarray(pre["std"], np.float32)

@@ -18,13 +18,15 @@ runs the whole model as one design (the FPGA accelerator) implements the same st
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from ..bundle.format import decode_expert, read_verified
-from ..errors import BundleError
+from ..bundle.format import graph_bytes as files_bytes
+from ..errors import BundleError, EdgeMoEError
 
 
 class TaskProgram(abc.ABC):
@@ -149,6 +151,33 @@ class _GraphRun:
         self.gate_out: tuple[np.ndarray, ...] = ()
 
 
+def _bundle_fault(step):
+    """Report a run step's failure that is not edgemoe's own error as the bundle's (a :class:`BundleError`).
+
+    By the time a step runs, the input was checked against the manifest and every file against its
+    sha256, so an executor's library refusing a graph's inputs, or a graph answering with outputs of
+    another count or shape than the next step takes, means the bundle's graphs do not fit together
+    or their manifest: a record naming another graph, or a graph whose bytes were rewritten along
+    with their sha256. (Out of memory stays what it is.)
+    """
+
+    @functools.wraps(step)
+    def wrapper(self, run, *args):
+        try:
+            return step(self, run, *args)
+        except (EdgeMoEError, MemoryError):
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            where = f"{step.__name__} of layer {args[0]}" if args and isinstance(args[0], int) else step.__name__
+            raise BundleError(
+                f"the bundle's graphs do not fit together or their manifest: {where} failed "
+                f"({type(exc).__name__}: {first})"
+            ) from exc
+
+    return wrapper
+
+
 class GraphProgram(TaskProgram):
     """A task of a bundle of graphs: trunk segments, the task's gates and head, expert kernels.
 
@@ -183,6 +212,7 @@ class GraphProgram(TaskProgram):
         self.layers = manifest["moe_layers"]
         self._records = [{e["index"]: e for e in layer["experts"]} for layer in self.layers]
         self._kernels = {name: self._graph(name, reuse) for name in _kernel_names(manifest, record["experts"])}
+        self._check_tensors(record["experts"])
         # Shared experts run on every token: load them now and keep them resident.
         if shared is not None:
             self.shared, self.shared_bytes = shared
@@ -192,14 +222,32 @@ class GraphProgram(TaskProgram):
                 for layer in self.layers
             ]
 
+    def _check_tensors(self, kept: list[list[int]]) -> None:
+        """Every expert the task may run holds each tensor its kernel takes (before any run needs one).
+
+        Raises:
+            BundleError: An expert record lacks a tensor its kernel's inputs name.
+        """
+        for li, (layer, keep) in enumerate(zip(self.layers, kept, strict=True)):
+            experts = [(f"expert {e}", self._records[li][e], self._kernel(li, e)) for e in keep]
+            shared = enumerate(layer.get("shared", []))
+            experts += [(f"shared expert {j}", e, self._kernels[e["kernel"]]) for j, e in shared]
+            for what, record, kernel in experts:
+                missing = set(kernel.input_names[1:]) - {t["name"] for t in record["tensors"]}
+                if missing:
+                    raise BundleError(
+                        f"garbled manifest: {what} of layer {li} has no tensor {', '.join(sorted(missing))[:120]}, "
+                        "which its kernel takes"
+                    )
+
     def _graph(self, name: str, reuse: dict):
         try:
             record = self.manifest["graphs"][name]
         except KeyError:
-            raise BundleError(f"garbled manifest: graph '{name}' is not listed") from None
+            raise BundleError(f"garbled manifest: graph '{name[:120]}' is not listed") from None
         graph = reuse.get(name) or self.executor.load(self.root, record)
         self._loaded[name] = graph
-        self.graph_bytes += int(record["bytes"])
+        self.graph_bytes += files_bytes(record)  # the graph and its data files
         return graph if self._recorder is None else _RecordingGraph(graph, name, self._recorder)
 
     def _shared_weights(self, record: dict) -> dict[str, object]:
@@ -233,11 +281,13 @@ class GraphProgram(TaskProgram):
         return Decoder(graphs, gen["segments"], gen["max_seq"], batch)
 
     # -- a run -----------------------------------------------------------------------------
+    @_bundle_fault
     def start(self, x: np.ndarray) -> _GraphRun:
         run = _GraphRun(self.segments[0].run(x))
         self._enter(run)
         return run
 
+    @_bundle_fault
     def start_step(self, x: np.ndarray, decoder: Decoder) -> _GraphRun:
         run = _GraphRun(decoder.run(0, x), decoder)
         self._enter(run)
@@ -251,18 +301,23 @@ class GraphProgram(TaskProgram):
             run.flat = run.moe_in.reshape(-1, run.moe_in.shape[-1])
             run.out = np.zeros_like(run.flat)
 
+    @_bundle_fault
     def route(self, run: _GraphRun, layer: int) -> tuple[np.ndarray, np.ndarray]:
         run.gate_out = self.gates[layer].run(run.moe_in)
         idx, scores = run.gate_out[0], run.gate_out[1]
+        if idx.dtype.kind not in "iu":
+            raise BundleError(f"the gate of layer {layer} answers with {idx.dtype} expert ids, not integers")
         k = idx.shape[-1]
         return idx.reshape(-1, k), scores.reshape(-1, k)
 
+    @_bundle_fault
     def pregate(self, run: _GraphRun, layer: int) -> np.ndarray:
         gate = self.gates[layer]
         gate = getattr(gate, "_graph", gate)  # unrecorded: a pre-gating call is not part of the run
         idx = gate.run(run.moe_in)[0]
         return idx.reshape(-1, idx.shape[-1])
 
+    @_bundle_fault
     def expert(
         self, run: _GraphRun, layer: int, expert: int, tokens: np.ndarray, slots: np.ndarray, weights: dict
     ) -> None:
@@ -272,6 +327,7 @@ class GraphProgram(TaskProgram):
         scores = run.gate_out[1].reshape(run.flat.shape[0], -1)
         run.out[tokens] += y * scores[tokens, slots, None]
 
+    @_bundle_fault
     def finish_layer(self, run: _GraphRun, layer: int) -> None:
         if self.shared[layer]:
             # The gate's third output weighs each shared expert per token (ones where ungated).
@@ -285,6 +341,7 @@ class GraphProgram(TaskProgram):
         if layer + 1 < len(self.layers):
             self._enter(run)
 
+    @_bundle_fault
     def output(self, run: _GraphRun) -> np.ndarray:
         if run.step is not None:  # generation needs the next token's logits only
             (y,) = self.head.run(run.outs[0][:, -1:])

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 from pathlib import Path
 
 import numpy as np
 
 from ..bundle.format import sample_input
-from ..errors import InputError
+from ..errors import InputError, OutputPathError
 from .inputs import load_input
 from .session import BUNDLE, Session
 
@@ -49,6 +51,8 @@ def run_bundle(
     """
     if repeat < 1:
         raise InputError(f"--repeat must be at least 1, got {repeat}")
+    if output_path is not None and Path(output_path).suffix != ".npy":
+        raise InputError(f"--output must be a .npy file, got {output_path}")
     if prefetch in ("none", "off"):
         prefetch = None
     session = Session(
@@ -69,11 +73,7 @@ def run_bundle(
     times = [first_ms] if repeat == 1 else [session.timed_run(x)[1] for _ in range(repeat)]
     stats = session.stats
     if output_path is not None:
-        out = Path(output_path)
-        if out.suffix != ".npy":
-            raise InputError(f"--output must be a .npy file, got {out}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(out, y)
+        save_output(Path(output_path), y)
     pngs = None
     if png_dir is not None:
         from .images import write_pngs
@@ -103,6 +103,24 @@ def run_bundle(
         },
         "cache": cache_report(session),
     }
+
+
+def save_output(out: Path, y: np.ndarray) -> None:
+    """Write ``y`` to the ``.npy`` file ``out`` whole or not at all: a hidden file beside it, renamed into place.
+
+    Raises:
+        OutputPathError: The file or its folder cannot be written (read-only, disk full, a folder in the way).
+    """
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.save(f, y)
+        os.replace(tmp, out)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OutputPathError(f"cannot write the output {out}: {exc.strerror or exc}") from None
 
 
 def cache_report(session: Session) -> dict:

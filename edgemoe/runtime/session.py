@@ -252,7 +252,7 @@ class Session:
         self.last_pregate: list[np.ndarray | None] = []
         self._verified: dict[tuple[int, int], tuple[Path, tuple[int, int, int]]] = {}
         # Runs in flight vs a task switch: a switch waits for them, runs wait for a switch.
-        self._gate = threading.Condition()
+        self._switch_cv = threading.Condition()
         self._active = 0
         self._switching = False
         self.last_switch: SwitchStats | None = None
@@ -339,6 +339,8 @@ class Session:
         if prefetch == "plan":
             if not schedule:
                 raise ConfigError("prefetch='plan' needs a schedule in the bundle: run `edgemoe plan` first")
+            if schedule.get("prefetch") is None:  # the plan found that no predictor pays on its device
+                return None, None, None
             predictor = predictor_from_json(schedule["prefetch"])
         elif prefetch == "static" and not schedule:
             predictor = far
@@ -544,9 +546,9 @@ class Session:
 
     def _forward(self, x: np.ndarray, decoder=None) -> np.ndarray:
         """One pass through the task: a plain run, or a generation step on ``decoder``'s cache."""
-        with self._gate:
+        with self._switch_cv:
             while self._switching:
-                self._gate.wait()
+                self._switch_cv.wait()
             self._active += 1
         try:
             self.last_routing = []
@@ -562,9 +564,9 @@ class Session:
             self._runs += 1
             return y
         finally:
-            with self._gate:
+            with self._switch_cv:
                 self._active -= 1
-                self._gate.notify_all()
+                self._switch_cv.notify_all()
 
     def switch_task(self, task: str, wait: bool = True) -> SwitchStats:
         """Switch this live session to another task of the bundle, keeping its expert cache.
@@ -596,18 +598,18 @@ class Session:
         tasks = self.manifest["tasks"]
         if task not in tasks:
             raise TaskError(f"unknown task '{task}'{did_you_mean(task, tasks)} (bundle has: {', '.join(tasks)})")
-        with self._gate:
+        with self._switch_cv:
             while self._switching:
-                self._gate.wait()
+                self._switch_cv.wait()
             self._switching = True
             while self._active:
-                self._gate.wait()
+                self._switch_cv.wait()
         try:
             return self._switch(task, wait)
         finally:
-            with self._gate:
+            with self._switch_cv:
                 self._switching = False
-                self._gate.notify_all()
+                self._switch_cv.notify_all()
 
     def _switch(self, task: str, wait: bool) -> SwitchStats:
         start = time.perf_counter()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle.format import MANIFEST, read_manifest
+from ..bundle.format import MANIFEST, graph_bytes, read_manifest
 from ..devices import DeviceProfile, get_device
 from ..errors import ConfigError
 from ..swap.book import CacheBook, Key
@@ -38,7 +38,7 @@ def dense_cost(manifest: dict, task: str) -> DenseCost:
     layers = len(manifest["moe_layers"])
 
     def size(name: str | None) -> int:
-        return int(graphs[name]["bytes"]) if name in graphs else 0
+        return graph_bytes(graphs[name]) if name in graphs else 0
 
     gates = list(record.get("gates", []))
     before = tuple(size(segments[li]) + size(gates[li] if li < len(gates) else None) for li in range(layers))
@@ -56,7 +56,7 @@ class Schedule:
         shared_bytes: Bytes of shared experts (always resident).
         cache_bytes: Capacity for routed experts (budget less shared experts).
         policy: Eviction policy.
-        predictor: Prefetch predictor.
+        predictor: Prefetch predictor, or None where the plan's simulation says prefetch does not pay.
         granularity: Trace granularity the plan was built on.
         tasks: Per task: resident experts, per-expert probabilities, prefetch plan.
         task_switch: Per ``"A->B"``: experts to unload, load, keep and drop from the cache, and the
@@ -68,7 +68,7 @@ class Schedule:
     shared_bytes: int
     cache_bytes: int
     policy: str
-    predictor: str
+    predictor: str | None
     granularity: str
     tasks: dict
     task_switch: dict
@@ -215,10 +215,10 @@ def replay_prefetch(
     capacity: int,
     profile: DeviceProfile,
     policy: str,
-    predictor: Predictor,
+    predictor: Predictor | None,
     book: CacheBook | None = None,
 ) -> SimResult:
-    """Replay ``trace`` under ``plan`` with ``predictor`` prefetching by the runtime's rules.
+    """Replay ``trace`` under ``plan`` with ``predictor`` prefetching by the runtime's rules (None: on demand only).
 
     ``book`` continues on that cache (built with ``plan``'s policy) instead of an empty one.
     """
@@ -308,18 +308,29 @@ def choose_predictor(
     capacity: int,
     profile: DeviceProfile,
     policy: str,
-) -> str:
-    """The prefetch predictor of the plan: the most accurate replaying the calibration traces (ties: pre-gating).
+) -> str | None:
+    """The prefetch predictor of the plan, or None where no predictor pays.
 
-    The held-out traces only score the plan, so they do not pick its parts either.
+    Each predictor replays the calibration traces by the runtime's rules. The most accurate wins
+    (ties: pre-gating) unless it stalls more than loading on demand does; then the one that stalls
+    least, if it stalls less than on demand, else none: on a device whose loads cannot hide
+    behind compute, wrong guesses only add loads. The held-out traces only score the plan, so
+    they do not pick its parts either.
     """
-    score: dict[str, list[int]] = {name: [0, 0] for name in PREDICTORS}
+    score: dict[str, list[float]] = {name: [0, 0, 0.0] for name in PREDICTORS}
+    demand = 0.0
     for task, (calib, _) in traces.items():
+        demand += replay_prefetch(calib, plans[task], capacity, profile, policy, None).stall_s
         for name in PREDICTORS:
             r = replay_prefetch(calib, plans[task], capacity, profile, policy, make_predictor(name, calib))
             score[name][0] += r.hits
             score[name][1] += r.accesses
-    return max(PREDICTORS, key=lambda p: (score[p][0] / max(score[p][1], 1), p == "pregate"))
+            score[name][2] += r.stall_s
+    best = max(PREDICTORS, key=lambda p: (score[p][0] / max(score[p][1], 1), p == "pregate"))
+    if score[best][2] <= demand:
+        return best
+    least = min(PREDICTORS, key=lambda p: (score[p][2], p != "pregate"))
+    return least if score[least][2] < demand else None
 
 
 def predict_switch(
@@ -341,7 +352,11 @@ def predict_switch(
     """
     plan_a, plan_b = stored_plan(manifest, source, tasks[source]), tasks[target]
     book = CacheBook(capacity, plan_a.sizes, make_policy(policy, plan_a.prob, plan_a.recency))
-    pred = predictor_from_json(tasks[source]["predictors"].get(predictor, {"name": predictor}))
+    pred = (
+        None
+        if predictor is None
+        else predictor_from_json(tasks[source]["predictors"].get(predictor, {"name": predictor}))
+    )
     replay_prefetch(held, plan_a, capacity, profile, policy, pred, book=book)
     return simulate_switch(
         book,
@@ -416,7 +431,7 @@ def plan_bundle(
             "resident": [list(k) for k in plan.resident],
             "resident_bytes": sum(plan.sizes[k] for k in plan.resident),
             "probability": [[round(p, 4) for p in ps] for ps in plan.prob],
-            "prefetch": make_predictor(best, calib).to_json(),
+            "prefetch": None if best is None else make_predictor(best, calib).to_json(),
             "predictors": {name: make_predictor(name, calib).to_json() for name in PREDICTORS},
         }
         if plan.recency is not None:
@@ -453,6 +468,7 @@ def plan_bundle(
     peak = max([p["peak_bytes"] for p in (*policies.values(), *prefetch.values())], default=0)
     out = {
         "bundle": str(bundle),
+        "model": manifest["model"]["name"],
         "device": profile.name,
         "compute_gflops": profile.compute_gflops,
         "budget_bytes": budget_bytes,
@@ -509,7 +525,13 @@ def render_plan(result: dict) -> str:
         recall = "-" if r["recall"] is None else f"{r['recall']:.3f}"
         stall = r["stall_s"] * 1e3
         lines.append(f"  {name:8s} accuracy {r['accuracy']:.3f}  predictor recall {recall}  stall {stall:.2f} ms")
-    lines.append(f"plan: policy {result['policy']}, prefetch {result['predictor']}")
+    if result["predictor"] is None:
+        lines.append(
+            f"plan: policy {result['policy']}, no prefetch (on calibration traces no predictor stalls less than "
+            "loading on demand)"
+        )
+    else:
+        lines.append(f"plan: policy {result['policy']}, prefetch {result['predictor']}")
     demand = result["policies"].get(result["policy"], {}).get("stall_s")
     chosen = result["prefetch"].get(result["predictor"], {}).get("stall_s")
     if demand is not None and chosen is not None and chosen > demand:

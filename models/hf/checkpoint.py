@@ -16,6 +16,7 @@ import struct
 from pathlib import Path
 
 from ...errors import ModelError
+from .. import KeyNamedTwice, unique_pairs
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -98,9 +99,12 @@ def _check_safetensors(path: Path) -> None:
             (n,) = struct.unpack("<Q", fh.read(8))
             if 8 + n > size:
                 raise ValueError(f"header of {n} bytes in a file of {size}")
-            header = json.loads(fh.read(n))
+            # A tensor named twice: the loader would keep one of the two silently.
+            header = json.loads(fh.read(n), object_pairs_hook=unique_pairs)
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
+    except KeyNamedTwice as exc:
+        raise ModelError(f"{path} names {exc.args[0]!r} twice in its header (which one is meant?)") from None
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, RecursionError, AttributeError) as exc:
         raise ModelError(f"{path} is not a safetensors file ({type(exc).__name__}: {exc})") from None
     if 8 + n + end != size:
         what = "truncated" if 8 + n + end > size else "longer than its header says"

@@ -81,7 +81,7 @@ def from_m3vit(raw: object, model: M3ViT) -> tuple[dict[str, torch.Tensor], list
             "fc-GELU-fc-LayerNorm, edgemoe's task embedding fc-ReLU-fc); use one gate per task (task_cond_dim 0)"
         )
     outer = prefix.removesuffix("backbone.") if prefix.endswith("backbone.") else None
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = _Once()
     ignored: list[str] = []
     notes: list[str] = []
     cls_token = None
@@ -108,6 +108,7 @@ def from_m3vit(raw: object, model: M3ViT) -> tuple[dict[str, torch.Tensor], list
                 if mapped is None:
                     out[rest] = value
                 shared_gate = shared_gate or mapped == "shared gate"
+    out = dict(out)  # renamed; the folds below replace entries on purpose
     pos_embed = out.get("pos_embed")
     if cls_token is not None and isinstance(pos_embed, torch.Tensor) and cls_token.numel() == pos_embed.shape[-1]:
         # Token 0 is cls_token + pos_embed[0]; without a class token the model adds a zero token, so
@@ -135,6 +136,19 @@ def from_m3vit(raw: object, model: M3ViT) -> tuple[dict[str, torch.Tensor], list
             f"({', '.join(roots[:5])}{', ...' if len(roots) > 5 else ''}): M³ViT's decoders are not imported"
         )
     return out, notes
+
+
+class _Once(dict):
+    """The renamed state dict while it fills: two checkpoint keys that map to one name are refused.
+
+    E.g. ``module.backbone.pos_embed`` beside a bare ``pos_embed``, or ``patch_embed.proj.weight``
+    beside ``patch_embed.weight``: one would replace the other silently.
+    """
+
+    def __setitem__(self, key: str, value) -> None:
+        if key in self:
+            raise ModelError(f"the checkpoint names {key} twice (under two prefixes or spellings): which one is meant?")
+        super().__setitem__(key, value)
 
 
 def _map_backbone(

@@ -39,6 +39,23 @@ def configs() -> dict[str, dict]:
     return {name: dataclasses.asdict(cfg) for name, cfg in CONFIGS.items()}
 
 
+def param_count(config: dict) -> int:
+    """A lower bound of the parameters a config builds, from its sizes (nothing is built).
+
+    What the host-memory check (``ModelEntry.check_size``) compares: the position embedding (one row
+    per token: the image size drives it), every MoE layer's experts and every block's attention.
+    """
+    full = normalize(config)
+    (height, width), patch, dim = full["img_size"], full["patch"], full["dim"]
+    tokens = (height // patch) * (width // patch) + 1
+    moe_layers = max(full["depth"] // 2, 1)
+    return (
+        tokens * dim
+        + 2 * moe_layers * full["num_experts"] * full["expert_hidden"] * dim
+        + 4 * dim * dim * full["depth"]
+    )
+
+
 def normalize(config: dict) -> dict:
     """Validate a (possibly partial) config dict and return the full one.
 

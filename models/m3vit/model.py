@@ -10,6 +10,8 @@ A task with 0 output channels is a *backbone* task: its output is the last block
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,10 @@ WINDOW_LAYOUTS = ("even", "m3vit")
 # enter as k/255 (PNG reading, procedural scenes), so dividing by 256/255 gives k/256.
 RAW_PIXELS_MEAN = (0.0, 0.0, 0.0)
 RAW_PIXELS_STD = (256 / 255, 256 / 255, 256 / 255)
+
+
+# Pixels a model input may have: what ``edgemoe run`` reads an image of at most (runtime.inputs).
+MAX_PIXELS = 64_000_000
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,49 @@ class M3ViTConfig:
     window_layout: str = "even"
 
     def __post_init__(self):
+        # A config may come from an untrusted file (a .json model config, a bundle's manifest): sizes are
+        # checked here, so a wrong type or shape is one ModelError instead of a failure deep in torch.
+        sizes = ("patch", "in_chans", "dim", "heads", "depth", "mlp_hidden", "expert_hidden", "num_experts", "top_k")
+        for key in (*sizes, "task_cond_dim", "seed"):
+            value = getattr(self, key)
+            low = 1 if key in sizes else 0 if key == "task_cond_dim" else None
+            if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+                raise ValueError(f"{key} must be an integer{'' if low is None else f' >= {low}'}, got {value!r}")
+        size = self.img_size
+        if not (
+            isinstance(size, tuple) and len(size) == 2 and all(isinstance(v, int) and v >= self.patch for v in size)
+        ):
+            raise ValueError(f"img_size must be (height, width), each at least patch ({self.patch}), got {size!r}")
+        if size[0] * size[1] > MAX_PIXELS:
+            raise ValueError(f"img_size {size[0]}x{size[1]} is more than {MAX_PIXELS:,} pixels")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not a multiple of heads {self.heads}")
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if not (
+                isinstance(values, tuple)
+                and len(values) == self.in_chans
+                and all(
+                    (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and math.isfinite(v))
+                    for v in values
+                )
+                and (key == "mean" or all(v > 0 for v in values))
+            ):
+                raise ValueError(f"{key} must be {self.in_chans} finite numbers (in_chans), std > 0, got {values!r}")
+        if not (
+            isinstance(self.tasks, tuple)
+            and self.tasks
+            and all(isinstance(t, tuple) and len(t) == 2 and isinstance(t[0], str) for t in self.tasks)
+        ):
+            raise ValueError(f"tasks must be (name, output channels) pairs, got {self.tasks!r}")
+        # Task names become module keys and graph file names (gate_<task>_<layer>.onnx).
+        names = [t[0] for t in self.tasks]
+        bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}", n)]
+        if bad or len(set(names)) != len(names):
+            shown = repr(bad[0][:40]) if bad else "a name twice"
+            raise ValueError(f"task names must be distinct words of letters, digits, _ and - (got {shown})")
         if self.window_layout not in WINDOW_LAYOUTS:
             raise ValueError(f"window_layout '{self.window_layout}' is not one of {', '.join(WINDOW_LAYOUTS)}")
         if not self.ln_eps > 0:

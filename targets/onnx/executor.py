@@ -6,6 +6,11 @@ on a Jetson); those the installed onnxruntime lacks are skipped and CPU always c
 (:func:`resolve_providers`). TensorRT builds an engine per graph when a session is created; the
 engines are cached in the user's cache folder, keyed by the graph's sha256 and the GPU
 (:func:`tensorrt_options`), never in the bundle, which stays read-only and verifiable.
+
+A graph's external data (a large graph's weights in a file next to it) is read by edgemoe, not by
+onnxruntime: its references are checked against the files the manifest lists with the graph, the
+files are read with their size and sha256 checked, and onnxruntime gets their bytes from memory
+(:func:`add_external_data`), so it never opens a path the graph names.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from ...bundle.format import MANIFEST, read_manifest, read_verified
-from ...errors import BundleError, ConfigError, EdgeMoEWarning
+from ...bundle.onnx_data import read_external_data
+from ...errors import BundleError, ConfigError, DependencyError, EdgeMoEWarning
 from ...runtime.executor import Executor, Graph
 
 CPU = "CPUExecutionProvider"
@@ -170,6 +176,31 @@ def session_options(threads: int = 0):
     return opts
 
 
+def add_external_data(opts, files: dict[str, bytes], version: str) -> None:
+    """Give onnxruntime a graph's external data files from memory, by the location the graph names each with.
+
+    With such a table onnxruntime looks every external reference up in it and fails on a name it
+    lacks instead of opening a file. So a graph without data files gets a table too, with one empty
+    entry: a reference that slipped past edgemoe's own check fails there, never read from disk.
+
+    Args:
+        opts: The session options.
+        files: Verified file contents by location (:func:`~edgemoe.bundle.onnx_data.read_external_data`).
+        version: ``onnxruntime.__version__``, for the message.
+
+    Raises:
+        DependencyError: The graph has external data and this onnxruntime cannot take it from memory.
+    """
+    if not hasattr(opts, "add_external_initializers_from_files_in_memory"):
+        if files:
+            raise DependencyError(
+                f"onnxruntime {version} cannot take a graph's external data from memory; install a newer onnxruntime"
+            )
+        return
+    names, buffers = (list(files), list(files.values())) if files else (["<none>"], [b""])
+    opts.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
+
+
 class OrtGraph(Graph):
     """One onnxruntime inference session."""
 
@@ -283,14 +314,18 @@ class OrtExecutor(Executor):
     def load(self, root: Path, record: dict) -> Graph:
         root = Path(root)
         data = read_verified(root, record)  # checked bytes go straight to onnxruntime
+        # Its external data: only files listed with it, each checked, before onnxruntime sees the graph.
+        files = read_external_data(root, record, data)
         self._use_bundle(root, None)
         while True:
             providers = self._session_providers(root, record)
+            opts = session_options(self.threads)
+            # The bytes are read as the ONNX protobuf edgemoe checked, never sniffed as ORT's flatbuffer format.
+            opts.add_session_config_entry("session.load_model_format", "ONNX")
+            add_external_data(opts, files, self._ort.__version__)
             try:
                 # No onnxruntime fallback: it prints to stdout (the CLI's --json) and retries only once.
-                session = self._ort.InferenceSession(
-                    data, session_options(self.threads), providers=providers, enable_fallback=0
-                )
+                session = self._ort.InferenceSession(data, opts, providers=providers, enable_fallback=0)
                 break
             except Exception as exc:  # onnxruntime raises its own exception types
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ...bundle.onnx_data import external_refs
 from ...errors import TargetError
 from ...quantization import nbits_shapes
+from .external import external_data_threshold, normalize_graph, save_graph
 
 MS_DOMAIN = "com.microsoft"
 
@@ -157,7 +159,7 @@ def rewrite_expert_kernel(
     if scheme in ("nbits", "int8"):
         _ensure_ms_opset(model)
     onnx.checker.check_model(model)
-    onnx.save(model, str(dst))
+    save_graph(model, dst)
     return dst
 
 
@@ -243,20 +245,26 @@ def quantize_dense_graph(
     import onnxruntime
 
     tmp = path.with_name(path.stem + ".q.onnx")
+    # A graph with a data file is above the threshold: the quantizers must write theirs the same way
+    # (their output may exceed protobuf's 2 GB too); normalize_graph then moves it to the bundle's name.
+    large = bool(external_refs(path.read_bytes())) or path.stat().st_size > external_data_threshold()
     # onnxruntime's quantizers log advice on every call through the root logger; keep the CLI quiet.
     onnxruntime.set_default_logger_severity(3)
     logging.disable(logging.WARNING)
     try:
-        _quantize_dense(path, tmp, scheme, feeds, group, calibrator, percentile)
+        _quantize_dense(path, tmp, scheme, feeds, group, calibrator, percentile, large)
     finally:
         logging.disable(logging.NOTSET)
     onnx.checker.check_model(str(tmp))
     tmp.replace(path)
-    for leftover in path.parent.glob(path.stem + "*-inferred.onnx"):
+    normalize_graph(path)
+    for leftover in path.parent.glob(path.stem + "*-inferred.onnx*"):
         leftover.unlink()
 
 
-def _quantize_dense(path: Path, tmp: Path, scheme: str, feeds, group: int, calibrator: str, percentile: float) -> None:
+def _quantize_dense(
+    path: Path, tmp: Path, scheme: str, feeds, group: int, calibrator: str, percentile: float, large: bool
+) -> None:
     import onnx
 
     if scheme == "int8":
@@ -283,12 +291,13 @@ def _quantize_dense(path: Path, tmp: Path, scheme: str, feeds, group: int, calib
             _Reader(feeds),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            reduce_range=True,  # 7-bit weights: see edgemoe.quantization.INT8_WEIGHT_MAX
+            reduce_range=True,  # 7-bit weights: see target.INT8_WEIGHT_MAX
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=method,
             op_types_to_quantize=list(DENSE_INT8_OPS),
             nodes_to_exclude=activation_matmuls(model),
+            use_external_data_format=large,
             extra_options=extra,
         )
     elif scheme == "int8-dynamic":
@@ -298,18 +307,19 @@ def _quantize_dense(path: Path, tmp: Path, scheme: str, feeds, group: int, calib
             str(path),
             str(tmp),
             per_channel=True,
-            reduce_range=True,  # 7-bit weights: see edgemoe.quantization.INT8_WEIGHT_MAX
+            reduce_range=True,  # 7-bit weights: see target.INT8_WEIGHT_MAX
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul", "Gemm"],
+            use_external_data_format=large,
         )
     elif scheme == "int4":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         q = MatMulNBitsQuantizer(onnx.load(str(path)), bits=4, block_size=group, is_symmetric=True)
         q.process()
-        q.model.save_model_to_file(str(tmp), False)
+        q.model.save_model_to_file(str(tmp), large)
     elif scheme == "fp16":
-        onnx.save(_fp16_weights(onnx.load(str(path))), str(tmp))
+        save_graph(_fp16_weights(onnx.load(str(path))), tmp)
     else:
         raise TargetError(f"target onnx: no dense quantization for scheme '{scheme}'")
 

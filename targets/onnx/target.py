@@ -3,7 +3,8 @@
 Graphs are exported with torch's TorchScript-based exporter (about 10x faster than the
 dynamo exporter on these small graphs, and it exports the masked top-k gate and the
 weight-as-input expert kernel exactly), checked with ``onnx.checker`` and then compared
-with the torch module on the example inputs in onnxruntime before they enter a bundle.
+with the torch module on the example inputs in onnxruntime before they enter a bundle. A graph
+above 1 GiB keeps its weights in a data file next to it, listed with the graph (:mod:`.external`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,17 @@ from ...devices import DeviceProfile
 from ...errors import TargetError
 from ...frontends import GraphPartition
 from ..base import Target, check_against_torch
+from .external import graph_files, normalize_graph
 
 # Exported graphs must reproduce the torch partition to within atol + rtol * |torch| (fp32).
+
+
+# int8 weights use 7 bits of range (onnxruntime's ``reduce_range``). Its uint8 x int8 matmul kernels
+# on x86 CPUs without VNNI (AVX2, AVX-512F) add pairs of products in 16 bits with saturation:
+# 2 * 255 * 127 overflows, 2 * 255 * 63 does not. Full range gave wrong integer results on such a
+# CPU (int8 expert kernel off by up to 0.08; int8-dynamic cosine 0.979), and a bundle may run on
+# any x86 host.
+INT8_WEIGHT_MAX = 63
 
 
 class OnnxTarget(Target):
@@ -26,6 +36,7 @@ class OnnxTarget(Target):
     name = "onnx"
     executor = "onnxruntime"
     suffix = ".onnx"
+    int8_weight_max = INT8_WEIGHT_MAX
 
     def check_device(self, device: DeviceProfile) -> None:
         # onnxruntime runs on every CPU we profile (x86_64 and aarch64 wheels exist).
@@ -67,6 +78,7 @@ class OnnxTarget(Target):
                 do_constant_folding=True,
                 dynamo=False,
             )
+        normalize_graph(path)  # a large graph's weights into its one listed data file
         try:
             onnx.checker.check_model(str(path), full_check=True)
         except onnx.checker.ValidationError as exc:
@@ -90,6 +102,9 @@ class OnnxTarget(Target):
         from .quantize import probe_kernel
 
         return probe_kernel(src, weights)
+
+    def graph_files(self, root: Path, path: Path) -> dict:
+        return graph_files(root, path)
 
     def graph_io(self, path: Path) -> tuple[list[str], list[str]]:
         import onnx

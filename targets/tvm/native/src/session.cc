@@ -389,7 +389,12 @@ void Session::setup_cache(const SessionOptions& opts) {
   std::unique_ptr<Predictor> predictor;
   if (want == "plan") {
     if (!schedule) throw ConfigError("prefetch='plan' needs a schedule in the bundle: run `edgemoe plan` first");
-    predictor = predictor_from_json(schedule->at("prefetch"));
+    const Json& planned = schedule->at("prefetch");
+    if (planned.is_null()) {  // the plan found that no predictor pays on its device: load on demand
+      far_.reset();
+      return;
+    }
+    predictor = predictor_from_json(planned);
   } else if (want == "static" && !schedule) {
     predictor = std::make_unique<Static>(*far_);
   } else if (want == "static" || want == "affinity") {

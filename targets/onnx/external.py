@@ -1,0 +1,112 @@
+"""Writing ONNX external data into a bundle: a large graph's weights go to one file next to it.
+
+protobuf caps a message at 2 GB, so a partition with more weights cannot be one ``.onnx`` file. A
+graph above :func:`external_data_threshold` (1 GiB unless ``EDGEMOE_ONNX_EXTERNAL_DATA`` says
+otherwise) is saved with its tensors of 1 KiB or more in ``<graph>.onnx.data`` beside it; the
+manifest lists that file with the graph (``external_data``: file, bytes, sha256), which is how the
+runtime (:mod:`edgemoe.bundle.onnx_data`) knows what the graph may read. Smaller graphs are left as
+written, byte for byte, and their records are unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ...bundle.format import file_record
+from ...bundle.onnx_data import external_refs
+from ...errors import ConfigError, TargetError
+
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+"""Graphs above this many bytes keep their weights in a data file (well below protobuf's 2 GB)."""
+
+THRESHOLD_ENV = "EDGEMOE_ONNX_EXTERNAL_DATA"
+"""Environment variable overriding :data:`EXTERNAL_DATA_THRESHOLD` (bytes; tests set it small)."""
+
+# Tensors below this stay inside the graph even when it has a data file (onnx's own default): shapes
+# and scalars are read while the graph is optimized, and one read each from a file buys nothing.
+_TENSOR_MIN_BYTES = 1024
+
+
+def external_data_threshold() -> int:
+    """Graph size in bytes above which weights go to a data file.
+
+    Raises:
+        ConfigError: ``EDGEMOE_ONNX_EXTERNAL_DATA`` is set to something that is not a byte count.
+    """
+    raw = os.environ.get(THRESHOLD_ENV, "").strip()
+    if not raw:
+        return EXTERNAL_DATA_THRESHOLD
+    if not raw.isdigit():
+        raise ConfigError(f"{THRESHOLD_ENV} must be a byte count, got {raw!r}")
+    return int(raw)
+
+
+def data_file(path: Path) -> Path:
+    """The data file of graph ``path``: ``<name>.onnx.data`` in the same folder."""
+    return path.with_name(path.name + ".data")
+
+
+def save_graph(model, path: Path) -> None:
+    """Save a model (weights in memory) to ``path``; above the threshold its weights go to :func:`data_file`.
+
+    Constant-node tensors go too (``convert_attribute``): a large constant would otherwise keep the
+    graph above protobuf's limit.
+    """
+    import onnx
+
+    data = data_file(path)
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    if model.ByteSize() > external_data_threshold():
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=_TENSOR_MIN_BYTES,
+            convert_attribute=True,
+        )
+        if data.exists():  # onnx creates it private (0600); a bundle's files are as readable as the graph
+            data.chmod(path.stat().st_mode & 0o777)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def normalize_graph(path: Path) -> None:
+    """Make a graph a tool just wrote follow the bundle's rule for external data.
+
+    The torch exporter writes one file per tensor (named after the tensor) for a model above 2 GB,
+    and onnxruntime's quantizers write ``<their output>.data``: such a graph is loaded whole and
+    saved again by :func:`save_graph`, and the files it read are removed. A graph with no external
+    data and not above the threshold is left untouched, so small bundles stay byte-identical.
+    """
+    import onnx
+
+    refs = external_refs(path.read_bytes())
+    data = data_file(path)
+    if not refs and path.stat().st_size <= external_data_threshold():
+        data.unlink(missing_ok=True)  # one of an earlier version of this graph (before quantization)
+        return
+    model = onnx.load(str(path))  # external data from the graph's folder: files this compile wrote
+    save_graph(model, path)
+    for location in {r.location for r in refs} - {data.name}:
+        # Only plain names in the graph's folder: the tools write nothing else, remove nothing else.
+        leftover = path.parent / location
+        if location == leftover.name and leftover.is_file():
+            leftover.unlink()
+
+
+def graph_files(root: Path, path: Path) -> dict:
+    """The manifest record of a graph file: file, bytes, sha256, and ``external_data`` if it reads any.
+
+    Raises:
+        TargetError: The graph reads data from anything but its own data file (a compiler bug).
+    """
+    record = file_record(root, path)
+    locations = sorted({r.location for r in external_refs(path.read_bytes())})
+    if not locations:
+        return record
+    if locations != [data_file(path).name]:
+        raise TargetError(f"target onnx: graph {path.name} reads external data from {locations}, not its data file")
+    return {**record, "external_data": [file_record(root, data_file(path))]}
