@@ -45,7 +45,9 @@ def _handle_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             try:
-                with _json_only_stdout(bool(kwargs.get("as_json"))):
+                # Every command prints edgemoe's warnings as one "warning: ..." line (commands that
+                # report them in --json collect them again inside).
+                with _json_only_stdout(bool(kwargs.get("as_json"))), _budget_warnings([]):
                     return fn(*args, **kwargs)
             except ModuleNotFoundError as exc:
                 if (exc.name or "").split(".")[0] not in DependencyError.EXTRAS:
