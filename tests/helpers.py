@@ -19,6 +19,7 @@ COMPILER_MODULES = (
     "torch.",
     "onnx.",
     "edgemoe.passes",
+    "edgemoe.tools",
     "edgemoe.compiler",
     "edgemoe.frontends",
     "edgemoe.models",

@@ -10,8 +10,8 @@ from edgemoe.config import CompileConfig
 from edgemoe.errors import ConfigError
 from edgemoe.frontends.m3vit import M3ViTAdapter
 from edgemoe.models import resolve_model
-from edgemoe.passes.verify_bundle import verify_bundle
 from edgemoe.runtime import Session
+from edgemoe.tools.verify_bundle import verify_bundle
 
 MODELS = ["m3vit-micro", "m3vit-micro-cond", "m3vit-micro-windows", "m3vit-tiny", "m3vit-tiny-cond"]
 

@@ -11,8 +11,8 @@ from edgemoe.errors import InputError, ModelError
 from edgemoe.frontends.moe_lm import MoELMAdapter
 from edgemoe.models import model_entries, resolve_model
 from edgemoe.models.moe_lm import family
-from edgemoe.passes.verify_bundle import verify_bundle
 from edgemoe.runtime import Session
+from edgemoe.tools.verify_bundle import verify_bundle
 
 MICRO = ["switch-lm-micro", "mixtral-lm-micro", "deepseek-lm-micro"]
 

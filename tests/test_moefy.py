@@ -9,9 +9,9 @@ import torch
 
 from edgemoe.errors import ConfigError, ModelError
 from edgemoe.frontends.bert_moe import BertMoEAdapter
-from edgemoe.passes import moefy_dense as M
-from edgemoe.passes.verify_bundle import verify_bundle
 from edgemoe.runtime import Session
+from edgemoe.tools import moefy_dense as M
+from edgemoe.tools.verify_bundle import verify_bundle
 
 CALIB, HELDOUT = M.default_texts(heldout=200, seed=0)
 

@@ -14,7 +14,6 @@ from edgemoe.compiler import compile_model
 from edgemoe.config import CompileConfig
 from edgemoe.errors import ConfigError
 from edgemoe.passes.plan_expert_bits import ExpertChoice, balance_tasks, plan_expert_bits
-from edgemoe.passes.verify_bundle import verify_bundle
 from edgemoe.quantization import (
     QuantConfig,
     dequantize_int8_per_channel,
@@ -26,6 +25,7 @@ from edgemoe.quantization import (
 from edgemoe.runtime import Session
 from edgemoe.swap.budget import parse_bytes
 from edgemoe.targets.onnx.target import INT8_WEIGHT_MAX, OnnxTarget
+from edgemoe.tools.verify_bundle import verify_bundle
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
 shapes = st.tuples(st.integers(1, 70), st.integers(1, 12))

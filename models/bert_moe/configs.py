@@ -7,7 +7,7 @@ BERT (``transformers``), converted on build with the centroid router, so it need
 
 from __future__ import annotations
 
-from ...passes.moefy_dense import MICRO_DIMS
+from ...tools.moefy_dense import MICRO_DIMS
 from .model import BertMoEConfig
 
 CONFIGS: dict[str, BertMoEConfig] = {

@@ -51,7 +51,7 @@ def build(config: dict):
     cfg = config_class()(**normalize(config))
     if cfg.init == "random":
         return build_bert_moe(cfg)
-    from ...passes.moefy_dense import MoefyConfig, default_texts, moefy_dense, random_bert, word_hash_tokenizer
+    from ...tools.moefy_dense import MoefyConfig, default_texts, moefy_dense, random_bert, word_hash_tokenizer
 
     dims = {
         k: getattr(cfg, k)

@@ -1,6 +1,6 @@
 """A BERT encoder whose feed-forward layers are Mixtures of Experts (a MoEfied dense BERT).
 
-Made by :func:`edgemoe.passes.moefy_dense.moefy_dense` from a dense BERT: each FFN
+Made by :func:`edgemoe.tools.moefy_dense.moefy_dense` from a dense BERT: each FFN
 (``Linear(D, I) → GELU → Linear(I, D)``) is split into ``num_experts`` groups of hidden
 neurons. Expert ``e`` computes ``gelu(x @ w1[e] + b1[e]) @ w2[e]``; the FFN's output bias
 ``b2`` is added once, outside the experts, so summing every expert's output gives back the

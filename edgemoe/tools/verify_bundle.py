@@ -12,8 +12,8 @@ from ..bundle.describe import check_files
 from ..bundle.format import read_manifest
 from ..config import CompileConfig
 from ..errors import BundleError, ModelError
+from ..passes.capture_model import capture_model
 from ..runtime import Session
-from .capture_model import capture_model
 
 # fp32 bundles must reproduce the framework model to this max absolute error.
 DEFAULT_TOLERANCE = 1e-4
