@@ -5,7 +5,8 @@ trials per library, default 64), one input; per round, interleaved: each runtime
 with ``--repeat 1`` (wall time from process start to exit with the output written = start-up to
 first output, GNU time's few ms included; its peak RSS, by GNU time = RSS after one run) and with
 ``--repeat R`` (median latency of the timed runs). Medians over the rounds; outputs compared.
-Threads: both runtimes use TVM's default thread pool.
+Threads: both runtimes use TVM's default thread pool, sized by ``TVM_NUM_THREADS`` where it is
+set (passed to both) and otherwise by TVM (on x86, half the logical CPUs: one worker on 2 CPUs).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def measure(bundle: Path, x_path: Path, work: Path, rounds: int, repeat: int) ->
     py = [str(Path(sys.executable).parent / "edgemoe"), "run"]
     env_py = dict(os.environ)
     env_rt = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}  # no Python on this path
+    # The thread pool's size must be the same for both runtimes.
+    env_rt.update({k: os.environ[k] for k in ("TVM_NUM_THREADS", "OMP_NUM_THREADS") if k in os.environ})
     rows = {
         "python": {"startup_s": [], "rss": [], "latency_ms": []},
         "native": {"startup_s": [], "rss": [], "latency_ms": []},

@@ -8,7 +8,8 @@ tensors in the trunk), while ``torch.export`` hands Relax clean symbolic shapes.
 baked into the library as constants, except in expert kernels, whose weights are function inputs:
 one library per expert shape, and the runtime swaps weight blobs under it.
 
-Each library is compiled with ``tvm.compile`` for the device's CPU (``llvm``; aarch64 is
+Each library is compiled with ``tvm.compile`` for the device's CPU (``llvm``, with the default
+schedules of :mod:`.cpu_schedule` where no tuning database has one; aarch64 is
 cross-compiled and linked with ``aarch64-linux-gnu-g++``, or ``zig cc`` from the ``ziglang`` wheel
 where that is missing), written with ``export_library`` and, where it can run here, loaded back and
 compared with the torch module on the example inputs. Profiles with a CUDA GPU (``cuda_arch``)
@@ -32,6 +33,7 @@ from ...errors import TargetError
 from ...frontends import GraphPartition
 from ..base import EmitJob, Emitted, Target, check_against_torch, graph_record
 from . import cuda
+from .cpu_schedule import default_schedules
 from .dispatch import dispatch_partitions
 from .tune import apply_tuning
 
@@ -237,8 +239,6 @@ class TvmTarget(Target):
 
         The library is remembered with its partition: the quantization hooks rebuild from it.
         """
-        import tvm
-
         device = get_device(cfg.device)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{part.name}{self.suffix}"
@@ -250,7 +250,7 @@ class TvmTarget(Target):
             if device.cuda_arch:
                 exe = cuda.compile_cuda(mod, target)
             else:
-                exe = tvm.compile(mod, target=tvm.target.Target(target))
+                exe = self._compile_cpu(part, mod, target, legalized=bool(cfg.tuning_db))
         except TargetError:
             raise
         except Exception as exc:  # TVM raises its own error types (tvm.error.*)
@@ -267,6 +267,27 @@ class TvmTarget(Target):
             self._check_numerics(part, path, check)
         self._built[path.resolve()] = (part, cfg)
         return path
+
+    @staticmethod
+    def _compile_cpu(part: GraphPartition, mod, target: dict, legalized: bool):
+        """``tvm.compile`` for a CPU, operators without a tuning record on the default schedules.
+
+        The default schedules (:mod:`.cpu_schedule`) replace TVM's single-threaded scalar loops.
+        Should TVM fail to lower one of them, the library is built without them (and a warning
+        says so): slower, but the bundle still builds.
+        """
+        import tvm
+
+        tgt = tvm.target.Target(target)
+        try:
+            scheduled = default_schedules(mod, target, legalized=legalized)
+            return tvm.compile(scheduled, target=tgt)
+        except Exception as exc:  # TVM raises its own error types (tvm.error.*)
+            warnings.warn(
+                f"target tvm: default CPU schedules fail on {part.name} ({_first_line(exc)}); built unscheduled",
+                stacklevel=2,
+            )
+        return tvm.compile(mod, target=tgt)
 
     def _check_numerics(self, part: GraphPartition, path: Path, check=check_against_torch) -> None:
         """Load the library as the runtime does and compare with the torch module on the example inputs."""

@@ -2,9 +2,9 @@
 
 Why shapes are specialised: MetaSchedule tunes static shapes only (it extracts no task from a
 PrimFunc with a symbolic extent), while every library of a bundle is shape-generic (batch,
-sequence and the expert kernels' token count are symbolic). Untuned, the default CPU pipeline
-lowers each fused operator to plain loops (one thread, no tiling), which is what makes untuned
-TVM several times slower than onnxruntime. So each library gets static copies of its ``main``
+sequence and the expert kernels' token count are symbolic). Untuned, each fused operator gets
+the fixed default schedule of :mod:`.cpu_schedule` (so do the operators a database has no
+record for); tuning searches for better ones. So each library gets static copies of its ``main``
 for the shapes a device typically sees, behind a shape dispatch, and keeps the generic
 function for every other shape:
 
@@ -241,21 +241,48 @@ def _padded_case(bb, fn, params, fresh, size: int, name: str):
 # -- tuning and applying a database -----------------------------------------------------------
 
 
-def _prepare(mod, target):
-    """Legalize and fuse as the Relax CPU pipeline does: its fused PrimFuncs are the tuning tasks."""
+def legalize_and_fuse(mod, target):
+    """Legalize and fuse as the Relax CPU pipeline does: its fused PrimFuncs are the tuning tasks.
+
+    Constant expressions are folded (weight transposes happen once, at build time) unless that
+    stores more bytes of constants than the module holds: folding would turn quantized weights
+    (int8 with a scale, fp16) into fp32 copies, so those are widened at run time instead.
+    """
     import tvm
     from tvm import relax
 
-    passes = [
-        *relax.backend.cpu_generic.library_dispatch_passes(target),
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ]
-    with target, tvm.transform.PassContext(opt_level=3):
-        return tvm.transform.Sequential(passes)(mod)
+    def run(fold: bool):
+        passes = [
+            *relax.backend.cpu_generic.library_dispatch_passes(target),
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            *([relax.transform.FoldConstant()] if fold else []),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ]
+        with target, tvm.transform.PassContext(opt_level=3):
+            return tvm.transform.Sequential(passes)(mod)
+
+    folded = run(fold=True)
+    return folded if constant_bytes(folded) <= constant_bytes(mod) else run(fold=False)
+
+
+def constant_bytes(mod) -> int:
+    """Bytes of the tensor constants in the Relax functions of ``mod``."""
+    import tvm
+    import tvm_ffi
+    from tvm import relax
+
+    found: list = []
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            tvm_ffi.structural_walk(func, (tvm.ir.expr.Constant, found.append), order="post")
+    total = 0
+    for const in found:
+        value = const.value
+        if hasattr(value, "shape"):  # a tensor (scalars are PrimValues)
+            total += math.prod(value.shape) * tvm.DataType(str(value.dtype)).bits // 8
+    return total
 
 
 def apply_tuning(mod, part: GraphPartition, target: dict, db_dir: str | Path):
@@ -288,7 +315,7 @@ def apply_tuning(mod, part: GraphPartition, target: dict, db_dir: str | Path):
     database = ms.database.JSONDatabase(work_dir=str(db_dir), allow_missing=False)
     tvm_target = tvm.target.Target(target)
     try:
-        mod = _prepare(specialise(mod, part, shapes), tvm_target)
+        mod = legalize_and_fuse(specialise(mod, part, shapes), tvm_target)
         with tvm_target, database:
             return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
     except Exception as exc:  # TVM raises its own error types
@@ -371,7 +398,7 @@ def extract_static_tasks(parts: list[GraphPartition], target, shapes: TuningShap
     tasks: list[TuneTask] = []
     for part in parts:
         progress(f"import {part.name}")
-        mod = _prepare(specialise(import_partition(part), part, shapes), target)
+        mod = legalize_and_fuse(specialise(import_partition(part), part, shapes), target)
         for task in ms.relax_integration.extract_tasks(mod, target):
             func_mod = task.dispatched[0]
             if not _is_static(func_mod["main"]):
