@@ -35,6 +35,7 @@ from ..base import EmitJob, Emitted, Target, check_against_torch, graph_record
 from . import cuda
 from .cpu_schedule import default_schedules
 from .dispatch import dispatch_partitions
+from .executor import _last_line
 from .tune import apply_tuning
 
 # Compiled graphs must reproduce the torch partition to within atol + rtol * |torch| (fp32).
@@ -254,7 +255,7 @@ class TvmTarget(Target):
         except TargetError:
             raise
         except Exception as exc:  # TVM raises its own error types (tvm.error.*)
-            raise TargetError(f"target tvm: cannot compile {part.name}: {_first_line(exc)}") from None
+            raise TargetError(f"target tvm: cannot compile {part.name}: {_last_line(exc)}") from None
         cross = not _runs_here(device)
         exe.export_library(str(path), **(_cross_link(device) if cross else {}))
         if device.cuda_arch:
@@ -284,7 +285,7 @@ class TvmTarget(Target):
             return tvm.compile(scheduled, target=tgt)
         except Exception as exc:  # TVM raises its own error types (tvm.error.*)
             warnings.warn(
-                f"target tvm: default CPU schedules fail on {part.name} ({_first_line(exc)}); built unscheduled",
+                f"target tvm: default CPU schedules fail on {part.name} ({_last_line(exc)}); built unscheduled",
                 stacklevel=2,
             )
         return tvm.compile(mod, target=tgt)
@@ -308,11 +309,6 @@ def _cross_link(device: DeviceProfile) -> dict | None:
         return {"cc": AARCH64_CXX}
     zig = cuda.cross_linker(AARCH64_TRIPLE, AARCH64_CXX)
     return {"fcompile": zig} if zig else None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [s for s in str(exc).splitlines() if s.strip()]
-    return lines[-1] if lines else type(exc).__name__
 
 
 def import_partition(part: GraphPartition):
@@ -340,11 +336,11 @@ def import_partition(part: GraphPartition):
         try:
             program = torch.export.export(part.module, tuple(part.example_inputs), dynamic_shapes=dynamic)
         except Exception as exc:  # torch.export raises many types (UserError, GuardOnDataDependentSymNode, ...)
-            raise TargetError(f"target tvm: torch.export fails on {part.name}: {_first_line(exc)}") from None
+            raise TargetError(f"target tvm: torch.export fails on {part.name}: {_last_line(exc)}") from None
         try:
             return from_exported_program(program, keep_params_as_input=False)
         except Exception as exc:  # unsupported operators raise assorted errors
-            raise TargetError(f"target tvm: Relax cannot import {part.name}: {_first_line(exc)}") from None
+            raise TargetError(f"target tvm: Relax cannot import {part.name}: {_last_line(exc)}") from None
 
 
 TARGET = TvmTarget()
