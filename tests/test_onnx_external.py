@@ -327,3 +327,39 @@ def test_onnxruntime_gets_a_table_even_for_a_graph_without_data_files(tmp_path, 
     add_external_data(opts, {}, ort.__version__)
     with pytest.raises(Exception, match="not found"):
         ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+
+
+def test_a_tools_per_tensor_files_without_lengths_become_the_one_listed_file(tmp_path, monkeypatch):
+    """The torch exporter writes a graph above 2 GB as one file per tensor, with no ``length``: normalized."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgemoe.targets.onnx.external import data_file, normalize_graph
+
+    w = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    tensor = numpy_helper.from_array(w, "w")
+    (tmp_path / "w").write_bytes(tensor.raw_data)  # the exporter's file, named after the tensor
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="w")  # no offset, no length
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [tensor])
+    path = tmp_path / "segment_0.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(BundleError, match="without a length"):
+        external_refs(path.read_bytes())  # what the runtime would say of it
+
+    shutil.copytree(tmp_path, tmp_path / "small")
+    # Above the threshold: the weights go to the graph's one data file, with lengths.
+    monkeypatch.setenv("EDGEMOE_ONNX_EXTERNAL_DATA", "0")
+    normalize_graph(path)
+    refs = external_refs(path.read_bytes())
+    assert {r.location for r in refs} == {data_file(path).name} and not (tmp_path / "w").exists()
+    np.testing.assert_array_equal(numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0]), w)
+    # Below it: back inside the graph, the tool's file removed.
+    monkeypatch.setenv("EDGEMOE_ONNX_EXTERNAL_DATA", str(10**9))
+    small = tmp_path / "small" / "segment_0.onnx"
+    normalize_graph(small)
+    assert external_refs(small.read_bytes()) == [] and not (small.parent / "w").exists()
+    np.testing.assert_array_equal(numpy_helper.to_array(onnx.load(str(small)).graph.initializer[0]), w)

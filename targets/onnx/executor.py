@@ -329,6 +329,13 @@ class OrtExecutor(Executor):
                 break
             except Exception as exc:  # onnxruntime raises its own exception types
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                if "byte limit for embedded initializer" in first:
+                    # onnxruntime takes a tensor from memory only up to 2 GiB, and edgemoe never lets
+                    # it open a data file itself (it would read it unchecked).
+                    raise BundleError(
+                        f"onnxruntime cannot load {record['file']}: a tensor above 2 GiB cannot be handed to "
+                        f"onnxruntime from checked memory ({first})"
+                    ) from None
                 if len(self.providers) == 1:
                     raise BundleError(f"onnxruntime cannot load {record['file']}: {first}") from None
                 # A provider that fails (TensorRT without its libraries, a GPU out of memory) fails

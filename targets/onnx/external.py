@@ -57,7 +57,11 @@ def save_graph(model, path: Path) -> None:
 
     data = data_file(path)
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
-    if model.ByteSize() > external_data_threshold():
+    try:
+        big = model.ByteSize() > external_data_threshold()
+    except Exception:  # google.protobuf's EncodeError: a message past 2 GB cannot even be sized
+        big = True
+    if big:
         onnx.save_model(
             model,
             str(path),
@@ -82,15 +86,19 @@ def normalize_graph(path: Path) -> None:
     data and not above the threshold is left untouched, so small bundles stay byte-identical.
     """
     import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
-    refs = external_refs(path.read_bytes())
+    # onnx's own reader, not the runtime's strict check: the torch exporter writes references
+    # without a length (a whole file per tensor), which a bundle never holds but a tool may write.
+    skeleton = onnx.load(str(path), load_external_data=False)
+    locations = {ExternalDataInfo(t).location for t in _get_all_tensors(skeleton) if uses_external_data(t)}
     data = data_file(path)
-    if not refs and path.stat().st_size <= external_data_threshold():
+    if not locations and path.stat().st_size <= external_data_threshold():
         data.unlink(missing_ok=True)  # one of an earlier version of this graph (before quantization)
         return
     model = onnx.load(str(path))  # external data from the graph's folder: files this compile wrote
     save_graph(model, path)
-    for location in {r.location for r in refs} - {data.name}:
+    for location in locations - {data.name}:
         # Only plain names in the graph's folder: the tools write nothing else, remove nothing else.
         leftover = path.parent / location
         if location == leftover.name and leftover.is_file():
