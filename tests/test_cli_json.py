@@ -56,23 +56,21 @@ def test_generate_prints_one_object(tmp_path):
     assert len(res["tokens"]) == 4 and "decode_tok_s" in res
 
 
-@pytest.mark.slow
-def test_moefy_prints_one_object(tmp_path):
-    res = _json_stdout(
-        "moefy", "bert-micro", "-o", "mf", "--experts", "4", "--top-k", "2", "--heldout", "40", cwd=tmp_path
+def test_native_output_on_stdout_goes_to_stderr_under_json(tmp_path):
+    """What native code writes to fd 1 (MetaSchedule's tuning logs did) lands on stderr, not before the object.
+
+    ``tune``, ``moefy`` and ``package`` take minutes each in a fresh process; the guard they share
+    with every command is exercised here directly, at the file-descriptor level, in a child process.
+    """
+    code = (
+        "import os, sys\n"
+        "from edgemoe.cli import _emit, _json_only_stdout\n"
+        "with _json_only_stdout(True):\n"
+        "    os.write(1, b'native log line\\n')\n"
+        "    print('python print')\n"
+        "    _emit({'ok': 1}, True, None)\n"
     )
-    assert res["source"] == "bert-micro"
-
-
-@pytest.mark.slow
-def test_tvm_tune_and_package_print_one_object(tmp_path):
-    pytest.importorskip("tvm", reason="Apache TVM is not installed (pip install -e '.[tvm]')")
-    # MetaSchedule logs its search on stdout by default: the object must still be all there is.
-    tuned = _json_stdout(
-        "tune", "m3vit-micro", "--trials", "2", "--token-buckets", "8", "--kinds", "expert_kernel", "-o", "db",
-        cwd=tmp_path,
-    )  # fmt: skip
-    assert tuned["tasks"]
-    _json_stdout("compile", "m3vit-micro", "--target", "tvm", "-o", "bt", cwd=tmp_path)
-    packaged = _json_stdout("package", "bt", "--device", "host", "-o", "pk", cwd=tmp_path)
-    assert packaged["device"] == "host"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"ok": 1}
+    assert "native log line" in proc.stderr and "python print" in proc.stderr

@@ -318,7 +318,7 @@ def _run_mutant(fz: Bundle, what: str, task: str = "semseg", inspect: bool = Tru
     return tuple(codes)
 
 
-@_fuzz_settings(260)
+@_fuzz_settings(150)
 @given(data=st.data())
 def test_structured_manifest_mutants(fuzz_bundle, data):
     fz = fuzz_bundle
@@ -352,7 +352,7 @@ SCHEDULE_OPTIONS = [
 
 
 @pytest.mark.filterwarnings("ignore::edgemoe.swap.budget.ThrashWarning")  # small budgets are among the mutants
-@_fuzz_settings(140)
+@_fuzz_settings(70)
 @given(data=st.data())
 def test_structured_schedule_mutants(scheduled_bundle, data):
     """The swap schedule: what the expert cache, its eviction policy and the prefetchers read."""
@@ -563,7 +563,7 @@ def _replaced(path: Path, data: bytes):
         os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns))
 
 
-@_fuzz_settings(90)
+@_fuzz_settings(60)
 @given(data=st.data())
 def test_damaged_graphs_and_blobs(fuzz_bundle, data):
     """Damaged files fail their sha256 (exit 6); with the sha256 rewritten to match, the graph parser and the
@@ -772,7 +772,7 @@ def mutate_safetensors(header: dict, data: bytes, draw) -> tuple[str, bytes]:
     return f"data area {what}", safetensors_bytes(header, garbage)
 
 
-@_fuzz_settings(110)
+@_fuzz_settings(60)
 @given(data=st.data())
 def test_mutated_safetensors_checkpoints(checkpoint, data):
     what, blob = mutate_safetensors(checkpoint["header"], checkpoint["data"], data.draw)

@@ -20,7 +20,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::edgemoe.swap.budget.ThrashWarning"),  # the tiny budget is the point
 ]
 
-RUNS = 2400
+RUNS = 1200
 WARMUP = 400
 SWITCH_EVERY = 100
 # RSS may move by allocator noise (a few hundred KiB measured); a leak of a buffer per run or per
