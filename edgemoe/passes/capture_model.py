@@ -76,3 +76,22 @@ def capture_model(cfg: CompileConfig) -> CapturedModel:
     if notes:
         source["weights_notes"] = notes
     return CapturedModel(adapter=adapter, ir=ir, tasks=ordered, source=source)
+
+
+def capture_bundle_source(manifest: dict) -> CapturedModel:
+    """Rebuild the model a bundle was compiled from, as its manifest's ``model.source`` records it.
+
+    Raises:
+        KeyError: The manifest's source record lacks ``family`` or ``config``.
+    """
+    source = manifest["model"].get("source", {})
+    return capture_model(
+        CompileConfig(
+            model=manifest["model"]["name"],
+            weights=source.get("weights"),
+            weights_format=source.get("weights_format", "edgemoe"),
+            tasks=tuple(manifest["tasks"]),
+            model_family=source["family"],
+            model_config=source["config"],
+        )
+    )

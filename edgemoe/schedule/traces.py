@@ -147,21 +147,10 @@ def trace_inputs(bundle: str | Path, heldout: int = 8) -> tuple[np.ndarray, np.n
     manifest = read_manifest(bundle)
     calib = manifest.get("calibration", {})
     samples, seed = int(calib.get("samples", 8)), int(calib.get("seed", 1234))
-    source = manifest["model"].get("source", {})
     try:
-        from ..config import CompileConfig
-        from ..passes.capture_model import capture_model
+        from ..passes.capture_model import capture_bundle_source
 
-        captured = capture_model(
-            CompileConfig(
-                model=manifest["model"]["name"],
-                weights=source.get("weights"),
-                weights_format=source.get("weights_format", "edgemoe"),
-                tasks=tuple(manifest["tasks"]),
-                model_family=source["family"],
-                model_config=source["config"],
-            )
-        )
+        captured = capture_bundle_source(manifest)
     except (ImportError, KeyError):
         x = sample_input(manifest["input"], batch=samples + heldout, seed=seed)
         return x[:samples], sample_input(manifest["input"], batch=heldout, seed=seed + 7919), "sample inputs"

@@ -10,9 +10,8 @@ import numpy as np
 
 from ..bundle.describe import check_files
 from ..bundle.format import read_manifest
-from ..config import CompileConfig
 from ..errors import BundleError, ModelError
-from ..passes.capture_model import capture_model
+from ..passes.capture_model import capture_bundle_source
 from ..runtime import Session
 
 # fp32 bundles must reproduce the framework model to this max absolute error.
@@ -145,16 +144,7 @@ def verify_bundle(
     ):
         raise BundleError("the bundle's manifest does not say how to rebuild its source model; recompile it")
     progress(f"rebuild source model {manifest['model']['name']}")
-    captured = capture_model(
-        CompileConfig(
-            model=manifest["model"]["name"],
-            weights=source.get("weights"),
-            weights_format=source.get("weights_format", "edgemoe"),
-            tasks=tuple(manifest["tasks"]),
-            model_family=source["family"],
-            model_config=source["config"],
-        )
-    )
+    captured = capture_bundle_source(manifest)
     if captured.source["state_sha256"] != source["state_sha256"]:
         raise ModelError(
             f"the weights of {manifest['model']['name']} differ from those the bundle was compiled from; "
