@@ -336,6 +336,13 @@ def cli():
     is_flag=True,
     help="Compile even if weights hold NaN or Inf (refused by default, naming the tensors).",
 )
+@click.option(
+    "--dump-stages",
+    "dump_stages",
+    type=click.Path(file_okay=False),
+    help="Write each compile stage's summary to DIR/NN-<stage>.json (what it produced, seconds, "
+    "whether it ran): diff two folders to see where a number changed.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
 @_handle_errors
@@ -361,6 +368,7 @@ def compile_cmd(
     fixed,
     max_seq,
     allow_nonfinite,
+    dump_stages,
     as_json,
     quiet,
 ):
@@ -387,6 +395,10 @@ def compile_cmd(
 
     With --max-seq N (causal LMs) the bundle also holds generation graphs: each trunk segment on
     a key/value cache of N positions, for `edgemoe generate` (prefill, then one token per step).
+
+    The compile is a list of stages (check, capture, check-weights, profile, prune, partition,
+    open-bundle, emit, calibrate, quantize, measure-accuracy, plan, write-manifest); --dump-stages
+    DIR writes what each one produced as JSON.
 
     With --memory-budget the budget is checked against the bundle's experts as at session start
     (an error below shared + resident + largest expert; a warning, also in --json, below a
@@ -429,7 +441,7 @@ def compile_cmd(
     progress = _Progress(quiet)
     notes: list[str] = []
     with _budget_warnings(notes):
-        compile_model(cfg, output, progress)
+        compile_model(cfg, output, progress, dump_stages=dump_stages)
     progress(f"bundle written to {output}")
     summary = describe_bundle(output)
     if memory_budget is not None or notes:

@@ -1,85 +1,140 @@
-"""The compile pipeline: model → IR → profile → expert sets → partitions → bundle."""
+"""The compile pipeline: one list of stages, each ``stage(state, cfg) -> state``.
+
+check → capture → check-weights → profile → prune → partition → open-bundle → emit →
+calibrate → quantize → measure-accuracy → plan → write-manifest. Each stage lives with the pass
+it runs in ``passes/``; stages that do not apply to a configuration (quantization without
+``--quant``, the swap schedule without ``--memory-budget``) are skipped. The bundle is written into
+a hidden staging folder that the last stage renames into place; a failed compile removes it.
+"""
 
 from __future__ import annotations
 
-import warnings
+import json
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from .bundle.staging import discard
 from .config import CompileConfig
-from .devices import get_device
-from .errors import ConfigError, EdgeMoEWarning
-from .passes.calibrate_activations import AdapterCalibration, calibrate_activations
-from .passes.capture_model import capture_model
-from .passes.check_finite_weights import check_finite_weights
-from .passes.measure_accuracy import bundle_bytes, measure_accuracy
-from .passes.partition_model import partition_model
-from .passes.plan_schedule import check_budget_text, plan_schedule
-from .passes.profile_routing import profile_routing
-from .passes.prune_experts import prune_experts
-from .passes.quantize_bundle import quantize_bundle
-from .passes.write_bundle import Progress, check_output_path, write_bundle, write_manifest
+from .passes import (
+    calibrate_activations,
+    capture_model,
+    check_config,
+    check_finite_weights,
+    emit_partitions,
+    measure_accuracy,
+    open_bundle,
+    partition_model,
+    plan_schedule,
+    profile_routing,
+    prune_experts,
+    quantize_bundle,
+    write_manifest,
+)
+from .stages import CompileState, Progress, Stage
+
+STAGES: tuple[Stage, ...] = (
+    check_config.STAGE,
+    capture_model.STAGE,
+    check_finite_weights.STAGE,
+    profile_routing.STAGE,
+    prune_experts.STAGE,
+    partition_model.STAGE,
+    open_bundle.STAGE,
+    emit_partitions.STAGE,
+    calibrate_activations.STAGE,
+    quantize_bundle.STAGE,
+    measure_accuracy.STAGE,
+    plan_schedule.STAGE,
+    write_manifest.STAGE,
+)
 
 
-def compile_model(cfg: CompileConfig, out: str | Path, progress: Progress = lambda _msg: None) -> dict:
+def run_stages(
+    cfg: CompileConfig,
+    state: CompileState,
+    *,
+    until: str | None = None,
+    dump_dir: Path | None = None,
+    stages: Sequence[Stage] = STAGES,
+) -> CompileState:
+    """Run the pipeline's stages in order on ``state``.
+
+    Args:
+        cfg: The compile configuration.
+        state: Where to start (usually ``CompileState(out, progress)``).
+        until: Stop after the stage of this name (``edgemoe tune`` stops after ``partition``).
+        dump_dir: Write each stage's summary to ``dump_dir/NN-<name>.json`` as it finishes.
+        stages: The stages to run.
+
+    Returns:
+        The state after the last stage run.
+
+    Raises:
+        ConfigError: ``until`` names no stage.
+        OutputPathError: The output cannot be written (the staged bundle is removed).
+    """
+    from .errors import ConfigError
+
+    names = [stage.name for stage in stages]
+    if until is not None and until not in names:
+        raise ConfigError(f"no compile stage named '{until}' (stages: {', '.join(names)})")
+    if dump_dir is not None:
+        dump_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for i, stage in enumerate(stages):
+            ran = stage.applies(cfg)
+            start = time.perf_counter()
+            record = {"stage": stage.name, "ran": ran}
+            try:
+                if ran:
+                    state = stage.run(state, cfg)
+                    record["seconds"] = round(time.perf_counter() - start, 3)
+                    if dump_dir is not None:
+                        record.update(stage.summary(state))
+            except Exception as exc:
+                record.update(seconds=round(time.perf_counter() - start, 3), error=f"{type(exc).__name__}: {exc}")
+                raise
+            finally:
+                if dump_dir is not None:
+                    text = json.dumps(record, indent=1, default=str) + "\n"
+                    (dump_dir / f"{i:02d}-{stage.name}.json").write_text(text)
+            if stage.name == until:
+                break
+    except BaseException as exc:
+        if state.staging is None:
+            raise
+        err = discard(state.staging, state.out, exc)
+        if err is exc:
+            raise
+        raise err from None
+    return state
+
+
+def compile_model(
+    cfg: CompileConfig,
+    out: str | Path,
+    progress: Progress = lambda _msg: None,
+    dump_stages: str | Path | None = None,
+) -> dict:
     """Compile a model into a bundle folder.
 
     Args:
         cfg: What to compile, for which target and device.
         out: Bundle folder to write (created atomically; an existing bundle is replaced).
         progress: Called with one short message per step.
+        dump_stages: Folder to write each stage's summary into (``NN-<name>.json``), or None.
 
     Returns:
         The bundle's manifest.
     """
-    from .targets import get_target
+    from .targets import get_target, target_names
 
-    out = Path(out)
-    check_output_path(out)  # fail before minutes of work, not after
-    cfg.quant.validate()
-    if cfg.calib_samples < 1:
-        raise ConfigError(f"calibration needs at least one sample, got {cfg.calib_samples}")
-    if cfg.memory_budget is not None:
-        check_budget_text(cfg.memory_budget)
-    target = get_target(cfg.target)
-    device = get_device(cfg.device)
-    target.check_device(device)
-    target.check_model(cfg)
-    if device.fpga is not None and target.name != "hls":
-        warnings.warn(
-            EdgeMoEWarning(
-                f"{device.name}'s programmable logic ({device.fpga.part}) stays unused with --target {target.name}: "
-                "the bundle runs on its CPU; --target hls builds an accelerator for it"
-            ),
-            stacklevel=2,
+    try:
+        state = run_stages(
+            cfg, CompileState(Path(out), progress), dump_dir=None if dump_stages is None else Path(dump_stages)
         )
-    progress(f"capture {cfg.model}")
-    captured = capture_model(cfg)
-    for note in captured.source.get("weights_notes", ()):
-        progress(f"checkpoint: {note}")
-    for name in check_finite_weights(captured, cfg.allow_nonfinite):
-        warnings.warn(EdgeMoEWarning(f"non-finite weights compiled as asked: {name}"), stacklevel=2)
-    progress(f"profile routing on {cfg.calib_samples} calibration inputs x {len(captured.tasks)} tasks")
-    profile = profile_routing(captured, cfg.calib_samples, cfg.calib_seed)
-    expert_sets = prune_experts(captured, profile, cfg.prune, cfg.prune_below)
-    plan = partition_model(captured, expert_sets, cfg.max_seq)
-
-    def quantize(staging: Path, manifest: dict) -> dict:
-        fp32_bytes = bundle_bytes(staging, manifest)
-        reader = AdapterCalibration(captured.adapter, cfg.calib_samples, cfg.calib_seed)
-        calib = calibrate_activations(staging, manifest, reader, progress=progress)
-        manifest = quantize_bundle(staging, manifest, cfg.quant, target, calib, profile, progress)
-        write_manifest(staging, manifest)
-        manifest["accuracy"] = measure_accuracy(
-            staging, manifest, captured.adapter, cfg.quant.eval_samples, fp32_bytes=fp32_bytes, progress=progress
-        )
-        return manifest
-
-    def finalize(staging: Path, manifest: dict) -> dict:
-        if cfg.quant.active:
-            manifest = quantize(staging, manifest)
-        if cfg.memory_budget is not None:  # on final expert bytes, before the bundle is installed
-            manifest = plan_schedule(staging, manifest, cfg.memory_budget, device, progress)
-        return manifest
-
-    active = cfg.quant.active or cfg.memory_budget is not None
-    return write_bundle(out, cfg, captured, profile, plan, target, device, progress, finalize if active else None)
+    finally:
+        if cfg.target in target_names():
+            get_target(cfg.target).release()  # what the target kept of this compile (TVM: torch partitions)
+    return state.manifest

@@ -149,6 +149,10 @@ class Target(abc.ABC):
         sizes = tuple(layer.expert.param_count * 4 for layer in job.captured.ir.moe_layers)
         return Emitted(graphs, experts, shared, sizes)
 
+    def release(self) -> None:
+        """Forget what a compile left in this (process-wide) target; called after every compile."""
+        return None
+
     def emit(self, part: GraphPartition, out_dir: Path, cfg: CompileConfig) -> Path:
         """Write ``part`` as one file under ``out_dir``, check it, and return its path."""
         raise TargetError(f"target {self.name} does not emit single partitions")

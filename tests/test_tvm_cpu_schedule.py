@@ -10,7 +10,7 @@ from edgemoe.devices import get_device
 from edgemoe.passes.capture_model import capture_model
 from edgemoe.targets.tvm.cpu_schedule import default_schedules
 from edgemoe.targets.tvm.target import TvmTarget, import_partition, tvm_target
-from edgemoe.targets.tvm.tune import legalize_and_fuse
+from edgemoe.targets.tvm.tuning_db import legalize_and_fuse
 
 MODEL = "m3vit-micro"
 

@@ -15,14 +15,8 @@ from edgemoe.errors import ConfigError
 from edgemoe.passes.capture_model import capture_model
 from edgemoe.runtime import Session
 from edgemoe.targets.tvm.target import import_partition, tvm_target
-from edgemoe.targets.tvm.tune import (
-    SHAPES_FILE,
-    TuningShapes,
-    apply_tuning,
-    scheduled_functions,
-    specialise,
-    tune_partitions,
-)
+from edgemoe.targets.tvm.tune import tune_partitions
+from edgemoe.targets.tvm.tuning_db import SHAPES_FILE, TuningShapes, apply_tuning, scheduled_functions, specialise
 
 MODEL = "m3vit-micro"
 SHAPES = TuningShapes(token_buckets=(8, 32), dims={"batch": 1})

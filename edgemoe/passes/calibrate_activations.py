@@ -1,4 +1,4 @@
-"""Stage 4a: run calibration data through the fp32 bundle and record what quantization needs.
+"""Stage ``calibrate``: run calibration data through the fp32 bundle and record what quantization needs.
 
 The calibration reader is task-aware: each task's calibration inputs run through that task's
 session of the staged fp32 bundle. Recorded per partition: the inputs of every dense graph
@@ -8,6 +8,7 @@ ranges of its matmuls and for measuring each expert's quantization error).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,10 @@ from typing import Protocol
 
 import numpy as np
 
+from ..config import CompileConfig
 from ..runtime import Session
+from ..stages import CompileState, Stage
+from .measure_accuracy import bundle_bytes
 
 MAX_TOKENS = 4096  # per expert: enough for ranges and error estimates, bounded memory
 
@@ -133,3 +137,24 @@ def uint8_qparams(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
     scale = (hi - lo) / 255.0 if hi > lo else 1.0
     zp = int(np.clip(round(-lo / scale), 0, 255))
     return np.float32(scale), np.uint8(zp)
+
+
+def calibrate_stage(state: CompileState, cfg: CompileConfig) -> CompileState:
+    """Stage ``calibrate`` (quantized bundles): the fp32 bundle's size and its activations on calibration data."""
+    fp32_bytes = bundle_bytes(state.staging, state.manifest)
+    reader = AdapterCalibration(state.captured.adapter, cfg.calib_samples, cfg.calib_seed)
+    calib = calibrate_activations(state.staging, state.manifest, reader, progress=state.progress)
+    return dataclasses.replace(state, fp32_bytes=fp32_bytes, calib=calib)
+
+
+def _summary(state: CompileState) -> dict:
+    calib = state.calib
+    return {
+        "fp32_bytes": state.fp32_bytes,
+        "graph_batches": {name: len(feeds) for name, feeds in calib.graph_feeds.items()},
+        "expert_tokens": {f"L{layer}_E{e}": len(rows) for (layer, e), rows in sorted(calib.expert_tokens.items())},
+        "layer_tokens": {str(layer): len(rows) for layer, rows in sorted(calib.layer_tokens.items())},
+    }
+
+
+STAGE = Stage("calibrate", calibrate_stage, _summary, applies=lambda cfg: cfg.quant.active)

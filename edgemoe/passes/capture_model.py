@@ -9,6 +9,7 @@ from ..config import CompileConfig
 from ..errors import ConfigError, TaskError, did_you_mean
 from ..frontends import ModelAdapter, adapter_class
 from ..ir import ModelIR
+from ..stages import CompileState, Stage
 
 
 @dataclass(frozen=True)
@@ -95,3 +96,30 @@ def capture_bundle_source(manifest: dict) -> CapturedModel:
             model_config=source["config"],
         )
     )
+
+
+def capture_stage(state: CompileState, cfg: CompileConfig) -> CompileState:
+    """Stage ``capture``: load the model and capture it (:func:`capture_model`)."""
+    state.progress(f"capture {cfg.model}")
+    captured = capture_model(cfg)
+    for note in captured.source.get("weights_notes", ()):
+        state.progress(f"checkpoint: {note}")
+    return dataclasses.replace(state, captured=captured)
+
+
+def _summary(state: CompileState) -> dict:
+    ir = state.captured.ir
+    return {
+        "model": ir.name,
+        "family": ir.family,
+        "granularity": ir.granularity,
+        "params": ir.params,
+        "tasks": list(state.captured.tasks),
+        "moe_layers": [
+            {"index": layer.index, "experts": layer.num_experts, "top_k": layer.top_k} for layer in ir.moe_layers
+        ],
+        "source": state.captured.source,
+    }
+
+
+STAGE = Stage("capture", capture_stage, _summary)

@@ -6,7 +6,11 @@ NaN; from a checkpoint someone else trained, that is a broken file, not a model 
 
 from __future__ import annotations
 
-from ..errors import ModelError
+import warnings
+
+from ..config import CompileConfig
+from ..errors import EdgeMoEWarning, ModelError
+from ..stages import CompileState, Stage
 from .capture_model import CapturedModel
 
 SHOWN = 5  # tensors named in the error (the count says how many more)
@@ -36,3 +40,17 @@ def check_finite_weights(captured: CapturedModel, allow: bool = False) -> list[s
             "would be NaN (--allow-nonfinite compiles it anyway)"
         )
     return bad
+
+
+def check_weights_stage(state: CompileState, cfg: CompileConfig) -> CompileState:
+    """Stage ``check-weights``: refuse non-finite weights, or warn by name with ``allow_nonfinite``."""
+    for name in check_finite_weights(state.captured, cfg.allow_nonfinite):
+        warnings.warn(EdgeMoEWarning(f"non-finite weights compiled as asked: {name}"), stacklevel=2)
+    return state
+
+
+STAGE = Stage(
+    "check-weights",
+    check_weights_stage,
+    lambda s: {"nonfinite": check_finite_weights(s.captured, allow=True)},
+)

@@ -1,14 +1,17 @@
-"""Stage 4d: the accuracy report of a quantized bundle against fp32, per task, on held-out data."""
+"""Stage ``measure-accuracy``: the accuracy report of a quantized bundle against fp32, per task, on held-out data."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from ..bundle.format import MANIFEST, graph_bytes
+from ..config import CompileConfig
 from ..runtime import Session
+from ..stages import CompileState, Stage
 
 
 def bundle_bytes(root: Path, manifest: dict) -> int:
@@ -72,3 +75,24 @@ def measure_accuracy(
         "bundle_bytes_fp32": fp32_bytes,
         "size_ratio": None if not fp32_bytes else size / fp32_bytes,
     }
+
+
+def measure_accuracy_stage(state: CompileState, cfg: CompileConfig) -> CompileState:
+    """Stage ``measure-accuracy`` (quantized bundles): the manifest's ``accuracy`` report against fp32."""
+    accuracy = measure_accuracy(
+        state.staging,
+        state.manifest,
+        state.captured.adapter,
+        cfg.quant.eval_samples,
+        fp32_bytes=state.fp32_bytes,
+        progress=state.progress,
+    )
+    return dataclasses.replace(state, manifest={**state.manifest, "accuracy": accuracy})
+
+
+STAGE = Stage(
+    "measure-accuracy",
+    measure_accuracy_stage,
+    lambda s: s.manifest["accuracy"],
+    applies=lambda cfg: cfg.quant.active,
+)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from ..config import CompileConfig
 from ..frontends import GraphPartition
+from ..stages import CompileState, Stage
 from .capture_model import CapturedModel
 from .prune_experts import ExpertSets
 
@@ -93,3 +96,24 @@ def partition_model(captured: CapturedModel, expert_sets: ExpertSets, max_seq: i
         step_segments=steps,
         max_seq=int(max_seq or 0),
     )
+
+
+def partition_stage(state: CompileState, cfg: CompileConfig) -> CompileState:
+    """Stage ``partition``: the graphs to emit and the experts to ship (:func:`partition_model`)."""
+    return dataclasses.replace(state, plan=partition_model(state.captured, state.expert_sets, cfg.max_seq))
+
+
+def _summary(state: CompileState) -> dict:
+    plan = state.plan
+    return {
+        "graphs": [
+            {"name": p.name, "kind": p.kind, "inputs": list(p.input_names), "outputs": list(p.output_names)}
+            for p in plan.graphs()
+        ],
+        "layer_kernel": list(plan.layer_kernel),
+        "experts": [list(e) for e in plan.experts],
+        "max_seq": plan.max_seq,
+    }
+
+
+STAGE = Stage("partition", partition_stage, _summary)

@@ -1,4 +1,4 @@
-"""Optional last stage (``compile --memory-budget``): check the budget and store a swap schedule.
+"""Stage ``plan`` (``compile --memory-budget``): check the budget and store a swap schedule.
 
 Runs on the staged bundle, after quantization (expert bytes are final), before it is renamed into
 place: a budget that cannot work fails the compile and leaves nothing at the output. The check is
@@ -7,13 +7,16 @@ place: a budget that cannot work fails the compile and leaves nothing at the out
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..bundle.format import read_manifest
+from ..config import CompileConfig
 from ..devices import DeviceProfile
 from ..schedule.planner import plan_bundle
+from ..stages import CompileState, Progress, Stage
 from ..swap.budget import parse_budget
-from .write_bundle import Progress, write_manifest
+from .write_manifest import write_manifest
 
 
 def check_budget_text(text: str) -> None:
@@ -55,3 +58,12 @@ def plan_schedule(
         f"policy {result['policy']}, prefetch {result['predictor'] or 'none'}"
     )
     return read_manifest(staging)
+
+
+def plan_stage(state: CompileState, cfg: CompileConfig) -> CompileState:
+    """Stage ``plan``: the swap schedule for ``cfg.memory_budget`` on the final expert bytes."""
+    manifest = plan_schedule(state.staging, state.manifest, cfg.memory_budget, state.device, state.progress)
+    return dataclasses.replace(state, manifest=manifest)
+
+
+STAGE = Stage("plan", plan_stage, lambda s: s.manifest["schedule"], applies=lambda cfg: cfg.memory_budget is not None)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..config import CompileConfig
+from ..stages import CompileState, Stage
 from .capture_model import CapturedModel
 
 
@@ -73,3 +76,25 @@ def profile_routing(captured: CapturedModel, samples: int, seed: int, batch: int
             for li, recs in enumerate(per_layer)
         )
     return RoutingProfile(samples=samples, seed=seed, traces=traces)
+
+
+def profile_stage(state: CompileState, cfg: CompileConfig) -> CompileState:
+    """Stage ``profile``: routing traces on ``cfg.calib_samples`` inputs per task."""
+    captured = state.captured
+    state.progress(f"profile routing on {cfg.calib_samples} calibration inputs x {len(captured.tasks)} tasks")
+    return dataclasses.replace(state, profile=profile_routing(captured, cfg.calib_samples, cfg.calib_seed))
+
+
+def _summary(state: CompileState) -> dict:
+    layers = state.captured.ir.moe_layers
+    return {
+        "samples": state.profile.samples,
+        "seed": state.profile.seed,
+        "expert_counts": {
+            task: [[int(c) for c in traces[layer.index].counts(layer.num_experts)] for layer in layers]
+            for task, traces in state.profile.traces.items()
+        },
+    }
+
+
+STAGE = Stage("profile", profile_stage, _summary)

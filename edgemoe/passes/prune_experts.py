@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from ..config import CompileConfig
 from ..errors import ConfigError
+from ..stages import CompileState, Stage
 from .capture_model import CapturedModel
 from .profile_routing import RoutingProfile
 
@@ -65,3 +68,19 @@ def prune_experts(captured: CapturedModel, profile: RoutingProfile, prune: bool,
             sets.append(tuple(sorted(experts)))
         kept[task] = tuple(sets)
     return ExpertSets(kept=kept, pruned=do_prune)
+
+
+def prune_stage(state: CompileState, cfg: CompileConfig) -> CompileState:
+    """Stage ``prune``: each task's expert set (:func:`prune_experts`)."""
+    sets = prune_experts(state.captured, state.profile, cfg.prune, cfg.prune_below)
+    return dataclasses.replace(state, expert_sets=sets)
+
+
+STAGE = Stage(
+    "prune",
+    prune_stage,
+    lambda s: {
+        "pruned": s.expert_sets.pruned,
+        "kept": {task: [list(layer) for layer in sets] for task, sets in s.expert_sets.kept.items()},
+    },
+)

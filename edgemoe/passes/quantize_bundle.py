@@ -1,4 +1,4 @@
-"""Stage 4c: quantize a staged fp32 bundle in place (dense partitions and every expert).
+"""Stage ``quantize``: quantize a staged fp32 bundle in place (dense partitions and every expert).
 
 Dense partitions (trunk segments, heads) are quantized by the target (onnxruntime's tools
 for the ONNX target). Gates stay fp32: they are tiny, and a flipped expert choice costs more
@@ -8,6 +8,7 @@ accuracy than their bytes are worth. Experts are quantized one blob at a time wi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle.format import decode_expert, encode_expert, file_record, graph_bytes, read_verified
+from ..config import CompileConfig
 from ..quantization import (
     QuantConfig,
     dequantize_int8_per_channel,
@@ -24,9 +26,11 @@ from ..quantization import (
     quantize_nbits,
 )
 from ..runtime.executor import get_executor
+from ..stages import CompileState, Stage
 from .calibrate_activations import CalibrationSet, activation_range, uint8_qparams
 from .plan_expert_bits import BitPlan, ExpertChoice, balance_tasks, plan_expert_bits, routing_importance
 from .profile_routing import RoutingProfile
+from .write_manifest import write_manifest
 
 ERROR_TOKENS = 512  # tokens per expert used to measure its quantization error
 
@@ -317,3 +321,29 @@ def _plan(staging, manifest, quant, executor, calib, profile, progress) -> BitPl
 
 
 __all__ = ["dense_scheme", "dequantize_int8_per_channel", "quantize_bundle", "quantize_weights"]
+
+
+def quantize_stage(state: CompileState, cfg: CompileConfig) -> CompileState:
+    """Stage ``quantize``: quantize the staged bundle as ``cfg.quant`` says; the manifest is written again."""
+    manifest = copy.deepcopy(state.manifest)  # quantize_bundle updates the manifest in place
+    s = state
+    manifest = quantize_bundle(s.staging, manifest, cfg.quant, s.target, s.calib, s.profile, s.progress)
+    write_manifest(state.staging, manifest)
+    return dataclasses.replace(state, manifest=manifest)
+
+
+def _summary(state: CompileState) -> dict:
+    m = state.manifest
+    return {
+        "quantization": m["quantization"],
+        "experts": {
+            str(layer["index"]): [
+                {"scheme": e["scheme"], "bits": e["bits"], "sha256": e["sha256"]} for e in layer["experts"]
+            ]
+            for layer in m["moe_layers"]
+        },
+        "totals": m["totals"],
+    }
+
+
+STAGE = Stage("quantize", quantize_stage, _summary, applies=lambda cfg: cfg.quant.active)

@@ -310,7 +310,7 @@ def schedule_module(mod, target):
     """Give every unscheduled PrimFunc of a legalized, fused module its default CPU schedule.
 
     Args:
-        mod: A Relax module after legalization and fusion (``tune.legalize_and_fuse``); PrimFuncs that
+        mod: A Relax module after legalization and fusion (``tuning_db.legalize_and_fuse``); PrimFuncs that
             already carry a schedule (``tirx.is_scheduled``, e.g. from a tuning database) are
             kept.
         target: The ``tvm.target.Target`` (``llvm``) the library is built for.
@@ -342,7 +342,7 @@ def default_schedules(mod, target: dict, *, legalized: bool = False):
 
     Args:
         mod: The partition's Relax module (``import_partition``), or with ``legalized`` the fused
-            module a tuning database was applied to (``tune.apply_tuning``).
+            module a tuning database was applied to (``tuning_db.apply_tuning``).
         target: The ``llvm`` target dict the library is built for (``tvm_target``).
         legalized: ``mod`` is already legalized and fused.
 
@@ -352,7 +352,7 @@ def default_schedules(mod, target: dict, *, legalized: bool = False):
     """
     import tvm
 
-    from .tune import legalize_and_fuse
+    from .tuning_db import legalize_and_fuse
 
     tvm_target = tvm.target.Target(target)
     if not legalized:

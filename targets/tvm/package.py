@@ -28,12 +28,12 @@ import platform
 import re
 import shutil
 import subprocess
-import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from ...bundle.format import MANIFEST, read_manifest
+from ...bundle.staging import OutputKind, check_output_path, discard, install, open_staging
 from ...devices import get_device
 from ...errors import (
     BundleError,
@@ -41,7 +41,6 @@ from ...errors import (
     EdgeMoEError,
     EdgeMoEWarning,
     IntegrityError,
-    OutputPathError,
     TargetError,
 )
 from .elf import MACHINES, machine_name, newest_versions, read_elf, set_runpath
@@ -103,13 +102,11 @@ def package_bundle(bundle: str | Path, device: str, out: str | Path, progress: P
     dev = get_device(device)
     arch = _arch(dev.cpu_arch)
     notes = check_bundle(manifest, bundle, dev.name, arch, dev.cpu)
-    check_output_path(out)
+    check_output_path(out, PACKAGE)
     binary = ensure_runtime(arch, progress)
     libs, system, infos = runtime_libraries(binary, arch)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    staging = open_staging(out, PACKAGE)
     try:
         progress(f"copy {bundle} (checking every file against its manifest sha256)")
         files, bundle_bytes, unlisted = copy_bundle(bundle, staging / "bundle", manifest)
@@ -158,10 +155,12 @@ def package_bundle(bundle: str | Path, device: str, out: str | Path, progress: P
         }
         summary["sizes"] = {**parts, "total": sum(parts.values())}
         (staging / PACKAGE_FILE).write_text(json.dumps(summary, indent=1) + "\n")
-        _install(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        install(staging, out, PACKAGE)
+    except BaseException as exc:
+        err = discard(staging, out, exc, PACKAGE)
+        if err is exc:
+            raise
+        raise err from None
     progress(f"package written to {out}")
     return {"package": str(out), **summary}
 
@@ -423,27 +422,7 @@ def is_package(path: Path) -> bool:
         return False
 
 
-def check_output_path(out: Path) -> None:
-    """Refuse an output path that exists and is not a package (it is never overwritten)."""
-    if out.exists() and not is_package(out):
-        kind = "folder" if out.is_dir() else "file"
-        raise OutputPathError(f"output path {out} exists and is a {kind}, not an edgemoe package; choose another path")
-
-
-def _install(staging: Path, out: Path) -> None:
-    """Rename the finished staging folder to ``out``, replacing an older package there."""
-    check_output_path(out)  # again: something may have appeared there meanwhile
-    if not out.exists():
-        staging.rename(out)
-        return
-    backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    out.rename(backup)
-    try:
-        staging.rename(out)
-    except BaseException:
-        backup.rename(out)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
+PACKAGE = OutputKind("package", is_package)
 
 
 def render_package(d: dict) -> str:

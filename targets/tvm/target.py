@@ -36,7 +36,7 @@ from . import cuda
 from .cpu_schedule import default_schedules
 from .dispatch import dispatch_partitions
 from .executor import _last_line
-from .tune import apply_tuning
+from .tuning_db import apply_tuning
 
 # Compiled graphs must reproduce the torch partition to within atol + rtol * |torch| (fp32).
 AARCH64_CXX = "aarch64-linux-gnu-g++"
@@ -149,6 +149,10 @@ class TvmTarget(Target):
         # Libraries this process built, with their torch partitions: a compiled library cannot be
         # rewritten, so the quantization hooks rebuild it from the partition (targets/tvm/quantize.py).
         self._built: dict[Path, tuple[GraphPartition, CompileConfig]] = {}
+
+    def release(self) -> None:
+        """Drop the torch partitions of the libraries built (kept for the quantization hooks only)."""
+        self._built.clear()
 
     def emit_bundle(self, job: EmitJob) -> Emitted:
         """The default bundle (a library per partition, fp32 experts) plus the dispatch graphs.
