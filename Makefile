@@ -1,6 +1,8 @@
 # Two entry points do all set-up on a fresh machine (each creates or refreshes .venv):
 #   make demo   compile the reference model for the host and run + verify every task
-#   make test   lint and run the test suite
+#   make test   lint and run the test suite (what CI runs)
+# and one for the edit-test loop:
+#   make check  lint and the tests not marked slow (under 2 minutes on 2 cores)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +10,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= m3vit-tiny
 BUNDLE ?= out/$(MODEL)
 
-.PHONY: demo test lint venv bench clean native native-aarch64
+.PHONY: demo test check lint venv bench clean native native-aarch64
 
 venv: $(STAMP)
 
@@ -38,6 +40,11 @@ lint: venv
 test: venv lint native native-aarch64
 	@$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The fast tier: no native build, no test marked slow (see pyproject's markers).
+check: venv lint
+	@$(BIN)/python -m pytest -q -m "not slow"; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make check: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: venv
 	$(BIN)/python benchmarks/bench_expert_kernel.py

@@ -136,6 +136,7 @@ def test_verify_fails_with_tiny_tolerance(run_cli, bundle_factory):
     assert "exceed the tolerance" in result.stderr
 
 
+@pytest.mark.slow  # builds every registered model to count its parameters
 def test_models_and_devices_json(run_cli):
     models = js(run_cli("models", "--json"))["models"]
     tiny = next(m for m in models if m["name"] == "m3vit-tiny")

@@ -13,6 +13,8 @@ import pytest
 
 EDGEMOE = [sys.executable, "-m", "edgemoe"]
 
+pytestmark = pytest.mark.slow  # not in the fast tier (make check)
+
 
 def _json_stdout(*args, cwd) -> dict:
     """Run ``edgemoe ARGS --json`` and parse its whole stdout as one JSON object."""

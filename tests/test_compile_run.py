@@ -13,7 +13,13 @@ from edgemoe.models import resolve_model
 from edgemoe.runtime import Session
 from edgemoe.tools.verify_bundle import verify_bundle
 
-MODELS = ["m3vit-micro", "m3vit-micro-cond", "m3vit-micro-windows", "m3vit-tiny", "m3vit-tiny-cond"]
+MODELS = [
+    "m3vit-micro",
+    "m3vit-micro-cond",
+    "m3vit-micro-windows",
+    pytest.param("m3vit-tiny", marks=pytest.mark.slow),
+    pytest.param("m3vit-tiny-cond", marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize("model", MODELS)

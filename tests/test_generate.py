@@ -17,6 +17,8 @@ NEW = 64
 # Every named hf causal LM (the SwitchTransformers encoder has nothing to generate with).
 LMS = sorted(name for name, cfg in CONFIGS.items() if cfg["arch"] != "switch_transformers")
 
+pytestmark = pytest.mark.slow  # not in the fast tier (make check)
+
 
 def _prompt(seed: int = 0, n: int = 9) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, 320, n)

@@ -14,6 +14,8 @@ from edgemoe.runtime import Session
 
 ARCHS = sorted(CONFIGS)  # every named hf model: one per supported arch
 
+pytestmark = pytest.mark.slow  # not in the fast tier (make check)
+
 
 def _save(name: str, folder, dtype=torch.float32, shard="60KB"):
     model = resolve_model(name).build().to(dtype)

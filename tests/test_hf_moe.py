@@ -41,6 +41,8 @@ SHARED = [
     "hf-granitemoeshared-micro",
 ]
 
+pytestmark = pytest.mark.slow  # not in the fast tier (make check)
+
 
 def adapter(name: str) -> HFAdapter:
     return HFAdapter(resolve_model(name).build())

@@ -22,6 +22,8 @@ from edgemoe.targets.hls.fixed import FixedType, convert, quantize, round_shift
 
 HLS = {"target": "hls", "device": "zcu102"}
 
+pytestmark = pytest.mark.slow  # not in the fast tier (make check)
+
 
 @pytest.fixture(scope="module")
 def micro(bundle_factory):

@@ -23,6 +23,8 @@ MICRO_M3VIT = dataclasses.replace(
     final_norm=False,
 )
 
+pytestmark = pytest.mark.slow  # not in the fast tier (make check)
+
 
 def _to_m3vit_layout(model, prefix: str = "module.backbone.") -> dict:
     """``model``'s weights under the key names and shapes M³ViT's training script saves."""

@@ -15,6 +15,8 @@ from edgemoe.tools.verify_bundle import verify_bundle
 
 CALIB, HELDOUT = M.default_texts(heldout=200, seed=0)
 
+pytestmark = pytest.mark.slow  # not in the fast tier (make check)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():

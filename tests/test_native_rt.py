@@ -21,6 +21,8 @@ BINARY = ROOT / "build" / "native" / "edgemoe-rt"
 # An image model (two tasks, batch-dynamic) and a token-routed LM with shared experts.
 CASES = [("m3vit-micro", "semseg"), ("m3vit-micro", "depth"), ("deepseek-lm-micro", "lm")]
 
+pytestmark = pytest.mark.slow  # not in the fast tier (make check)
+
 
 @pytest.fixture(scope="module")
 def rt() -> Path:

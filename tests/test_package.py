@@ -31,6 +31,8 @@ QEMU = "qemu-aarch64 -L /usr/aarch64-linux-gnu"
 TVM_LIBS = {"libtvm_runtime.so", "libtvm_runtime_extra.so", "libtvm_ffi.so"}
 BARE_ENV = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
 
+pytestmark = pytest.mark.slow  # not in the fast tier (make check)
+
 
 def _needs_host_build():
     if shutil.which("cmake") is None and not (ROOT / "build" / "native" / "edgemoe-rt").is_file():

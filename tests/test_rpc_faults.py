@@ -28,6 +28,7 @@ pytest.importorskip("cloudpickle", reason="TVM's RPC server needs cloudpickle")
 from test_tvm_hil import START_S, _free_port, _Server  # after the skips: it needs TVM too
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.hil,
     pytest.mark.skipif(bool(os.environ.get("EDGEMOE_RPC", "").strip()), reason="kills local RPC servers"),
 ]

@@ -86,6 +86,7 @@ def test_runtime_threads_are_safe(bundle_factory):
         np.testing.assert_array_equal(g, w)
 
 
+@pytest.mark.slow
 @pytest.mark.isolated
 def test_runtime_installs_alone_without_torch(bundle_factory, tmp_path):
     """A fresh venv with only the runtime extra runs and inspects a bundle compiled here."""

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parents[1] / "models" / "moe_lm"
 TRAINED = ("mixtral-lm-bytes", "mixtral-lm-bytes-local")
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def metrics_of(name: str) -> dict:

@@ -22,7 +22,7 @@ CKPT = HERE / "m3vit-tiny.safetensors"
 METRICS = HERE / "m3vit-tiny.metrics.json"
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

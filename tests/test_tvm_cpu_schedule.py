@@ -14,6 +14,8 @@ from edgemoe.targets.tvm.tuning_db import legalize_and_fuse
 
 MODEL = "m3vit-micro"
 
+pytestmark = pytest.mark.slow  # not in the fast tier (make check)
+
 
 @pytest.fixture(scope="module")
 def parts():

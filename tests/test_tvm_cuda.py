@@ -24,6 +24,8 @@ from edgemoe.targets.tvm.target import AARCH64_CXX, AARCH64_TRIPLE
 
 EM_AARCH64 = 183
 
+pytestmark = pytest.mark.slow  # not in the fast tier (make check)
+
 
 def _cuda_build_skip(arch: str) -> str | None:
     nvcc = cuda.find_nvcc()

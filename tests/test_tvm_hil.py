@@ -30,7 +30,7 @@ from edgemoe.passes.capture_model import capture_model
 from edgemoe.runtime import Session
 from edgemoe.targets.tvm.remote import RemoteDevice, RemoteExecutor, parse_address, remote_session
 
-pytestmark = pytest.mark.hil
+pytestmark = [pytest.mark.slow, pytest.mark.hil]
 
 EXTERNAL = os.environ.get("EDGEMOE_RPC", "").strip()
 needs_local_server = pytest.mark.skipif(bool(EXTERNAL), reason="kills the RPC server: only with a local one")

@@ -16,6 +16,8 @@ from edgemoe.runtime import Session
 
 SCHEMES = ("int8", "int8-dynamic", "fp16")
 
+pytestmark = pytest.mark.slow  # not in the fast tier (make check)
+
 
 @pytest.fixture(scope="module")
 def tvm_quant(tmp_path_factory):

@@ -30,6 +30,8 @@ from edgemoe.runtime.program import _kernel_names
 MODELS = ["m3vit-micro", "deepseek-lm-micro"]
 ELF_MACHINE = {"x86_64": 62, "aarch64": 183}
 
+pytestmark = pytest.mark.slow  # not in the fast tier (make check)
+
 
 @pytest.fixture(scope="module")
 def references():

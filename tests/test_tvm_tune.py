@@ -21,6 +21,8 @@ from edgemoe.targets.tvm.tuning_db import SHAPES_FILE, TuningShapes, apply_tunin
 MODEL = "m3vit-micro"
 SHAPES = TuningShapes(token_buckets=(8, 32), dims={"batch": 1})
 
+pytestmark = pytest.mark.slow  # not in the fast tier (make check)
+
 
 @pytest.fixture(scope="module")
 def kernel():
