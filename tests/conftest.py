@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import json_stdout
 
 from edgemoe.cli import cli
 from edgemoe.compiler import compile_model
@@ -73,3 +74,18 @@ def jetson_cpu_profile(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("profiles") / "jetson-orin-nano-8gb-cpu.json"
     path.write_text(json.dumps({"jetson-orin-nano-8gb-cpu": entry}))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tuning_run(tmp_path_factory) -> tuple[Path, dict]:
+    """``edgemoe tune --json`` of m3vit-micro's expert kernel (4 trials, buckets 8 and 32) in its own process.
+
+    Returns the database folder and the command's JSON summary. One run serves the tuning tests and
+    the test that every command's ``--json`` stdout is one object (a fresh process spends ~40 s
+    importing TVM's tensor intrinsics before the first trial).
+    """
+    db = tmp_path_factory.mktemp("tuning") / "db"
+    summary = json_stdout(
+        "tune", "m3vit-micro", "--kinds", "expert_kernel", "--token-buckets", "8,32", "--trials", "4", "-o", db, "-q"
+    )
+    return db, summary

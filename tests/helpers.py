@@ -1,6 +1,8 @@
 """Small helpers shared by the tests."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -10,6 +12,20 @@ def read_manifest(bundle: Path) -> dict:
 
 def write_manifest(bundle: Path, manifest: dict) -> None:
     (Path(bundle) / "manifest.json").write_text(json.dumps(manifest))
+
+
+def json_stdout(*args, cwd=None, timeout: float = 900) -> dict:
+    """Run ``edgemoe ARGS --json`` in its own process and parse its whole stdout as one JSON object.
+
+    A process of its own, not click's in-process runner: what native code and libraries write to
+    file descriptor 1 counts too (MetaSchedule's tuning logs once preceded ``tune --json``'s object).
+    """
+    cmd = [sys.executable, "-m", "edgemoe", *map(str, args), "--json"]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    obj = json.loads(proc.stdout)  # the whole of stdout: one object, nothing before or after it
+    assert isinstance(obj, dict)
+    return obj
 
 
 # What a runtime process may never import: torch, onnx and every compiler-side module. A backend

@@ -10,26 +10,16 @@ import subprocess
 import sys
 
 import pytest
-
-EDGEMOE = [sys.executable, "-m", "edgemoe"]
+from helpers import json_stdout
 
 pytestmark = pytest.mark.slow  # not in the fast tier (make check)
-
-
-def _json_stdout(*args, cwd) -> dict:
-    """Run ``edgemoe ARGS --json`` and parse its whole stdout as one JSON object."""
-    proc = subprocess.run([*EDGEMOE, *map(str, args), "--json"], cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    obj = json.loads(proc.stdout)  # the whole of stdout: one object, nothing before or after it
-    assert isinstance(obj, dict)
-    return obj
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A folder holding an m3vit-micro ONNX bundle compiled through the CLI with --json."""
     cwd = tmp_path_factory.mktemp("json")
-    compiled = _json_stdout("compile", "m3vit-micro", "-o", "b", cwd=cwd)
+    compiled = json_stdout("compile", "m3vit-micro", "-o", "b", cwd=cwd)
     assert compiled["kind"] == "bundle" and compiled["model"]["name"] == "m3vit-micro"
     return cwd
 
@@ -49,20 +39,50 @@ def work(tmp_path_factory):
     ids=lambda v: v if isinstance(v, str) else "-".join(v[:2]),
 )
 def test_bundle_commands_print_one_object(work, args, key):
-    assert key in _json_stdout(*args, cwd=work)
+    assert key in json_stdout(*args, cwd=work)
 
 
 def test_generate_prints_one_object(tmp_path):
-    _json_stdout("compile", "mixtral-lm-micro", "--max-seq", "32", "-o", "lm", cwd=tmp_path)
-    res = _json_stdout("generate", "lm", "--prompt-ids", "1,2,3", "--max-new-tokens", "4", cwd=tmp_path)
+    json_stdout("compile", "mixtral-lm-micro", "--max-seq", "32", "-o", "lm", cwd=tmp_path)
+    res = json_stdout("generate", "lm", "--prompt-ids", "1,2,3", "--max-new-tokens", "4", cwd=tmp_path)
     assert len(res["tokens"]) == 4 and "decode_tok_s" in res
+
+
+def test_tune_prints_one_object(tuning_run):
+    _db, summary = tuning_run  # conftest: `edgemoe tune ... --json` in its own process, parsed whole
+    assert summary["model"] == "m3vit-micro" and len(summary["tasks"]) == 4
+
+
+def test_moefy_prints_one_object(tmp_path):
+    res = json_stdout(
+        "moefy",
+        "bert-micro",
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--router",
+        "centroid",
+        "--heldout",
+        "8",
+        "-o",
+        "mo",
+        cwd=tmp_path,
+    )
+    assert res["num_experts"] == 4 and (tmp_path / "mo" / "model.json").is_file()
+
+
+def test_package_prints_one_object(bundle_factory, tmp_path):
+    pytest.importorskip("tvm", reason="Apache TVM is not installed (pip install -e '.[tvm]')")
+    bundle = bundle_factory("m3vit-micro", target="tvm")
+    res = json_stdout("package", bundle, "--device", "host", "-o", "pkg", cwd=tmp_path)
+    assert res["compiler_free"] and (tmp_path / "pkg" / "run.sh").is_file()
 
 
 def test_native_output_on_stdout_goes_to_stderr_under_json(tmp_path):
     """What native code writes to fd 1 (MetaSchedule's tuning logs did) lands on stderr, not before the object.
 
-    ``tune``, ``moefy`` and ``package`` take minutes each in a fresh process; the guard they share
-    with every command is exercised here directly, at the file-descriptor level, in a child process.
+    The guard every command shares, exercised directly at the file-descriptor level in a child process.
     """
     code = (
         "import os, sys\n"
@@ -76,3 +96,11 @@ def test_native_output_on_stdout_goes_to_stderr_under_json(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"ok": 1}
     assert "native log line" in proc.stderr and "python print" in proc.stderr
+
+
+def test_every_command_is_covered_here():
+    from edgemoe.cli import cli
+
+    covered = {"compile", "run", "inspect", "verify", "models", "devices", "plan", "bench", "generate"}
+    covered |= {"tune", "moefy", "package"}
+    assert set(cli.commands) == covered, "a new command needs its --json test in this file"

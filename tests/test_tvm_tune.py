@@ -15,7 +15,6 @@ from edgemoe.errors import ConfigError
 from edgemoe.passes.capture_model import capture_model
 from edgemoe.runtime import Session
 from edgemoe.targets.tvm.target import import_partition, tvm_target
-from edgemoe.targets.tvm.tune import tune_partitions
 from edgemoe.targets.tvm.tuning_db import SHAPES_FILE, TuningShapes, apply_tuning, scheduled_functions, specialise
 
 MODEL = "m3vit-micro"
@@ -30,16 +29,16 @@ def kernel():
 
 
 @pytest.fixture(scope="module")
-def database(tmp_path_factory, kernel):
-    db = tmp_path_factory.mktemp("tuning") / "db"
-    summary = tune_partitions([kernel], tvm_target(get_device("host")), db, trials=4, shapes=SHAPES)
-    return db, summary
+def database(tuning_run):
+    """The database ``edgemoe tune --json`` wrote (conftest: one run per session) and its summary."""
+    return tuning_run
 
 
-def test_tuning_writes_a_database(database):
+def test_tuning_writes_a_database(database, kernel):
     db, summary = database
     records = (db / "database_tuning_record.json").read_text().splitlines()
     assert records and len(summary["tasks"]) == 4  # (matmul+gelu, matmul) x 2 buckets
+    assert summary["model"] == MODEL and summary["partitions"] == [kernel.name]
     assert any(t["best_ms"] is not None for t in summary["tasks"])
     assert json.loads((db / SHAPES_FILE).read_text())["token_buckets"] == [8, 32]
 
