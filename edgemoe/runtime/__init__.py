@@ -5,6 +5,7 @@ never torch and never the compiler — so ``pip install edgemoe[runtime]`` is en
 """
 
 from .inputs import load_input
-from .session import GenerationStats, Session, SessionStats, SwitchStats
+from .session import GenerationStats, Session, SessionStats
+from .task_switch import SwitchStats
 
 __all__ = ["GenerationStats", "Session", "SessionStats", "SwitchStats", "load_input"]

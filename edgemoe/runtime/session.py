@@ -1,9 +1,12 @@
-"""Host runtime session: runs one task of a bundle, loading only the experts it activates."""
+"""Host runtime session: runs one task of a bundle, loading only the experts it activates.
+
+A :class:`Session` composes three parts: :mod:`.expert_store` (reading and checking expert blobs),
+:mod:`.dispatch` (routing each MoE layer's tokens to experts on the cache, prefetching ahead) and
+:mod:`.task_switch` (what a task runs with, and the gate between runs and a switch).
+"""
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -11,16 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle.format import check_blob_sizes, decode_expert, read_manifest, read_verified
-from ..errors import BundleError, ConfigError, InputError, TaskError, did_you_mean
+from ..bundle.format import read_manifest
+from ..errors import ConfigError, InputError, TaskError, did_you_mean
 from ..swap.budget import check_budget, expert_sizes, parse_budget
-from ..swap.policies import count_probabilities, make_policy
-from ..swap.predict import PREDICTORS, PreGate, Static, lookahead, predictor_from_json
-from ..swap.step import begin_run, run_step
+from ..swap.policies import make_policy
 from ..swap.switch import switch_entry
+from .dispatch import MoeDispatch
 from .executor import Executor, get_executor
 from .expert_cache import ExpertCache
+from .expert_store import ExpertStore
 from .program import TaskProgram
+from .task_switch import RunGate, SwitchStats, TaskSetup, task_setup
 
 
 @dataclass(frozen=True)
@@ -78,43 +82,6 @@ class SessionStats:
     switch_bytes_unloaded: int = 0
     switch_bytes_loaded: int = 0
     switch_ms: float = 0.0
-
-
-@dataclass(frozen=True)
-class SwitchStats:
-    """What one :meth:`Session.switch_task` moved.
-
-    Attributes:
-        source: Task switched from.
-        target: Task switched to.
-        experts_unloaded: Experts freed (the new task never uses them, or the plan unloads them for room).
-        experts_loaded: Experts of the new task's resident set loaded.
-        experts_skipped: Experts the new task never uses left cached (held by a kernel or loading).
-        bytes_unloaded: Bytes freed.
-        bytes_loaded: Bytes loaded (queued in the background when the switch did not wait).
-        time_ms: Wall time of the switch (graphs and experts), after runs in flight finished.
-        experts_ms: The part of it spent on experts (waiting for loads in flight, freeing,
-            loading the resident set when waited for): what the simulator predicts as ``load_s``.
-        unloaded: The experts freed, as ``(layer, expert)``.
-        loaded: The experts loaded, as ``(layer, expert)``.
-    """
-
-    source: str
-    target: str
-    experts_unloaded: int
-    experts_loaded: int
-    experts_skipped: int
-    bytes_unloaded: int
-    bytes_loaded: int
-    time_ms: float
-    experts_ms: float = 0.0
-    unloaded: tuple[tuple[int, int], ...] = ()
-    loaded: tuple[tuple[int, int], ...] = ()
-
-
-def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
-    """What identifies a checked file's bytes without reading them: size, inode, mtime and ctime."""
-    return (st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @dataclass(frozen=True)
@@ -229,19 +196,13 @@ class Session:
             task = next(iter(tasks))
         if task not in tasks:
             raise TaskError(f"unknown task '{task}'{did_you_mean(task, tasks)} (bundle has: {', '.join(tasks)})")
-        self.task = task
-        self._task = tasks[task]
         self.input_spec = m["input"]
         # An executor passed in (e.g. a remote one over TVM RPC) replaces the one the bundle names.
         self.executor = executor or get_executor(m["target"]["executor"], threads=threads, providers=providers)
         self.layers = m["moe_layers"]
         # The task's compute on the executor: graphs, or the whole model as one design.
         self.program: TaskProgram = self.executor.program(self.root, m, task, recorder)
-        self._records = [{e["index"]: e for e in layer["experts"]} for layer in self.layers]
-        self.kept = self._kept_sets(task, self._task)
-        # The cache allocates each expert's buffer from its record's size before the blob's sha256
-        # check: a record must not make it allocate more than the file holds.
-        check_blob_sizes(self.root, (self._records[li][e] for li, keep in enumerate(self.kept) for e in keep))
+        self._store = ExpertStore(self.root, m, self.executor)
         self._runs = 0
         self.last_generation: GenerationStats | None = None
         self.last_logits: np.ndarray | None = None
@@ -250,17 +211,32 @@ class Session:
         # MoE input (None for layer 0): pre-gating predictions for traces (not part of the run).
         self.record_pregate = False
         self.last_pregate: list[np.ndarray | None] = []
-        self._verified: dict[tuple[int, int], tuple[Path, tuple[int, int, int]]] = {}
-        # Runs in flight vs a task switch: a switch waits for them, runs wait for a switch.
-        self._switch_cv = threading.Condition()
-        self._active = 0
-        self._switching = False
+        self._run_gate = RunGate()
         self.last_switch: SwitchStats | None = None
         self._switch_totals = [0, 0, 0, 0.0]  # switches, bytes unloaded, bytes loaded, ms
         if int(prefetch_depth) < 1:
             raise ConfigError(f"prefetch_depth must be at least 1, got {prefetch_depth}")
         self.prefetch_depth = int(prefetch_depth)
-        self._setup_cache(*self._settings(memory_budget, policy, prefetch), storage_gbs, log_events)
+        budget, policy, self._prefetch_request = self._settings(memory_budget, policy, prefetch)
+        setup = task_setup(m, self._store, task, self._prefetch_request)
+        self._store.check_sizes(setup.kept)
+        self.task, self._task, self.kept = task, setup.record, setup.kept
+        sizes = expert_sizes(m, task)
+        capacity = sum(sizes.values()) if budget is None else self._check_budget(int(budget), setup)
+        self.memory_budget = int(budget or 0)
+        recency = setup.schedule.get("recency") if setup.schedule else None  # the planned policy's, on token plans
+        self.program.reserve(capacity)
+        self._cache = ExpertCache(
+            capacity,
+            sizes,
+            make_policy(policy, setup.prob, recency),
+            self._store.read,
+            storage_gbs,
+            self.executor.unplace,
+            log=log_events,
+        )
+        self._dispatch = MoeDispatch(self._cache, len(self.layers), self.prefetch_depth)
+        self._dispatch.set_plan(setup.prefetch, setup.near, setup.far, setup.resident)
 
     def _settings(self, budget, policy: str, prefetch: str | None) -> tuple[int | None, str, str | None]:
         """The budget (bytes or None), policy and predictor asked for, with ``"bundle"`` taken from the schedule.
@@ -285,114 +261,15 @@ class Session:
         }
         return budget, policy, prefetch
 
-    def _kept_sets(self, task: str, record: dict) -> list[frozenset[int]]:
-        kept = [frozenset(s) for s in record["experts"]]
-        for li, keep in enumerate(kept):
-            missing = keep - set(self._records[li])
-            if missing:
-                raise BundleError(
-                    f"garbled manifest: task '{task}' keeps experts {sorted(missing)} of layer {li}, "
-                    "which the bundle does not list"
-                )
-        return kept
-
-    def _task_schedule(self, task: str) -> dict | None:
-        """The bundle schedule's plan for ``task`` (None without a schedule)."""
-        return self.manifest.get("schedule", {}).get("tasks", {}).get(task)
-
-    def _check_budget(self, budget: int, task: str, schedule: dict | None) -> int:
+    def _check_budget(self, budget: int, setup: TaskSetup) -> int:
         """The shared budget check (as ``edgemoe compile --memory-budget``), with the plan's resident set."""
-        return check_budget(self.manifest, budget, task, int(schedule["resident_bytes"]) if schedule else 0)
+        resident = int(setup.schedule["resident_bytes"]) if setup.schedule else 0
+        return check_budget(self.manifest, budget, setup.task, resident)
 
-    def _setup_cache(
-        self, budget: int | None, policy: str, prefetch: str | None, storage_gbs: float, log: bool = False
-    ) -> None:
-        sizes = expert_sizes(self.manifest, self.task)
-        schedule = self._task_schedule(self.task)
-        prob = schedule["probability"] if schedule else count_probabilities(self.manifest, self.task)
-        capacity = sum(sizes.values()) if budget is None else self._check_budget(int(budget), self.task, schedule)
-        self.memory_budget = int(budget or 0)
-        recency = schedule.get("recency") if schedule else None  # the planned policy's, on token-routed plans
-        self.program.reserve(capacity)
-        self._cache = ExpertCache(
-            capacity,
-            sizes,
-            make_policy(policy, prob, recency),
-            self._read_expert,
-            storage_gbs,
-            self.executor.unplace,
-            log=log,
-        )
-        self._prefetch_request = prefetch
-        self.prefetch, self._predictor, self._far = self._make_predictor(prefetch, schedule, prob)
-        # The plan's resident set: prefetches never evict it, so they do not trade hot experts for streamed ones.
-        self._resident = tuple(tuple(k) for k in schedule.get("resident", [])) if schedule else ()
-
-    def _make_predictor(self, prefetch: str | None, schedule: dict | None, prob: list[list[float]]):
-        """(prefetch mode, next-layer predictor or None, calibration order for the steps beyond) for a task."""
-        if prefetch is None:
-            return None, None, None
-        static = (schedule or {}).get("predictors", {}).get("static")
-        far = predictor_from_json(static) if static else Static.from_probabilities(prob)
-        if prefetch == "pregate":
-            return prefetch, None, far
-        if prefetch == "plan":
-            if not schedule:
-                raise ConfigError("prefetch='plan' needs a schedule in the bundle: run `edgemoe plan` first")
-            if schedule.get("prefetch") is None:  # the plan found that no predictor pays on its device
-                return None, None, None
-            predictor = predictor_from_json(schedule["prefetch"])
-        elif prefetch == "static" and not schedule:
-            predictor = far
-        elif prefetch in PREDICTORS:
-            if not schedule:
-                raise ConfigError(f"prefetch='{prefetch}' needs a schedule in the bundle: run `edgemoe plan` first")
-            predictor = predictor_from_json(schedule.get("predictors", {}).get(prefetch, {"name": prefetch}))
-        else:
-            raise ConfigError(f"unknown prefetch predictor '{prefetch}' (known: {', '.join(PREDICTORS)}, plan)")
-        if predictor.name == "pregate":
-            return "pregate", None, far
-        return prefetch, predictor, far
-
-    def _read_expert(self, key: tuple[int, int], into: bytearray) -> dict[str, object]:
-        """Read an expert blob into ``into`` (its size), sha256-checked on its first load, and place it.
-
-        A reload after eviction skips the hash when the file's size, inode, mtime and ctime are
-        still those it had when it was checked (hashing on every swap would cost more than the
-        read). The ctime is the kernel's: a rewrite in place changes it even when the writer puts
-        the size and mtime back.
-
-        Returns:
-            The expert's tensors: views on ``into``, or the executor's copies on its device
-            (:meth:`~edgemoe.runtime.executor.Executor.place`).
-        """
-        record = self._records[key[0]][key[1]]
-        known = self._verified.get(key)
-        if known is not None:
-            path, signature = known
-            try:
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    st = os.fstat(fd)
-                    # One read straight into the buffer the tensors will view.
-                    if _signature(st) == signature and os.readv(fd, [into]) == len(into):
-                        return self.executor.place(decode_expert(into, record["tensors"]))
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass  # fall through to the full check, which reports it
-        path = (self.root / record["file"]).resolve()
-        st = path.stat() if path.is_file() else None  # before the check: a later change alters the signature
-        memoryview(into)[:] = read_verified(self.root, record)  # checked to be the record's size, as ``into``
-        weights = decode_expert(into, record["tensors"])
-        if st is not None:
-            self._verified[key] = (path, _signature(st))
-        return self.executor.place(weights)
-
-    def _check_kept(self, layer: int, expert: int) -> None:
-        if expert not in self.kept[layer]:
-            # The gate is masked to the kept set, so this means the bundle is inconsistent.
-            raise BundleError(f"task '{self.task}' routed to expert {expert} of layer {layer}, outside its kept set")
+    @property
+    def prefetch(self) -> str | None:
+        """The prefetch mode in use (None: experts load on demand only)."""
+        return self._dispatch.prefetch
 
     # -- execution -------------------------------------------------------------------------
     def check_input(self, x: np.ndarray) -> np.ndarray:
@@ -420,47 +297,6 @@ class Session:
                 raise InputError(f"input ids must lie in [0, {high}), got [{x.min()}, {x.max()}]")
             x = x.astype(spec["dtype"], copy=False)
         return np.ascontiguousarray(x)
-
-    def _moe(self, run: object, layer: int) -> None:
-        program, cache = self.program, self._cache
-        idx, _ = program.route(run, layer)
-        self.last_routing.append(idx)
-        experts = [int(e) for e in np.unique(idx)]
-        for e in experts:
-            self._check_kept(layer, e)
-        nxt = None
-        if layer + 1 < len(self.layers) and (self.prefetch == "pregate" or self.record_pregate):
-            nxt = program.pregate(run, layer + 1)
-            if self.record_pregate:
-                self.last_pregate.append(nxt)
-
-        def run_expert(_j: int, key: tuple[int, int]) -> None:
-            tok, slot = np.nonzero(idx == key[1])
-            # Pinned while the kernel runs: eviction cannot free the weights under it.
-            w = cache.acquire(key)
-            try:
-                program.expert(run, layer, key[1], tok, slot, w)
-            finally:
-                cache.release(key)
-
-        keys = [(layer, e) for e in experts]
-        run_step(cache, layer, keys, self._lookahead(layer, experts, nxt), self._resident, run_expert)
-        program.finish_layer(run, layer)
-
-    def _lookahead(self, layer: int, experts: list[int], nxt: np.ndarray | None) -> list[tuple[int, int]]:
-        """The experts to prefetch at ``layer`` (-1: a run's start), in the order they will be needed.
-
-        ``nxt``: the next layer's gate on this layer's MoE input (pre-gating), where computed.
-        """
-        if self.prefetch is None:
-            return []
-        near, pregate = self._predictor, None
-        if self.prefetch == "pregate" and nxt is not None:
-            # Pre-gating: the next layer's gate on this layer's MoE input names its experts one layer ahead.
-            near, pregate = PreGate(), [int(e) for e in np.unique(nxt)]
-        if layer < 0:
-            near = None  # nothing routed yet: the calibration order names the first layers
-        return lookahead(near, self._far, layer, experts, pregate, len(self.layers), self.prefetch_depth)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Run the task on an input batch and return the head's output (waits while a task switch runs)."""
@@ -546,27 +382,19 @@ class Session:
 
     def _forward(self, x: np.ndarray, decoder=None) -> np.ndarray:
         """One pass through the task: a plain run, or a generation step on ``decoder``'s cache."""
-        with self._switch_cv:
-            while self._switching:
-                self._switch_cv.wait()
-            self._active += 1
-        try:
+        with self._run_gate.run():
             self.last_routing = []
             self.last_pregate = [None] if self.record_pregate and self.layers else []
-            if self.prefetch is not None:
-                # The first layers' experts load while the trunk runs (the previous run's last layer
-                # usually queued them already).
-                begin_run(self._cache, self._lookahead(-1, [], None), self._resident)
+            pregate = self.last_pregate if self.record_pregate else None
+            # The first layers' experts load while the trunk runs (the previous run's last layer
+            # usually queued them already).
+            self._dispatch.begin()
             run = self.program.start(x) if decoder is None else self.program.start_step(x, decoder)
             for layer in range(len(self.layers)):
-                self._moe(run, layer)
+                self._dispatch.layer(self.program, run, layer, self.task, self.kept[layer], self.last_routing, pregate)
             y = self.program.output(run)
             self._runs += 1
             return y
-        finally:
-            with self._switch_cv:
-                self._active -= 1
-                self._switch_cv.notify_all()
 
     def switch_task(self, task: str, wait: bool = True) -> SwitchStats:
         """Switch this live session to another task of the bundle, keeping its expert cache.
@@ -598,45 +426,30 @@ class Session:
         tasks = self.manifest["tasks"]
         if task not in tasks:
             raise TaskError(f"unknown task '{task}'{did_you_mean(task, tasks)} (bundle has: {', '.join(tasks)})")
-        with self._switch_cv:
-            while self._switching:
-                self._switch_cv.wait()
-            self._switching = True
-            while self._active:
-                self._switch_cv.wait()
-        try:
+        with self._run_gate.switch():
             return self._switch(task, wait)
-        finally:
-            with self._switch_cv:
-                self._switching = False
-                self._switch_cv.notify_all()
 
     def _switch(self, task: str, wait: bool) -> SwitchStats:
         start = time.perf_counter()
         source = self.task
         if task == source:
             return SwitchStats(source, task, 0, 0, 0, 0, 0, 0.0)
-        # Everything that can fail before the session changes: budget, prefetch plan, graphs.
-        record = self.manifest["tasks"][task]
-        schedule = self._task_schedule(task)
-        prob = schedule["probability"] if schedule else count_probabilities(self.manifest, task)
+        # Everything that can fail before the session changes: prefetch plan, budget, graphs.
+        setup = task_setup(self.manifest, self._store, task, self._prefetch_request)
         if self.memory_budget:
-            self._check_budget(self.memory_budget, task, schedule)
-        prefetch, predictor, far = self._make_predictor(self._prefetch_request, schedule, prob)
-        kept = self._kept_sets(task, record)
+            self._check_budget(self.memory_budget, setup)
         program = self.program.switch(task)
-        self.task, self._task, self.kept, self.program = task, record, kept, program
-        self.prefetch, self._predictor, self._far = prefetch, predictor, far
-        self._resident = tuple(tuple(k) for k in schedule.get("resident", [])) if schedule else ()
+        self.task, self._task, self.kept, self.program = task, setup.record, setup.kept, program
+        self._dispatch.set_plan(setup.prefetch, setup.near, setup.far, setup.resident)
         sizes = expert_sizes(self.manifest, task)
         capacity = self._cache.book.capacity
         program.reserve(capacity if self.memory_budget else max(capacity, sum(sizes.values())))
         experts_start = time.perf_counter()
         moves = self._cache.switch(
             sizes,
-            self._resident,
+            setup.resident,
             switch_entry(self.manifest.get("schedule"), source, task),
-            prob,
+            setup.prob,
             capacity=None if self.memory_budget else sum(sizes.values()),  # unbounded: the new task's experts all fit
             wait=wait,
         )
@@ -679,7 +492,7 @@ class Session:
     def stats(self) -> SessionStats:
         """Counters of what was loaded (see :class:`SessionStats`)."""
         totals = self.manifest["totals"]
-        task_bytes = sum(int(self._records[li][e]["bytes"]) for li, kept in enumerate(self.kept) for e in kept)
+        task_bytes = self._store.task_bytes(self.kept)
         cache, book = self._cache, self._cache.book
         with cache._cond:
             resident = sum(book.sizes[k] for k in cache.data)  # blob bytes (weights may sit on a device)
