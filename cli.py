@@ -561,6 +561,7 @@ def generate_cmd(
       edgemoe generate lm --prompt "def main(" --max-new-tokens 80
       edgemoe generate lm --prompt "x = " --temperature 0.8 --top-p 0.9 --seed 1 --memory-budget 25%
     """  # noqa: D301 (click keeps a paragraph after a real \b unwrapped)
+    from edgemoe.report import render_generate
     from edgemoe.runtime.generate import generate_bundle
 
     if (prompt is None) == (prompt_ids is None):
@@ -594,15 +595,7 @@ def generate_cmd(
         return
     click.echo()
     sys.stdout.flush()
-    cache = res["cache"]
-    click.echo(
-        f"{len(res['tokens'])} tokens after a {res['prompt_tokens']}-token prompt: "
-        f"first token {res['ttft_ms']:.1f} ms, prefill {res['prefill_tok_s']:.1f} tok/s, "
-        f"decode {res['decode_tok_s']:.1f} tok/s; experts: "
-        f"{cache['hits']} hits, {cache['misses']} misses, {cache['evictions']} evictions, "
-        f"peak {cache['peak_expert_bytes']} B",
-        err=True,
-    )
+    click.echo(render_generate(res), err=True)  # the tokens alone on stdout
 
 
 @cli.command("inspect")
@@ -726,7 +719,8 @@ def moefy_cmd(source, output, experts, top_k, router, calib_texts, heldout, seed
     Splits every FFN into balanced experts (MoEfication), builds a router per layer and
     compares sentence embeddings with the dense model on held-out English sentences.
     """
-    from edgemoe.tools.moefy_dense import MoefyConfig, default_texts, moefy_source, read_texts, render_moefy
+    from edgemoe.report import render_moefy
+    from edgemoe.tools.moefy_dense import MoefyConfig, default_texts, moefy_source, read_texts
 
     calib, held = default_texts(heldout, seed)
     texts = read_texts(calib_texts) if calib_texts else calib
@@ -756,7 +750,8 @@ def plan_cmd(bundle, device, budget, policy, heldout, plots_dir, no_write, as_js
     replays them under LRU, LFU, the planned policy and Belady's MIN, measures each prefetch
     predictor, and stores the schedule in the manifest.
     """
-    from edgemoe.schedule.planner import plan_bundle, render_plan
+    from edgemoe.report import render_plan
+    from edgemoe.schedule.planner import plan_bundle
 
     if plots_dir:  # before the manifest is rewritten: a missing plotting library must not leave half a job
         try:
@@ -806,7 +801,8 @@ def bench_cmd(bundle, task, rpc, repeat, batch, timeout, as_json):
       edgemoe bench out/orin-tvm --rpc tracker:10.0.0.5:9190:orin  # a board from a tracker
       EDGEMOE_RPC=192.168.1.20:9090 edgemoe bench out/orin-tvm --task semseg --repeat 50
     """  # noqa: D301 (click keeps a paragraph after a real \b unwrapped)
-    from edgemoe.runtime.bench import bench_bundle, render_bench
+    from edgemoe.report import render_bench
+    from edgemoe.runtime.bench import bench_bundle
 
     _emit(bench_bundle(bundle, task, rpc, repeat=repeat, batch=batch, timeout=timeout), as_json, render_bench)
 
@@ -849,6 +845,7 @@ def tune_cmd(model, output, device, trials, token_buckets, batch, seq, kinds, we
       edgemoe tune m3vit-tiny --trials 128 -o out/db      # measured on this CPU
       edgemoe tune m3vit-tiny --device raspberry-pi-5 --rpc tracker:10.0.0.5:9190:rpi5 -o out/db-rpi
     """  # noqa: D301 (click keeps a paragraph after a real \b unwrapped)
+    from edgemoe.report import render_tune
     from edgemoe.targets.tvm.tune import TuningShapes, tune_model
 
     try:
@@ -870,14 +867,7 @@ def tune_cmd(model, output, device, trials, token_buckets, batch, seq, kinds, we
         progress=_Progress(quiet),
     )
 
-    def render(d: dict) -> str:
-        lines = [f"tuned {len(d['tasks'])} operators of {', '.join(d['partitions'])} into {d['database']}"]
-        for t in d["tasks"]:
-            best = "no working schedule" if t["best_ms"] is None else f"{t['best_ms']:.4f} ms"
-            lines.append(f"  {t['task']:60s} {best}")
-        return "\n".join(lines)
-
-    _emit(summary, as_json, render)
+    _emit(summary, as_json, render_tune)
 
 
 @cli.command("package")
@@ -901,7 +891,8 @@ def package_cmd(bundle, device, output, as_json, quiet):
     (make native / native-aarch64) if missing. Nothing of the compiler goes in. On the board:
     ./run.sh --task TASK --input x.npy --output y.npy
     """
-    from edgemoe.targets.tvm.package import package_bundle, render_package
+    from edgemoe.report import render_package
+    from edgemoe.targets.tvm.package import package_bundle
 
     notes: list[str] = []
     with _budget_warnings(notes):

@@ -294,3 +294,142 @@ def render_devices(devices: list[dict]) -> str:
         for d in devices
     ]
     return table(["device", "arch", "cpu", "accelerator", "cuda", "memory", "GB/s"], rows, "llllrrr")
+
+
+def render_bench(res: dict) -> str:
+    """``edgemoe bench`` table: one line per graph, one per task."""
+    where = f"remote {res['remote']} ({res['device']})" if res["remote"] else f"this host ({res['device']})"
+    lines = [
+        f"bundle {res['bundle']} ({res['target']}) on {where}; batch {res['batch']}, "
+        f"median of {res['repeat']} (graphs: {res['graph_timer']})"
+    ]
+    for task, t in res["tasks"].items():
+        lines.append("")
+        lines.append(f"task {task}: {t['task_ms']['median_ms']:.3f} ms per run (mean {t['task_ms']['mean_ms']:.3f})")
+        lines.append(f"  {'graph':<28} {'calls':>5} {'median ms':>10} {'mean ms':>10}")
+        for name, g in t["graphs"].items():
+            lines.append(f"  {name:<28} {g['calls']:>5} {g['median_ms']:>10.4f} {g['mean_ms']:>10.4f}")
+        lines.append(f"  {'sum over calls':<28} {'':>5} {t['graph_sum_ms']:>10.4f}")
+    return "\n".join(lines)
+
+
+def render_plan(result: dict) -> str:
+    """Human summary of a :func:`~edgemoe.schedule.planner.plan_bundle` result (``edgemoe plan``)."""
+    lines = [
+        f"{result['bundle']} on {result['device']}: budget {result['budget_bytes']} B "
+        f"(cache {result['cache_bytes']} B for {result['expert_bytes']} B of routed experts, "
+        f"{result['shared_bytes']} B shared), peak {result['peak_bytes']} B",
+        "held-out hit rate (plans from calibration traces only):",
+    ]
+    belady = result["policies"]["belady"]["hit_rate"]
+    for name, r in result["policies"].items():
+        rel = f"  ({r['hit_rate'] / belady:.2f} x Belady)" if belady and name != "belady" else ""
+        lines.append(
+            f"  {name:8s} {r['hit_rate']:.3f}  misses {r['misses']:5d}  moved {r['bytes_moved']:>11d} B  "
+            f"stall {r['stall_s'] * 1e3:.2f} ms{rel}"
+        )
+    lines.append(
+        f"prefetch with the '{result['policy']}' policy (accuracy: needed experts loaded or loading; stall on "
+        f"{result['device']}, loads overlapping compute):"
+    )
+    for name, r in result["prefetch"].items():
+        recall = "-" if r["recall"] is None else f"{r['recall']:.3f}"
+        stall = r["stall_s"] * 1e3
+        lines.append(f"  {name:8s} accuracy {r['accuracy']:.3f}  predictor recall {recall}  stall {stall:.2f} ms")
+    if result["predictor"] is None:
+        lines.append(
+            f"plan: policy {result['policy']}, no prefetch (on calibration traces no predictor stalls less than "
+            "loading on demand)"
+        )
+    else:
+        lines.append(f"plan: policy {result['policy']}, prefetch {result['predictor']}")
+    demand = result["policies"].get(result["policy"], {}).get("stall_s")
+    chosen = result["prefetch"].get(result["predictor"], {}).get("stall_s")
+    if demand is not None and chosen is not None and chosen > demand:
+        lines.append(
+            f"note: on {result['device']} prefetch is expected to add stall ({chosen * 1e3:.2f} ms vs "
+            f"{demand * 1e3:.2f} ms loading on demand): loads outweigh the compute they could hide, and wrong "
+            f"guesses cost loads; consider running without prefetch. This rests on the profile's compute figure "
+            f"({result['compute_gflops']:g} GFLOP/s, often a peak): with a measured sustained figure in a user profile "
+            "(--device FILE) compute takes longer and prefetch may pay"
+        )
+    for name, entry in result["schedule"]["task_switch"].items():
+        cost = entry.get("cost")
+        if cost:
+            lines.append(
+                f"task switch {name}: unload {cost['unload_bytes']} B, load {cost['load_bytes']} B "
+                f"({cost['load_s'] * 1e3:.3f} ms)"
+            )
+    return "\n".join(lines)
+
+
+def render_moefy(report: dict) -> str:
+    """Human-readable form of :func:`~edgemoe.tools.moefy_dense.moefy_source`'s report."""
+    lines = [
+        f"moefy {report['source']} -> {report['model']}",
+        f"  {report['num_experts']} experts per layer ({report['expert_hidden']} hidden neurons each), "
+        f"top-{report['top_k']}, {report['router']} router",
+        f"  calibration: {report['calib_sentences']} sentences, {report['calib_tokens']} tokens; "
+        f"chance recall {report['chance_recall']:.3f}",
+        "  layer  cluster sizes (min-max)  k-means iters  router recall  output kept",
+    ]
+    for layer in report["layers"]:
+        sizes = layer["cluster_sizes"]
+        recall = "-" if layer["router_recall"] is None else f"{layer['router_recall']:.3f}"
+        kept = "-" if layer["output_kept"] is None else f"{layer['output_kept']:.3f}"
+        span = f"{min(sizes)}-{max(sizes)}"
+        lines.append(f"  {layer['layer']:>5}  {span:>23}  {layer['kmeans_iters']:>13}  {recall:>13}  {kept:>11}")
+    ev = report.get("evaluation") or {}
+    if ev:
+        c, full = ev["cosine"], ev["cosine_all_experts"]
+        lines.append(
+            f"  embedding cosine vs dense on {ev['heldout_sentences']} held-out sentences: mean {c['mean']:.4f}, "
+            f"p5 {c['p5']:.4f}, min {c['min']:.4f} (all experts: min {full['min']:.6f})"
+        )
+    lines.append(f"  wrote {report['model_json']} (edgemoe compile {report['model_json']} -o BUNDLE)")
+    return "\n".join(lines)
+
+
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def render_package(d: dict) -> str:
+    """Plain-text form of a package summary (``edgemoe package`` without --json)."""
+    b, s = d["bundle"], d["sizes"]
+    lines = [
+        f"package {d['package']} for {d['device']} ({d['cpu_arch']}): {human_bytes(s['total'])}",
+        f"  bundle     {human_bytes(s['bundle']):>10}  {b['dir']}/ {b['model']} for {b['device']}, "
+        f"{b['files']} files (sha256 checked)",
+        f"  binary     {human_bytes(s['binary']):>10}  {d['binary']['file']}",
+        f"  libraries  {human_bytes(s['libraries']):>10}  "
+        + " ".join(r["file"].rsplit("/", 1)[-1] for r in d["libraries"]),
+        f"  scripts    {human_bytes(s['scripts']):>10}  run.sh (+ package.json)",
+        f"the board must have: {d['assumed']['summary']}",
+        "no Python, no libtvm_compiler, no torch in it",
+        f"run on the board: {d['run']}",
+    ]
+    if b["unlisted_skipped"]:
+        lines.append(f"not in the manifest, not copied: {', '.join(b['unlisted_skipped'])}")
+    return "\n".join(lines)
+
+
+def render_tune(d: dict) -> str:
+    """``edgemoe tune``: one line per tuned operator."""
+    lines = [f"tuned {len(d['tasks'])} operators of {', '.join(d['partitions'])} into {d['database']}"]
+    for t in d["tasks"]:
+        best = "no working schedule" if t["best_ms"] is None else f"{t['best_ms']:.4f} ms"
+        lines.append(f"  {t['task']:60s} {best}")
+    return "\n".join(lines)
+
+
+def render_generate(res: dict) -> str:
+    """``edgemoe generate``'s summary line (after the streamed tokens)."""
+    cache = res["cache"]
+    return (
+        f"{len(res['tokens'])} tokens after a {res['prompt_tokens']}-token prompt: "
+        f"first token {res['ttft_ms']:.1f} ms, prefill {res['prefill_tok_s']:.1f} tok/s, "
+        f"decode {res['decode_tok_s']:.1f} tok/s; experts: "
+        f"{cache['hits']} hits, {cache['misses']} misses, {cache['evictions']} evictions, "
+        f"peak {cache['peak_expert_bytes']} B"
+    )

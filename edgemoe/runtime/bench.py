@@ -132,20 +132,3 @@ def _bench_task(root: Path, m: dict, task: str, remote, timer, repeat: int, batc
             "graphs": graphs,
         }
     }
-
-
-def render_bench(res: dict) -> str:
-    """``edgemoe bench`` table: one line per graph, one per task."""
-    where = f"remote {res['remote']} ({res['device']})" if res["remote"] else f"this host ({res['device']})"
-    lines = [
-        f"bundle {res['bundle']} ({res['target']}) on {where}; batch {res['batch']}, "
-        f"median of {res['repeat']} (graphs: {res['graph_timer']})"
-    ]
-    for task, t in res["tasks"].items():
-        lines.append("")
-        lines.append(f"task {task}: {t['task_ms']['median_ms']:.3f} ms per run (mean {t['task_ms']['mean_ms']:.3f})")
-        lines.append(f"  {'graph':<28} {'calls':>5} {'median ms':>10} {'mean ms':>10}")
-        for name, g in t["graphs"].items():
-            lines.append(f"  {name:<28} {g['calls']:>5} {g['median_ms']:>10.4f} {g['mean_ms']:>10.4f}")
-        lines.append(f"  {'sum over calls':<28} {'':>5} {t['graph_sum_ms']:>10.4f}")
-    return "\n".join(lines)

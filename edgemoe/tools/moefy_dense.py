@@ -804,33 +804,6 @@ def moefy_source(
     }
 
 
-def render_moefy(report: dict) -> str:
-    """Human-readable form of :func:`moefy_source`'s report."""
-    lines = [
-        f"moefy {report['source']} -> {report['model']}",
-        f"  {report['num_experts']} experts per layer ({report['expert_hidden']} hidden neurons each), "
-        f"top-{report['top_k']}, {report['router']} router",
-        f"  calibration: {report['calib_sentences']} sentences, {report['calib_tokens']} tokens; "
-        f"chance recall {report['chance_recall']:.3f}",
-        "  layer  cluster sizes (min-max)  k-means iters  router recall  output kept",
-    ]
-    for layer in report["layers"]:
-        sizes = layer["cluster_sizes"]
-        recall = "-" if layer["router_recall"] is None else f"{layer['router_recall']:.3f}"
-        kept = "-" if layer["output_kept"] is None else f"{layer['output_kept']:.3f}"
-        span = f"{min(sizes)}-{max(sizes)}"
-        lines.append(f"  {layer['layer']:>5}  {span:>23}  {layer['kmeans_iters']:>13}  {recall:>13}  {kept:>11}")
-    ev = report.get("evaluation") or {}
-    if ev:
-        c, full = ev["cosine"], ev["cosine_all_experts"]
-        lines.append(
-            f"  embedding cosine vs dense on {ev['heldout_sentences']} held-out sentences: mean {c['mean']:.4f}, "
-            f"p5 {c['p5']:.4f}, min {c['min']:.4f} (all experts: min {full['min']:.6f})"
-        )
-    lines.append(f"  wrote {report['model_json']} (edgemoe compile {report['model_json']} -o BUNDLE)")
-    return "\n".join(lines)
-
-
 __all__ = [
     "MICRO",
     "MINILM",

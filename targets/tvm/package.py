@@ -423,24 +423,3 @@ def is_package(path: Path) -> bool:
 
 
 PACKAGE = OutputKind("package", is_package)
-
-
-def render_package(d: dict) -> str:
-    """Plain-text form of a package summary (``edgemoe package`` without --json)."""
-    from ...report import human_bytes
-
-    b, s = d["bundle"], d["sizes"]
-    lines = [
-        f"package {d['package']} for {d['device']} ({d['cpu_arch']}): {human_bytes(s['total'])}",
-        f"  bundle     {human_bytes(s['bundle']):>10}  {b['dir']}/ {b['model']} for {b['device']}, "
-        f"{b['files']} files (sha256 checked)",
-        f"  binary     {human_bytes(s['binary']):>10}  {d['binary']['file']}",
-        f"  libraries  {human_bytes(s['libraries']):>10}  " + " ".join(Path(r["file"]).name for r in d["libraries"]),
-        f"  scripts    {human_bytes(s['scripts']):>10}  run.sh (+ {PACKAGE_FILE})",
-        f"the board must have: {d['assumed']['summary']}",
-        "no Python, no libtvm_compiler, no torch in it",
-        f"run on the board: {d['run']}",
-    ]
-    if b["unlisted_skipped"]:
-        lines.append(f"not in the manifest, not copied: {', '.join(b['unlisted_skipped'])}")
-    return "\n".join(lines)
