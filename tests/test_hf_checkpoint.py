@@ -89,6 +89,9 @@ def _broken(tmp_path, how: str):
     elif how == "unsupported-arch":
         cfg = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "llama4_text"}))
+    elif how == "quantized":  # e.g. gpt-oss's MXFP4 experts: stored as *_blocks + *_scales, not floats
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
     elif how == "pickle-only":
         for f in folder.glob("*.safetensors*"):
             f.unlink()
@@ -102,6 +105,7 @@ BROKEN = {
     "truncated-shard": r"model-00002-of-\d+\.safetensors is truncated: .* the file has \d+ bytes",
     "not-safetensors": r"model-00002-of-\d+\.safetensors is not a safetensors file",
     "unsupported-arch": r"model_type 'llama4_text' is not supported: Llama-4 multiplies each expert's input",
+    "quantized": r"a quantized checkpoint \(quantization_config, quant_method 'mxfp4'\) is not supported",
     "pickle-only": r"no \*\.safetensors weights \(pytorch_model\.bin are pickle files",
 }
 

@@ -50,6 +50,16 @@ def folder_config(folder: Path) -> dict:
             arch, "the hf adapter has no spec for it (where its layers, router and experts live)"
         )
         raise ModelError(f"{path}: model_type '{arch}' is not supported: {why}; supported: {', '.join(ARCHS)}")
+    quant = raw.get("quantization_config")
+    if quant is not None:
+        # Its weights are stored in another form (MXFP4 blocks + scales, GPTQ, ...): loaded with the
+        # float config edgemoe builds they would not be read, and the experts would compile from
+        # random init. Refused until a dequantizing load is checked against the library's.
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise ModelError(
+            f"{path}: a quantized checkpoint (quantization_config, quant_method '{method}') is not supported: "
+            "edgemoe compiles float checkpoints (float32 / bfloat16 / float16); dequantize it first"
+        )
     weight_files(folder)
     from .family import config_fields
 
