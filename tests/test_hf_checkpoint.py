@@ -1,6 +1,7 @@
 """Hugging Face checkpoint folders (save_pretrained output) compiled directly, and broken folders refused."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,7 +106,7 @@ BROKEN = {
     "truncated-shard": r"model-00002-of-\d+\.safetensors is truncated: .* the file has \d+ bytes",
     "not-safetensors": r"model-00002-of-\d+\.safetensors is not a safetensors file",
     "unsupported-arch": r"model_type 'llama4_text' is not supported: Llama-4 multiplies each expert's input",
-    "quantized": r"a quantized checkpoint \(quantization_config, quant_method 'mxfp4'\) is not supported",
+    "quantized": r"quant_method 'mxfp4'\) is not supported for model_type 'mixtral'.* dequantizes mxfp4 \(gpt_oss\)",
     "pickle-only": r"no \*\.safetensors weights \(pytorch_model\.bin are pickle files",
 }
 
@@ -122,3 +123,61 @@ def test_a_broken_folder_is_one_line_exit_3_and_nothing_written(run_cli, tmp_pat
 
     assert re.search(BROKEN[how], errors[0]), errors[0]
     assert not out.exists()
+
+
+def _mxfp4_folder(tmp_path) -> Path:
+    """A GPT-OSS folder whose experts are stored as MXFP4, as the released gpt-oss checkpoints are.
+
+    Each expert matrix is ``<proj>_blocks`` (uint8: two FP4 e2m1 values per byte, 32 values per
+    block along the input) and ``<proj>_scales`` (uint8: the block's power of two, bias 127);
+    config.json says ``quantization_config: {"quant_method": "mxfp4"}``. The values are random.
+    """
+    from safetensors.torch import load_file, save_file
+
+    config = tmp_path / "gpt-oss-32.json"  # MXFP4 needs each expert input width a multiple of 32
+    config.write_text(json.dumps({"base": "hf-gpt-oss-micro", "intermediate_size": 32}))
+    model = resolve_model(str(config)).build()
+    folder = tmp_path / "gpt-oss-mxfp4"
+    model.save_pretrained(folder)
+    cfg = model.config
+    n, hidden, inter = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    state = load_file(folder / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    for layer in range(cfg.num_hidden_layers):
+        prefix = f"model.layers.{layer}.mlp.experts."
+        for proj, (rows, cols) in {"gate_up_proj": (2 * inter, hidden), "down_proj": (hidden, inter)}.items():
+            del state[prefix + proj]
+            shape = (n, rows, cols // 32)
+            state[prefix + proj + "_blocks"] = torch.randint(0, 256, (*shape, 16), generator=gen, dtype=torch.uint8)
+            state[prefix + proj + "_scales"] = torch.randint(122, 127, shape, generator=gen).to(torch.uint8)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    raw = json.loads((folder / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (folder / "config.json").write_text(json.dumps(raw))
+    return folder
+
+
+@torch.no_grad()
+def test_an_mxfp4_gpt_oss_folder_compiles_from_its_dequantized_experts(run_cli, tmp_path):
+    from transformers import GptOssForCausalLM
+
+    folder = _mxfp4_folder(tmp_path)
+    out = tmp_path / "out"
+    result = run_cli("compile", folder, "--max-seq", "40", "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    # transformers' own load of the folder dequantizes the MXFP4 blocks: the reference the bundle must match.
+    lib = GptOssForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    lib.generation_config.eos_token_id = None
+    ids = np.random.default_rng(0).integers(3, 320, (2, 9))
+    want = lib(torch.from_numpy(ids)).logits.numpy()
+    session = Session(out)
+    got = session.run(ids)
+    assert np.abs(got - want).max() <= 1e-4 and np.abs(want).max() > 0.1
+    # Not the float model the config builds with random experts: the MXFP4 values were read.
+    floats = resolve_model(str(tmp_path / "gpt-oss-32.json")).build()
+    assert np.abs(floats(torch.from_numpy(ids)).logits.numpy() - want).max() > 1e-2
+    prompt = ids[0]
+    seq = lib.generate(torch.from_numpy(prompt)[None], max_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert list(session.generate(prompt, 24)) == seq[0, len(prompt) :].tolist()
+    result = run_cli("verify", out, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["passed"]

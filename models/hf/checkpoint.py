@@ -15,7 +15,7 @@ import json
 import struct
 from pathlib import Path
 
-from ...errors import ModelError
+from ...errors import DependencyError, ModelError
 from .. import KeyNamedTwice, unique_pairs
 
 CONFIG = "config.json"
@@ -50,16 +50,7 @@ def folder_config(folder: Path) -> dict:
             arch, "the hf adapter has no spec for it (where its layers, router and experts live)"
         )
         raise ModelError(f"{path}: model_type '{arch}' is not supported: {why}; supported: {', '.join(ARCHS)}")
-    quant = raw.get("quantization_config")
-    if quant is not None:
-        # Its weights are stored in another form (MXFP4 blocks + scales, GPTQ, ...): loaded with the
-        # float config edgemoe builds they would not be read, and the experts would compile from
-        # random init. Refused until a dequantizing load is checked against the library's.
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
-        raise ModelError(
-            f"{path}: a quantized checkpoint (quantization_config, quant_method '{method}') is not supported: "
-            "edgemoe compiles float checkpoints (float32 / bfloat16 / float16); dequantize it first"
-        )
+    quant_method(raw, path)
     weight_files(folder)
     from .family import config_fields
 
@@ -124,6 +115,33 @@ def _check_safetensors(path: Path) -> None:
         )
 
 
+# Quantized checkpoints the library dequantizes offline, by arch: GPT-OSS's MXFP4 experts (FP4 values
+# in 32-wide blocks with a shared power-of-two scale) widen exactly to float32.
+DEQUANTIZED = {"mxfp4": ("gpt_oss",)}
+
+
+def quant_method(raw: dict, path: Path) -> str | None:
+    """The checkpoint's ``quantization_config.quant_method`` (None: float weights).
+
+    Raises:
+        ModelError: A quantization edgemoe does not dequantize for this arch. Loaded with a float
+            config its tensors (blocks + scales, GPTQ packs) would not be read and the experts
+            would compile from random init.
+    """
+    quant = raw.get("quantization_config")
+    if quant is None:
+        return None
+    method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+    if raw.get("model_type") not in DEQUANTIZED.get(method, ()):
+        known = "; ".join(f"{m} ({', '.join(a)})" for m, a in DEQUANTIZED.items())
+        raise ModelError(
+            f"{path}: a quantized checkpoint (quantization_config, quant_method '{method}') is not supported for "
+            f"model_type '{raw.get('model_type')}': edgemoe compiles float checkpoints (float32 / bfloat16 / "
+            f"float16) and dequantizes {known}; dequantize it first"
+        )
+    return method
+
+
 def load_folder(cls, cfg, folder: str):
     """The library's model of ``cls`` with config ``cfg`` and the folder's weights, float32, eval mode.
 
@@ -136,5 +154,19 @@ def load_folder(cls, cfg, folder: str):
     if not path.is_dir():
         raise ModelError(f"checkpoint folder not found: {path}")
     weight_files(path)
+    raw = json.loads((path / CONFIG).read_text()) if (path / CONFIG).is_file() else {}
+    if quant_method(raw, path / CONFIG) is not None:
+        # The library dequantizes on load when the config carries the checkpoint's quantization (on a
+        # CPU it widens the MXFP4 blocks to the parameters' dtype); it needs accelerate for that.
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:
+            raise DependencyError(
+                f"{path} holds MXFP4 weights: transformers dequantizes them with accelerate "
+                "(pip install 'edgemoe[hf]')"
+            )
+        cfg.quantization_config = raw["quantization_config"]
     model = cls.from_pretrained(str(path), config=cfg, dtype=torch.float32, local_files_only=True)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None  # dequantized: plain float modules from here on
     return model.eval()
