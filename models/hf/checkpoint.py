@@ -162,8 +162,7 @@ def load_folder(cls, cfg, folder: str):
 
         if importlib.util.find_spec("accelerate") is None:
             raise DependencyError(
-                f"{path} holds MXFP4 weights: transformers dequantizes them with accelerate "
-                "(pip install 'edgemoe[hf]')"
+                f"{path} holds MXFP4 weights: transformers dequantizes them with accelerate (pip install 'edgemoe[hf]')"
             )
         cfg.quantization_config = raw["quantization_config"]
     model = cls.from_pretrained(str(path), config=cfg, dtype=torch.float32, local_files_only=True)
