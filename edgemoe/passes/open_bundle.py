@@ -20,9 +20,4 @@ def open_bundle(state: CompileState, cfg: CompileConfig) -> CompileState:
     return dataclasses.replace(state, staging=open_staging(state.out))
 
 
-STAGE = Stage(
-    "open-bundle",
-    open_bundle,
-    lambda s: {"out": str(s.out), "staging": s.staging.name},
-    applies=lambda _cfg: True,
-)
+STAGE = Stage("open-bundle", open_bundle, lambda s: {"out": str(s.out), "staging": s.staging.name})

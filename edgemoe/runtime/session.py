@@ -220,7 +220,7 @@ class Session:
         budget, policy, self._prefetch_request = self._settings(memory_budget, policy, prefetch)
         setup = task_setup(m, self._store, task, self._prefetch_request)
         self._store.check_sizes(setup.kept)
-        self.task, self._task, self.kept = task, setup.record, setup.kept
+        self.task, self.kept = task, setup.kept
         sizes = expert_sizes(m, task)
         capacity = sum(sizes.values()) if budget is None else self._check_budget(int(budget), setup)
         self.memory_budget = int(budget or 0)
@@ -439,7 +439,7 @@ class Session:
         if self.memory_budget:
             self._check_budget(self.memory_budget, setup)
         program = self.program.switch(task)
-        self.task, self._task, self.kept, self.program = task, setup.record, setup.kept, program
+        self.task, self.kept, self.program = task, setup.kept, program
         self._dispatch.set_plan(setup.prefetch, setup.near, setup.far, setup.resident)
         sizes = expert_sizes(self.manifest, task)
         capacity = self._cache.book.capacity

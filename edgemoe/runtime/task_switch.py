@@ -50,7 +50,6 @@ class TaskSetup:
 
     Attributes:
         task: The task.
-        record: Its manifest entry.
         kept: The experts it may route to, per layer.
         schedule: The bundle schedule's plan for it (None without a schedule).
         prob: Its per-layer expert probabilities (the schedule's, else calibration counts).
@@ -61,7 +60,6 @@ class TaskSetup:
     """
 
     task: str
-    record: dict
     kept: list[frozenset[int]]
     schedule: dict | None
     prob: list[list[float]]
@@ -84,7 +82,7 @@ def task_setup(manifest: dict, store: ExpertStore, task: str, prefetch: str | No
     mode, near, far = choose_predictor(prefetch, schedule, prob)
     kept = store.kept_sets(task, record)
     resident = tuple(tuple(k) for k in schedule.get("resident", [])) if schedule else ()
-    return TaskSetup(task, record, kept, schedule, prob, resident, mode, near, far)
+    return TaskSetup(task, kept, schedule, prob, resident, mode, near, far)
 
 
 class RunGate:

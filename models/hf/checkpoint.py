@@ -166,6 +166,4 @@ def load_folder(cls, cfg, folder: str):
             )
         cfg.quantization_config = raw["quantization_config"]
     model = cls.from_pretrained(str(path), config=cfg, dtype=torch.float32, local_files_only=True)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None  # dequantized: plain float modules from here on
     return model.eval()
