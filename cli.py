@@ -337,6 +337,14 @@ def cli():
     help="Compile even if weights hold NaN or Inf (refused by default, naming the tensors).",
 )
 @click.option(
+    "--stream/--no-stream",
+    "stream",
+    default=None,
+    help="A checkpoint folder: read its weights tensor by tensor as each graph and expert blob is "
+    "written (peak memory set by the largest partition, not the model; target onnx) / load the whole "
+    "model first. Default: stream folders whose weights exceed 1 GiB.",
+)
+@click.option(
     "--dump-stages",
     "dump_stages",
     type=click.Path(file_okay=False),
@@ -368,6 +376,7 @@ def compile_cmd(
     fixed,
     max_seq,
     allow_nonfinite,
+    stream,
     dump_stages,
     as_json,
     quiet,
@@ -377,6 +386,9 @@ def compile_cmd(
     MODEL is a name from `edgemoe models`, a .json model config, or a Hugging Face checkpoint
     folder as save_pretrained writes it (config.json + *.safetensors shards), e.g. an OLMoE or
     Mixtral folder; its files are checked (index, shards, sizes) before the weights are read.
+    A folder above 1 GiB (or with --stream) compiles streamed: the model is built without
+    weights and each graph's tensors and each expert's are read from the shards as it is written,
+    so a checkpoint larger than memory compiles (bf16 / fp16 widen to fp32 one piece at a time).
 
     Captures the model, profiles routing per task on calibration inputs, drops experts a task
     never uses, exports the trunk, per-task gates and heads and one kernel per expert shape,
@@ -435,6 +447,7 @@ def compile_cmd(
         fixed=fixed,
         max_seq=max_seq,
         allow_nonfinite=allow_nonfinite,
+        stream=stream,
     )
     if tuning_db and target != "tvm":
         raise ConfigError(f"--tuning-db is for --target tvm, not {target}")

@@ -22,6 +22,9 @@ class CompileConfig:
         calib_samples: Calibration inputs per task for routing profiles.
         calib_seed: Seed of the calibration inputs.
         weights: Optional checkpoint (safetensors, or a torch file loaded with weights_only).
+        stream: A checkpoint folder: read its weights tensor by tensor as each partition is
+            emitted instead of loading the model (peak memory set by the largest partition, not
+            the model; target onnx). None: stream folders whose weights exceed 1 GiB.
         weights_format: Layout of ``weights``: ``edgemoe`` (the model's own state dict) or ``m3vit``
             (a checkpoint saved by the public M³ViT training code, m3vit family).
         opset: ONNX opset of exported graphs.
@@ -54,6 +57,7 @@ class CompileConfig:
     calib_seed: int = 1234
     weights: str | None = None
     weights_format: str = "edgemoe"
+    stream: bool | None = None
     opset: int = 17
     model_family: str | None = None
     model_config: dict | None = None

@@ -142,15 +142,25 @@ class ModelEntry:
             "check its sizes (experts, width, depth)"
         )
 
-    def build_with_notes(self) -> tuple[Any, list[str]]:
-        """:meth:`build`, also returning what loading the checkpoint noted (keys ignored, tensors folded)."""
-        self.check_size()
+    def build_with_notes(self, stream: bool | None = False) -> tuple[Any, list[str]]:
+        """:meth:`build`, also returning what loading the checkpoint noted (keys ignored, tensors folded).
+
+        Args:
+            stream: A checkpoint folder only: leave its weights on disk and read them per partition
+                (None: when the folder is large, see ``models.hf.checkpoint.streams``).
+        """
         if self.weights_format == "hf":
             if self.family != "hf":
                 raise ModelError(
                     f"weights format hf (a transformers checkpoint folder) is for hf models, not {self.family}"
                 )
+            from .hf.checkpoint import streams
+
+            if streams(self.weights, stream):  # nothing is allocated for the weights: no size check
+                return family_module("hf").build(self.config, folder=self.weights, stream=True), []
+            self.check_size()
             return family_module("hf").build(self.config, folder=self.weights), []
+        self.check_size()
         module = family_module(self.family).build(self.config)
         notes = load_checkpoint(module, self.weights, self.weights_format) if self.weights else []
         return module, notes

@@ -8,7 +8,9 @@ plus one registry line in :mod:`edgemoe.frontends`.
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -35,6 +37,8 @@ class GraphPartition:
         dynamic_axes: Per input/output name, the axes that vary at run time.
         task: Task this partition belongs to (None: shared by every task).
         layer: MoE layer index for gates and expert kernels.
+        weights: Where the module's weights are not in memory (a streamed compile): a context
+            manager factory that reads them while a target exports and checks the partition.
     """
 
     name: str
@@ -46,6 +50,11 @@ class GraphPartition:
     dynamic_axes: dict = field(default_factory=dict, compare=False)
     task: str | None = None
     layer: int | None = None
+    weights: Callable[[], contextlib.AbstractContextManager] | None = field(default=None, compare=False)
+
+    def loaded(self) -> contextlib.AbstractContextManager:
+        """A context in which :attr:`module` has its weights (see :attr:`weights`)."""
+        return contextlib.nullcontext() if self.weights is None else self.weights()
 
 
 class ModelAdapter(abc.ABC):
@@ -68,6 +77,10 @@ class ModelAdapter(abc.ABC):
         if task not in names:
             raise TaskError(f"unknown task '{task}'{did_you_mean(task, names)} (model has: {', '.join(names)})")
         return names.index(task)
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every weight tensor by name (default: ``self.model``'s parameters), for the finite check."""
+        return self.model.named_parameters()
 
     def state_sha256(self) -> str:
         """Digest of the model's weights, so a bundle can be matched to its source later.

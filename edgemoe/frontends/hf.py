@@ -22,6 +22,8 @@ the bundle's one-input chain of segments does not carry.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 
 import numpy as np
@@ -54,6 +56,7 @@ from .hf_archs import (
     mla_attention_real_rope,
     pick_experts,
 )
+from .hf_stream import STREAM_ATTR, StreamedWeights, trim
 
 SAMPLE_SEQ = 16  # sequence length of sample inputs (calibration, export examples)
 TRACING = partitions.Tracing({0: "batch", 1: "seq"}, seq=SAMPLE_SEQ)
@@ -346,6 +349,8 @@ class HFAdapter(ModelAdapter):
     def __init__(self, model):
         self.spec = spec = _spec_for(model)
         self.model = model.eval()
+        # A streamed compile's model: parameters on the meta device, read from the checkpoint per partition.
+        self.stream: StreamedWeights | None = getattr(model, STREAM_ATTR, None)
         if model.config._attn_implementation != "eager":
             model.set_attn_implementation("eager")
         if getattr(model.config, "_experts_implementation", "eager") not in (None, "eager"):
@@ -362,8 +367,11 @@ class HFAdapter(ModelAdapter):
                 f"has no MoE layer (no {spec.moe_block} in any of its {len(self.layers)} layers)"
             )
         self.windows = [self._window(i) for i in range(len(self.layers))]
-        self._probe()
+        if self.stream is None:
+            self._probe()
         self._ir = validate_ir(self._capture())
+        if self.stream is not None:  # a streamed run goes through the partitions, which need the IR
+            self._probe()
 
     def _probe(self) -> None:
         """Run the library's forward once on two tokens, so a config it cannot run fails here, by name.
@@ -375,7 +383,10 @@ class HFAdapter(ModelAdapter):
         ids = torch.zeros((1, 2), dtype=torch.long)
         try:
             with torch.no_grad():
-                self.model(input_ids=ids)
+                if self.stream is None:
+                    self.model(input_ids=ids)
+                else:
+                    self._run_streamed(ids, self.spec.task)
         except Exception as exc:  # only library code runs here: whatever it raises is the config's fault
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise ModelError(
@@ -537,6 +548,8 @@ class HFAdapter(ModelAdapter):
     def reference(self, x: np.ndarray, task: str, keep: dict[int, tuple[int, ...]] | None = None) -> np.ndarray:
         self.task_index(task)
         self._check_keep(keep)
+        if self.stream is not None:
+            return self._run_streamed(self._ids(x), task).float().numpy()
         out = self.model(input_ids=self._ids(x))
         y = out.logits if self.spec.lm_head else out.last_hidden_state
         return y.float().numpy()
@@ -544,18 +557,86 @@ class HFAdapter(ModelAdapter):
     @torch.no_grad()
     def route(self, x: np.ndarray, task: str) -> list[tuple[np.ndarray, np.ndarray]]:
         self.task_index(task)
+        if self.stream is not None:
+            routes: list[tuple[np.ndarray, np.ndarray]] = []
+            self._run_streamed(self._ids(x), task, routes)
+            return routes
         routers = [attr(self._block(li), self.spec.router) for li in range(len(self.moe_blocks))]
         ids = self._ids(x)
         return partitions.record_routes(
             routers, lambda: self.model(input_ids=ids), lambda out: pick_experts(self.spec.pick, out, self._block(0))
         )
 
+    def _run_streamed(self, ids: torch.Tensor, task: str, routes: list | None = None) -> torch.Tensor | None:
+        """The model's output, run partition by partition with weights read as each one runs.
+
+        Segments, routers and expert MLPs are the library's modules (as the partitions hold
+        them); each MoE layer sums its experts' outputs weighted by the router's scores, one
+        expert's weights in memory at a time. With ``routes``, each layer's (experts, scores) go
+        there and the run ends after the last MoE layer (None returned).
+        """
+        stream = self.stream
+        inputs: tuple[torch.Tensor, ...] = (ids,)
+        for li in range(len(self.moe_blocks) + 1):
+            module = self.segment(li).module
+            with stream.loaded(module):
+                out = module(*inputs)
+            if li == len(self.moe_blocks):
+                break
+            hidden, moe_in = out
+            gate = self.gate(li, task, tuple(range(self._ir.moe_layers[li].num_experts))).module
+            with stream.loaded(gate):
+                g = gate(moe_in)
+            flat = moe_in.reshape(-1, moe_in.shape[-1])
+            idx, scores = g[0].reshape(flat.shape[0], -1), g[1].reshape(flat.shape[0], -1)
+            if routes is not None:
+                routes.append((idx.numpy().copy(), scores.float().numpy().copy()))
+            y = torch.zeros_like(flat)
+            params = self._ir.moe_layers[li].expert.params
+            kernel = self.expert_kernel(li).module
+            for e in torch.unique(idx).tolist():
+                tokens, slots = (idx == e).nonzero(as_tuple=True)
+                w = self.expert_weights(li, e)
+                y[tokens] += (
+                    kernel(flat[tokens], *(torch.from_numpy(w[p.name]) for p in params)) * scores[tokens, slots, None]
+                )
+            shared = self.shared_kernel(li)
+            if shared is not None:
+                w = self.shared_expert_weights(li, 0)
+                spec = self._ir.moe_layers[li].shared_expert
+                y += (
+                    shared.module(flat, *(torch.from_numpy(w[p.name]) for p in spec.params))
+                    * g[2].reshape(flat.shape[0], -1)[:, :1]
+                )
+            inputs = (hidden, y.reshape(moe_in.shape))
+            trim()  # the layer's expert weights, dropped, leave RSS
+            if routes is not None and li == len(self.moe_blocks) - 1:
+                return None  # every route is known: the rest of the trunk and the head change none
+        head = self.head(task).module
+        with stream.loaded(head):
+            return head(out)
+
+    def state_sha256(self) -> str:
+        """The torch state's digest; in a streamed compile, the checkpoint's (tensor names and stored bytes)."""
+        return super().state_sha256() if self.stream is None else self.stream.reader.digest()
+
+    def named_weights(self):
+        if self.stream is None:
+            return super().named_weights()
+        return self.stream.named_tensors()
+
+    def _streamed(self, part: GraphPartition) -> GraphPartition:
+        """``part``, reading its weights from the checkpoint while a target uses it (streamed compiles)."""
+        if self.stream is None:
+            return part
+        return dataclasses.replace(part, weights=lambda: self.stream.loaded(part.module, part.example_inputs))
+
     # -- partitions ----------------------------------------------------------------------
     def segment(self, index: int) -> GraphPartition:
         start, stop, last = partitions.segment_bounds(index, self.moe_blocks, len(self.layers))
         cls = _DecoderSegment if self.spec.trunk == "decoder" else _T5EncoderSegment
         module = cls(self, start, stop, first=index == 0, last=last)
-        return partitions.segment_partition(self._ir.segments[index], module, TRACING)
+        return self._streamed(partitions.segment_partition(self._ir.segments[index], module, TRACING))
 
     def step_segment(self, index: int, max_seq: int) -> GraphPartition:
         """Trunk segment ``index`` for generation, on a key/value cache of ``max_seq`` positions.
@@ -577,18 +658,19 @@ class HFAdapter(ModelAdapter):
         # What each layer caches (MLA caches compressed latents): the attention's own update calls say.
         probe = _WidthProbe()
         examples = tuple(TRACING.example(s) for s in spec.inputs)
-        with torch.no_grad():
+        loading = contextlib.nullcontext() if self.stream is None else self.stream.loaded(module)
+        with torch.no_grad(), loading:
             module._layers(module._enter(examples), torch.arange(SAMPLE_SEQ), None, probe)
         widths = [(layer, *probe.widths[layer]) for layer in module.attention_layers]
-        return partitions.step_partition(spec, module, widths, max_seq, TRACING.axes)
+        return self._streamed(partitions.step_partition(spec, module, widths, max_seq, TRACING.axes))
 
     def gate(self, layer: int, task: str, keep: tuple[int, ...]) -> GraphPartition:
         self.task_index(task)
         self._check_keep({layer: keep})
         module = _Gate(self.spec, self.layers[self.moe_blocks[layer]], self._shared_mlp(layer) is not None)
         shared = bool(self._ir.moe_layers[layer].shared_experts)
-        return partitions.gate_partition(
-            task, layer, module, self._ir.segments[layer].outputs[1], TRACING, shared=shared
+        return self._streamed(
+            partitions.gate_partition(task, layer, module, self._ir.segments[layer].outputs[1], TRACING, shared=shared)
         )
 
     def head(self, task: str) -> GraphPartition:
@@ -596,7 +678,7 @@ class HFAdapter(ModelAdapter):
         lm_head = attr(self.model, self.spec.lm_head) if self.spec.lm_head else None
         scale = getattr(self.config, self.spec.logits_scale) if self.spec.logits_scale else None
         module = _Head(attr(self.backbone, self.spec.final_norm), lm_head, scale)
-        return partitions.head_partition(task, module, self._ir.segments[-1].outputs[0], TRACING)
+        return self._streamed(partitions.head_partition(task, module, self._ir.segments[-1].outputs[0], TRACING))
 
     def expert_kernel(self, layer: int) -> GraphPartition:
         spec = self._ir.moe_layers[layer].expert
@@ -612,35 +694,47 @@ class HFAdapter(ModelAdapter):
         name = f"expert_kernel_{self.spec.expert_layout}_{spec.activation}_{spec.d_model}x{spec.hidden}"
         return partitions.kernel_partition(name, module, spec, layer)
 
+    def _expert_param(self, layer: int):
+        """``get(name, rows)``: rows of the experts' parameter ``name`` (dotted, under the experts module).
+
+        From the module's own parameter, or in a streamed compile from the checkpoint (only those rows).
+        """
+        experts = attr(self._block(layer), self.spec.experts)
+        if self.stream is None:
+            return lambda name, rows=None: attr(experts, name) if rows is None else attr(experts, name)[rows]
+        prefix = self.stream.path(experts)
+        return lambda name, rows=None: self.stream.expert_slice(f"{prefix}.{name}", rows)
+
     def expert_weights(self, layer: int, expert: int) -> dict[str, np.ndarray]:
         experts = attr(self._block(layer), self.spec.experts)
+        get = self._expert_param(layer)
+        f32 = partitions.float32_array
         if self.spec.expert_layout == "stacked_swiglu":
             hidden = self._ir.moe_layers[layer].expert.hidden
-            gate_up = experts.gate_up_proj[expert]  # (2I, D): gate rows, then up rows (chunk(2) of the output)
+            gate_up = get("gate_up_proj", expert)  # (2I, D): gate rows, then up rows (chunk(2) of the output)
             return {
-                "w_gate": partitions.float32_array(gate_up[:hidden].T),
-                "w_up": partitions.float32_array(gate_up[hidden:].T),
-                "w_down": partitions.float32_array(experts.down_proj[expert].T),
+                "w_gate": f32(gate_up[:hidden].T),
+                "w_up": f32(gate_up[hidden:].T),
+                "w_down": f32(get("down_proj", expert).T),
             }
         if self.spec.expert_layout == "glu_rows":
             rows = slice(expert * experts.ffn_hidden_size, (expert + 1) * experts.ffn_hidden_size)
             return {
-                "w_gate": partitions.float32_array(experts.mlp.w1[rows].T),
-                "w_up": partitions.float32_array(experts.mlp.v1[rows].T),
-                "w_down": partitions.float32_array(experts.mlp.w2[rows]),
+                "w_gate": f32(get("mlp.w1", rows).T),
+                "w_up": f32(get("mlp.v1", rows).T),
+                "w_down": f32(get("mlp.w2", rows)),
             }
         if self.spec.expert_layout == "clamped_swiglu":
-            w, b = experts.gate_up_proj[expert], experts.gate_up_proj_bias[expert]  # (D, 2I), (2I,): interleaved
+            w, b = get("gate_up_proj", expert), get("gate_up_proj_bias", expert)  # (D, 2I), (2I,): interleaved
             return {
-                "w_gate": partitions.float32_array(w[:, ::2]),
-                "b_gate": partitions.float32_array(b[::2]),
-                "w_up": partitions.float32_array(w[:, 1::2]),
-                "b_up": partitions.float32_array(b[1::2]),
-                "w_down": partitions.float32_array(experts.down_proj[expert]),
-                "b_down": partitions.float32_array(experts.down_proj_bias[expert]),
+                "w_gate": f32(w[:, ::2]),
+                "b_gate": f32(b[::2]),
+                "w_up": f32(w[:, 1::2]),
+                "b_up": f32(b[1::2]),
+                "w_down": f32(get("down_proj", expert)),
+                "b_down": f32(get("down_proj_bias", expert)),
             }
-        e = experts[f"expert_{expert}"]
-        return {"w_in": partitions.float32_array(e.wi.weight.T), "w_out": partitions.float32_array(e.wo.weight.T)}
+        return {"w_in": f32(get(f"expert_{expert}.wi.weight").T), "w_out": f32(get(f"expert_{expert}.wo.weight").T)}
 
     def shared_kernel(self, layer: int) -> GraphPartition | None:
         spec = self._ir.moe_layers[layer].shared_expert
@@ -655,6 +749,12 @@ class HFAdapter(ModelAdapter):
         mlp = self._shared_mlp(layer)
         if mlp is None or index != 0:
             raise ModelError(f"MoE layer {layer} has no shared expert {index}")
+        if self.stream is not None:
+            with self.stream.loaded(mlp, whole=True):
+                return self._shared_arrays(layer, mlp)
+        return self._shared_arrays(layer, mlp)
+
+    def _shared_arrays(self, layer: int, mlp: nn.Module) -> dict[str, np.ndarray]:
         if self.spec.shared_layout == "concat_in_out":
             hidden = self._ir.moe_layers[layer].shared_expert.hidden
             w_in = mlp.input_linear.weight  # (2I, D): gate rows, then up rows (chunk(2) of the output)

@@ -55,8 +55,24 @@ def capture_model(cfg: CompileConfig) -> CapturedModel:
         entry = dataclasses.replace(entry, weights=cfg.weights, weights_format=cfg.weights_format)
     elif cfg.weights_format != "edgemoe":
         raise ConfigError(f"weights format {cfg.weights_format} needs a checkpoint (--weights)")
-    module, notes = entry.build_with_notes()
+    if cfg.stream and entry.weights_format != "hf":
+        raise ConfigError(
+            f"--stream reads a checkpoint folder (config.json + *.safetensors) tensor by tensor; {cfg.model} is not one"
+        )
+    module, notes = entry.build_with_notes(stream=cfg.stream)
     adapter = adapter_class(entry.family)(module)
+    stream = getattr(adapter, "stream", None)
+    if stream is not None:
+        if cfg.target != "onnx":
+            raise ConfigError(
+                f"a streamed compile (weights read per partition) emits target onnx, not {cfg.target}: "
+                "compile with --no-stream to load the whole model"
+            )
+        notes = [
+            *notes,
+            f"streamed: {stream.reader.nbytes / 2**30:.2f} GiB in {len(stream.reader.files)} file(s) stay on disk, "
+            "read per partition",
+        ]
     ir = adapter.ir
     tasks = cfg.tasks or ir.task_names
     unknown = [t for t in tasks if t not in ir.task_names]
@@ -74,6 +90,8 @@ def capture_model(cfg: CompileConfig) -> CapturedModel:
         "weights_format": entry.weights_format,
         "state_sha256": adapter.state_sha256(),
     }
+    if stream is not None:
+        source["stream"] = True
     if notes:
         source["weights_notes"] = notes
     return CapturedModel(adapter=adapter, ir=ir, tasks=ordered, source=source)
@@ -91,6 +109,7 @@ def capture_bundle_source(manifest: dict) -> CapturedModel:
             model=manifest["model"]["name"],
             weights=source.get("weights"),
             weights_format=source.get("weights_format", "edgemoe"),
+            stream=bool(source.get("stream")),
             tasks=tuple(manifest["tasks"]),
             model_family=source["family"],
             model_config=source["config"],

@@ -28,11 +28,13 @@ def check_finite_weights(captured: CapturedModel, allow: bool = False) -> list[s
     """
     import torch
 
-    bad = []
-    for name, p in captured.adapter.model.named_parameters():
+    found: dict[str, set[str]] = {}  # a streamed checkpoint hands large tensors over in pieces
+    for name, p in captured.adapter.named_weights():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            kinds = [k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if bool(f(p).any())]
-            bad.append(f"{name} ({'/'.join(kinds)})")
+            found.setdefault(name, set()).update(
+                k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if bool(f(p).any())
+            )
+    bad = [f"{name} ({'/'.join(k for k in ('NaN', 'Inf') if k in kinds)})" for name, kinds in found.items()]
     if bad and not allow:
         more = f" and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
         raise ModelError(

@@ -167,3 +167,44 @@ def load_folder(cls, cfg, folder: str):
         cfg.quantization_config = raw["quantization_config"]
     model = cls.from_pretrained(str(path), config=cfg, dtype=torch.float32, local_files_only=True)
     return model.eval()
+
+
+# Checkpoints larger than this compile streamed unless told otherwise (``--stream`` / ``--no-stream``).
+STREAM_ABOVE = 1 << 30
+
+
+def streams(folder: str, stream: bool | None) -> bool:
+    """Whether a compile of ``folder`` reads its weights per partition (None: when they exceed :data:`STREAM_ABOVE`)."""
+    if stream is not None:
+        return stream
+    return sum(f.stat().st_size for f in weight_files(Path(folder))) > STREAM_ABOVE
+
+
+def stream_folder(cls, cfg, folder: str):
+    """The library's model of ``cls`` with config ``cfg``, parameters on the meta device, weights left in ``folder``.
+
+    The model carries a :class:`~edgemoe.frontends.hf_stream.StreamedWeights` that reads them
+    tensor by tensor as the compile needs them.
+
+    Raises:
+        ModelError: The folder is broken, holds quantized weights, or its tensors do not map onto the model.
+    """
+    from accelerate import init_empty_weights
+
+    from ...frontends.hf_stream import STREAM_ATTR, StreamedWeights
+    from .stream import CheckpointReader
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise ModelError(f"checkpoint folder not found: {path}")
+    raw = json.loads((path / CONFIG).read_text()) if (path / CONFIG).is_file() else {}
+    if quant_method(raw, path / CONFIG) is not None:
+        raise ModelError(
+            f"{path} holds quantized ({raw['quantization_config'].get('quant_method')}) weights, which transformers "
+            "dequantizes as it loads the whole model: compile it with --no-stream"
+        )
+    reader = CheckpointReader(path)
+    with init_empty_weights(include_buffers=False):
+        model = cls(cfg)
+    setattr(model, STREAM_ATTR, StreamedWeights(model.eval(), reader))
+    return model

@@ -173,17 +173,19 @@ def param_count(config: dict) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build(config: dict, folder: str | None = None):
+def build(config: dict, folder: str | None = None, stream: bool = False):
     """Build the transformers module (float32, eval mode) from a config dict.
 
     Args:
         config: The family config.
         folder: A checkpoint folder (:mod:`.checkpoint`) whose weights the library loads; None:
             seeded random weights.
+        stream: With ``folder``: leave the weights in the folder, read per partition
+            (:func:`.checkpoint.stream_folder`).
     """
     import torch
 
-    from .checkpoint import load_folder
+    from .checkpoint import load_folder, stream_folder
 
     full = normalize(config)
     arch = full["arch"]
@@ -193,7 +195,7 @@ def build(config: dict, folder: str | None = None):
     torch.manual_seed(full["seed"])
     try:
         if folder is not None:
-            model = load_folder(cls, cfg, folder)
+            model = (stream_folder if stream else load_folder)(cls, cfg, folder)
         else:
             with torch.device("cpu"):
                 model = cls(cfg).to(torch.float32).eval()

@@ -118,3 +118,83 @@ def graph_files(root: Path, path: Path) -> dict:
     if locations != [data_file(path).name]:
         raise TargetError(f"target onnx: graph {path.name} reads external data from {locations}, not its data file")
     return {**record, "external_data": [file_record(root, data_file(path))]}
+
+
+def attach_weights(path: Path, weights: dict, inputs: tuple[str, ...]) -> None:
+    """Turn the weight inputs of an exported graph into initializers, written into its data file.
+
+    A streamed compile exports a partition with its large weights as graph inputs (named after the
+    module's parameters); each is written here from its tensor straight into :func:`data_file`, so
+    the weights never exist as a second copy in a protobuf message. A weight the graph only
+    transposes (``x @ W.T`` of a linear layer) is written transposed, in blocks, and the Transpose
+    node goes, as the exporter's constant folding would have done.
+
+    Args:
+        path: The exported graph.
+        weights: Tensors by input name (torch tensors, on the CPU).
+        inputs: The partition's own inputs (kept as graph inputs).
+
+    Raises:
+        TargetError: A weight input has no tensor.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    params = [i.name for i in graph.input if i.name not in inputs]
+    data = data_file(path)
+    data.unlink(missing_ok=True)
+    written = 0
+    with data.open("wb") as fh:
+
+        def put(name: str, t, transposed: bool) -> None:
+            nonlocal written
+            shape = tuple(reversed(t.shape)) if transposed else tuple(t.shape)
+            dtype = helper.np_dtype_to_tensor_dtype(t.detach()[:0].numpy().dtype)
+            tensor = onnx.TensorProto(name=name, data_type=dtype, dims=shape)
+            pad = -fh.tell() % 4096  # page-aligned, as onnx's own writer places large tensors
+            fh.write(b"\0" * pad)
+            offset = fh.tell()
+            if transposed:  # column blocks of t, each written as rows of t.T
+                step = max(1, (1 << 24) // max(1, t.shape[0] * t.element_size()))
+                for j in range(0, t.shape[1], step):
+                    t[:, j : j + step].T.contiguous().numpy().tofile(fh)
+            else:
+                t.detach().contiguous().numpy().tofile(fh)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(fh.tell() - offset))):
+                tensor.external_data.add(key=key, value=value)
+            graph.initializer.append(tensor)
+            written += 1
+
+        for name in params:
+            t = weights.get(name)
+            if t is None:
+                raise TargetError(
+                    f"target onnx: graph {path.name} takes weight '{name}', which the module does not hold"
+                )
+            t = t.detach()
+            uses = [n for n in graph.node if name in n.input]
+            folded = [n for n in uses if t.dim() == 2 and _transposes_2d(n)]
+            for node in folded:
+                put(node.output[0], t, transposed=True)
+                graph.node.remove(node)
+            if len(folded) < len(uses):
+                put(name, t, transposed=False)
+    kept = [i for i in graph.input if i.name in inputs]
+    del graph.input[:]
+    graph.input.extend(kept)
+    if not written:
+        data.unlink()
+    onnx.save_model(model, str(path))
+
+
+def _transposes_2d(node) -> bool:
+    """Whether ``node`` is a Transpose swapping the two axes of a matrix."""
+    from onnx import helper
+
+    if node.op_type != "Transpose":
+        return False
+    perm = [list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"]
+    return not perm or perm[0] == [1, 0]

@@ -17,7 +17,7 @@ from ...devices import DeviceProfile
 from ...errors import TargetError
 from ...frontends import GraphPartition
 from ..base import Target, check_against_torch
-from .external import graph_files, normalize_graph
+from .external import attach_weights, graph_files, normalize_graph
 
 # Exported graphs must reproduce the torch partition to within atol + rtol * |torch| (fp32).
 
@@ -28,6 +28,31 @@ from .external import graph_files, normalize_graph
 # CPU (int8 expert kernel off by up to 0.08; int8-dynamic cosine 0.979), and a bundle may run on
 # any x86 host.
 INT8_WEIGHT_MAX = 63
+
+
+def _weights_as_inputs(module, names: tuple[str, ...]):
+    """A module running ``module`` with its weights ``names`` passed as trailing arguments (for export)."""
+    import torch
+
+    class WeightsAsInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, *args):
+            # Swapped in by hand: torch.func.functional_call refuses to run under the tracer.
+            n = len(args) - len(names)
+            slots = [(module.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]) for name in names]
+            kept = [owner._parameters[leaf] for owner, leaf in slots]
+            try:
+                for (owner, leaf), value in zip(slots, args[n:], strict=True):
+                    owner._parameters[leaf] = value
+                return self.inner(*args[:n])
+            finally:
+                for (owner, leaf), value in zip(slots, kept, strict=True):
+                    owner._parameters[leaf] = value
+
+    return WeightsAsInputs().eval()
 
 
 class OnnxTarget(Target):
@@ -65,25 +90,41 @@ class OnnxTarget(Target):
         # children (BatchNorm in the conv stem) to training mode after export, and the numeric check
         # would then compare against batch statistics.
         part.module.eval()
-        with warnings.catch_warnings(), torch.no_grad():
+        # In a streamed compile the partition's weights are in memory only for torch's outputs and
+        # the export; the checks below read the written graph.
+        streamed = part.weights is not None
+        with part.loaded(), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
+            want = part.module(*part.example_inputs)
+            module, args, names, weights = part.module, part.example_inputs, list(part.input_names), {}
+            if streamed:
+                # A streamed compile's weights go to the data file tensor by tensor (attach_weights),
+                # not through the exporter: traced as parameters, each is copied while the graph is
+                # built (shape inference evaluates ops on them), as graph inputs it is not.
+                weights = {n: p for n, p in module.named_parameters() if p.numel() * p.element_size() >= 1024}
+                module = _weights_as_inputs(module, tuple(weights))
+                args, names = (*args, *weights.values()), [*names, *weights]
             torch.onnx.export(
-                part.module,
-                part.example_inputs,
+                module,
+                args,
                 str(path),
-                input_names=list(part.input_names),
+                input_names=names,
                 output_names=list(part.output_names),
                 dynamic_axes=part.dynamic_axes,
                 opset_version=cfg.opset,
                 do_constant_folding=True,
                 dynamo=False,
             )
-        normalize_graph(path)  # a large graph's weights into its one listed data file
+            if streamed:
+                attach_weights(path, weights, part.input_names)
+                del weights, module, args
+        if not streamed:
+            normalize_graph(path)  # a large graph's weights into its one listed data file
         try:
             onnx.checker.check_model(str(path), full_check=True)
         except onnx.checker.ValidationError as exc:
             raise TargetError(f"target onnx: graph {part.name} fails onnx.checker: {exc}") from None
-        self._check_numerics(part, path)
+        self._check_numerics(part, path, want)
         return path
 
     def quantize_graph(self, path: Path, scheme: str, feeds: list, quant) -> None:
@@ -112,15 +153,17 @@ class OnnxTarget(Target):
         graph = onnx.load(str(path), load_external_data=False).graph
         return [i.name for i in graph.input], [o.name for o in graph.output]
 
-    def _check_numerics(self, part: GraphPartition, path: Path) -> None:
-        """Run the graph in onnxruntime and compare with the torch module on the example inputs."""
+    def _check_numerics(self, part: GraphPartition, path: Path, want) -> None:
+        """Run the graph in onnxruntime and compare with the torch module's outputs ``want`` on the example inputs."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # One run on the example inputs: packing the weights for faster matmuls would only hold a second copy.
+        opts.add_session_config_entry("session.disable_prepacking", "1")
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         feeds = {n: t.numpy() for n, t in zip(part.input_names, part.example_inputs, strict=True)}
-        check_against_torch("onnx", part, sess.run(list(part.output_names), feeds))
+        check_against_torch("onnx", part, sess.run(list(part.output_names), feeds), want)
 
 
 TARGET = OnnxTarget()

@@ -1,0 +1,158 @@
+"""Tensor-by-tensor reads of a checkpoint folder's safetensors shards.
+
+A safetensors file is an 8-byte header length, a JSON header (name -> dtype, shape, byte range)
+and the tensors' bytes. :class:`CheckpointReader` reads one tensor (or the rows ``[i]`` of one)
+with plain file reads into a fresh buffer: no memory map stays open, so the pages of tensors
+already used do not count against the process (a mapped 2 GB file touched end to end would).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import ModelError
+from .checkpoint import weight_files
+
+# safetensors dtype names -> torch dtype attribute names (float8 / int4 checkpoints are not read).
+_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+_PIECE = 1 << 24  # bytes read per piece when widening
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset of the tensor in the file
+    end: int
+
+
+class CheckpointReader:
+    """The tensors of a checkpoint folder (one ``model.safetensors`` or the index's shards), read on demand.
+
+    Raises:
+        ModelError: A broken folder (see :func:`~.checkpoint.weight_files`) or a tensor of a dtype
+            edgemoe does not read.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.files = weight_files(self.folder)  # checked: present, headers whole, sizes match
+        self._entries: dict[str, _Entry] = {}
+        for path in self.files:
+            with path.open("rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            for name, v in header.items():
+                if name == "__metadata__":
+                    continue
+                lo, hi = (int(x) for x in v["data_offsets"])
+                self._entries[name] = _Entry(
+                    path, v["dtype"], tuple(int(d) for d in v["shape"]), 8 + n + lo, 8 + n + hi
+                )
+
+    @property
+    def keys(self) -> list[str]:
+        """Every tensor name, sorted."""
+        return sorted(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all tensors."""
+        return sum(e.end - e.start for e in self._entries.values())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key].shape
+
+    def nbytes_of(self, key: str) -> int:
+        e = self._entries[key]
+        return e.end - e.start
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def read(self, key: str, index: int | slice | None = None, dtype=None):
+        """Tensor ``key`` (only ``[index]`` of its first dimension, if given) in a buffer of its own.
+
+        Args:
+            key: The tensor's name.
+            index: Rows of the first dimension to read (None: all).
+            dtype: The torch dtype to return (None: as stored). A wider one is filled piece by
+                piece, so a bf16 table widened to fp32 never has both copies whole in memory.
+
+        Raises:
+            ModelError: No such tensor, an index out of range, or a dtype edgemoe does not read.
+        """
+        import torch
+
+        entry = self._entries.get(key)
+        if entry is None:
+            raise ModelError(f"{self.folder}: the checkpoint has no tensor '{key}'")
+        name = _DTYPES.get(entry.dtype)
+        if name is None:
+            raise ModelError(f"{entry.path}: tensor '{key}' is {entry.dtype}, a dtype edgemoe does not read")
+        stored = getattr(torch, name)
+        shape, start, end = entry.shape, entry.start, entry.end
+        if index is not None:
+            lo, hi = (index.start, index.stop) if isinstance(index, slice) else (index, index + 1)
+            if not shape or index == slice(None) or not 0 <= lo < hi <= shape[0] or getattr(index, "step", None):
+                raise ModelError(f"{entry.path}: tensor '{key}' {list(shape)} has no rows {index}")
+            row = (end - start) // shape[0]
+            start, end = start + lo * row, start + hi * row
+            shape = (hi - lo, *shape[1:]) if isinstance(index, slice) else shape[1:]
+        # Read straight into a tensor's own storage (a tensor made with frombuffer would not keep a
+        # Python buffer alive), widening piece by piece where asked.
+        out = torch.empty(shape, dtype=dtype or stored)
+        flat = out.view(-1)
+        size = stored.itemsize
+        piece = torch.empty(_PIECE // size if out.dtype != stored else 0, dtype=stored)
+        with entry.path.open("rb") as fh:
+            fh.seek(start)
+            done = 0
+            while done < flat.numel():
+                if out.dtype == stored:  # the whole tensor at once, into its own bytes
+                    view, n = flat.view(torch.uint8), flat.numel()
+                else:
+                    n = min(piece.numel(), flat.numel() - done)
+                    view = piece[:n].view(torch.uint8)
+                if fh.readinto(view.numpy()) != n * size:
+                    raise ModelError(f"{entry.path}: tensor '{key}' ends early (truncated file)")
+                if out.dtype != stored:
+                    flat[done : done + n] = piece[:n]
+                done += n
+        return out
+
+    def digest(self) -> str:
+        """sha256 over every tensor's name and stored bytes, in name order (read in 16 MiB pieces)."""
+        h = hashlib.sha256()
+        for key in self.keys:
+            e = self._entries[key]
+            h.update(key.encode())
+            h.update(f"{e.dtype}{list(e.shape)}".encode())
+            with e.path.open("rb") as fh:
+                fh.seek(e.start)
+                left = e.end - e.start
+                while left:
+                    chunk = fh.read(min(left, 1 << 24))
+                    if not chunk:
+                        raise ModelError(f"{e.path}: tensor '{key}' ends early (truncated file)")
+                    h.update(chunk)
+                    left -= len(chunk)
+        return h.hexdigest()
