@@ -93,18 +93,25 @@ def write_checkpoint(folder: Path, cfg: dict, tensors: list[tuple[str, tuple[int
     return total
 
 
+# The child reports VmHWM, the peak RSS of its own address space: getrusage's ru_maxrss would also
+# count the parent's pages the child shared between fork and exec (a test runner's whole heap).
 _CHILD = """
-import resource, sys
+import sys
 from edgemoe.cli import cli
 try:
     cli(sys.argv[2:], prog_name="edgemoe")
 finally:
-    print(f"maxrss_kib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=open(sys.argv[1], "w"))
+    with open("/proc/self/status") as status:
+        hwm = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    print(f"hwm_kib={hwm}", file=open(sys.argv[1], "w"))
 """
 
 
 def compile_peak_rss(folder: Path, out: Path, *args: str) -> tuple[int, str]:
-    """``edgemoe compile FOLDER -o OUT ARGS`` in a child process: (its peak RSS in bytes, its stderr)."""
+    """``edgemoe compile FOLDER -o OUT ARGS`` in a child process: (its peak RSS in bytes, its stderr).
+
+    Linux only (``/proc/self/status``).
+    """
     import subprocess
 
     report = out.parent / f"{out.name}.rss"

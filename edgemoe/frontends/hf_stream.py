@@ -51,8 +51,9 @@ class StreamedWeights:
         reader: The checkpoint folder's tensors (:class:`models.hf.stream.CheckpointReader`).
 
     Raises:
-        ModelError: A checkpoint tensor maps to no parameter, a parameter has no checkpoint tensor,
-            or the library merges expert tensors in a way a streamed read does not rebuild.
+        ModelError: A parameter has no checkpoint tensor, or the library merges expert tensors in a
+            way a streamed read does not rebuild (checkpoint tensors no parameter takes are
+            ignored, as the library's loader ignores them).
     """
 
     def __init__(self, model: nn.Module, reader):
