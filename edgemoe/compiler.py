@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .bundle.staging import discard
+from .bundle.staging import discard_on_failure
 from .config import CompileConfig
 from .passes import (
     calibrate_activations,
@@ -81,7 +81,8 @@ def run_stages(
         raise ConfigError(f"no compile stage named '{until}' (stages: {', '.join(names)})")
     if dump_dir is not None:
         dump_dir.mkdir(parents=True, exist_ok=True)
-    try:
+    # A failing stage takes the staged bundle with it (the output is never half-written).
+    with discard_on_failure(state.out, lambda: state.staging):
         for i, stage in enumerate(stages):
             ran = stage.applies(cfg)
             start = time.perf_counter()
@@ -101,13 +102,6 @@ def run_stages(
                     (dump_dir / f"{i:02d}-{stage.name}.json").write_text(text)
             if stage.name == until:
                 break
-    except BaseException as exc:
-        if state.staging is None:
-            raise
-        err = discard(state.staging, state.out, exc)
-        if err is exc:
-            raise
-        raise err from None
     return state
 
 

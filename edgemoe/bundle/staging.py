@@ -8,11 +8,12 @@ build to the same path. An existing output is replaced only if it is of the same
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,25 @@ def discard(staging: Path | None, out: Path, exc: BaseException, kind: OutputKin
     if isinstance(exc, OSError) and (exc.errno in _STORAGE_ERRNOS or _inside(exc.filename, out.parent)):
         return OutputPathError(f"cannot write the {kind.name} at {out}: {os_reason(exc)}")
     return exc
+
+
+@contextlib.contextmanager
+def discard_on_failure(out: Path, staging: Callable[[], Path | None], kind: OutputKind = BUNDLE) -> Iterator[None]:
+    """Inside: a build of ``out`` in the folder ``staging()`` returns (None: not opened yet).
+
+    On any exception the staging folder is removed (:func:`discard`) and the error re-raised, a
+    storage failure of the output as an :class:`~edgemoe.errors.OutputPathError` saying where.
+    """
+    try:
+        yield
+    except BaseException as exc:
+        folder = staging()
+        if folder is None:
+            raise
+        err = discard(folder, out, exc, kind)
+        if err is exc:
+            raise
+        raise err from None
 
 
 def remove_stale_staging(out: Path, kind: OutputKind = BUNDLE) -> list[Path]:

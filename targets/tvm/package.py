@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ...bundle.format import MANIFEST, read_manifest
-from ...bundle.staging import OutputKind, check_output_path, discard, install, open_staging
+from ...bundle.staging import OutputKind, check_output_path, discard_on_failure, install, open_staging
 from ...devices import get_device
 from ...errors import (
     BundleError,
@@ -107,7 +107,7 @@ def package_bundle(bundle: str | Path, device: str, out: str | Path, progress: P
     libs, system, infos = runtime_libraries(binary, arch)
 
     staging = open_staging(out, PACKAGE)
-    try:
+    with discard_on_failure(out, lambda: staging, PACKAGE):
         progress(f"copy {bundle} (checking every file against its manifest sha256)")
         files, bundle_bytes, unlisted = copy_bundle(bundle, staging / "bundle", manifest)
         progress(f"add edgemoe-rt ({binary}) and {', '.join(p.name for p in libs)}")
@@ -156,11 +156,6 @@ def package_bundle(bundle: str | Path, device: str, out: str | Path, progress: P
         summary["sizes"] = {**parts, "total": sum(parts.values())}
         (staging / PACKAGE_FILE).write_text(json.dumps(summary, indent=1) + "\n")
         install(staging, out, PACKAGE)
-    except BaseException as exc:
-        err = discard(staging, out, exc, PACKAGE)
-        if err is exc:
-            raise
-        raise err from None
     progress(f"package written to {out}")
     return {"package": str(out), **summary}
 
