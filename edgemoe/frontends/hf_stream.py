@@ -67,6 +67,7 @@ class StreamedWeights:
         )
 
         self.model, self.reader = model, reader
+        self._names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
         mapping = get_model_conversion_mapping(model)
         renamings = [t for t in mapping if not isinstance(t, WeightConverter)]
         converters = [t for t in mapping if isinstance(t, WeightConverter)]
@@ -182,7 +183,11 @@ class StreamedWeights:
 
     def path(self, module: nn.Module) -> str:
         """The dotted name of ``module`` in the model."""
-        return next(n for n, m in self.model.named_modules(remove_duplicate=False) if m is module)
+        return self._names[id(module)]
+
+    def _prefix(self, module: nn.Module) -> str:
+        name = self._names.get(id(module))
+        return f"{name}." if name else ""
 
     @contextlib.contextmanager
     def loaded(self, module: nn.Module, examples: tuple | None = None, whole: bool = False):
@@ -194,19 +199,18 @@ class StreamedWeights:
         with ``whole``, every parameter under ``module`` is read up front. Everything read is
         dropped again on exit.
         """
-        names = {id(m): n for n, m in self.model.named_modules(remove_duplicate=False)}
         done: list[tuple[nn.Module, str]] = []
         if whole:
             for m in module.modules():
-                done += self._load(m, f"{names[id(m)]}." if names.get(id(m)) else "")
+                done += self._load(m, self._prefix(m))
 
         def read(mod, _args):
-            done.extend(self._load(mod, f"{names[id(mod)]}." if names.get(id(mod)) else ""))
+            done.extend(self._load(mod, self._prefix(mod)))
 
         hooks = [
             m.register_forward_pre_hook(read)
             for m in module.modules()
-            if id(m) in names and any(p is not None and p.is_meta for p in m._parameters.values())
+            if id(m) in self._names and any(p is not None and p.is_meta for p in m._parameters.values())
         ]
         detached: list[tuple[nn.Module, str, nn.Parameter]] = []
         try:

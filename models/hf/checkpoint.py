@@ -62,7 +62,12 @@ def folder_config(folder: Path) -> dict:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The folder's safetensors files, each checked against its own header.
+    """The folder's safetensors files, each checked against its own header (see :func:`weight_headers`)."""
+    return list(weight_headers(folder))
+
+
+def weight_headers(folder: Path) -> dict[Path, tuple[int, dict]]:
+    """The folder's safetensors files, each checked against its own header, with (data start, header).
 
     Raises:
         ModelError: No safetensors file, a shard listed in the index but missing, or a file that is
@@ -87,13 +92,15 @@ def weight_files(folder: Path) -> list[Path]:
             bins = sorted(p.name for p in folder.glob("*.bin"))
             extra = f" ({', '.join(bins[:3])} are pickle files, which edgemoe does not unpickle)" if bins else ""
             raise ModelError(f"{folder}: no *.safetensors weights{extra}")
-    for f in files:
-        _check_safetensors(f)
-    return files
+    return {f: _check_safetensors(f) for f in files}
 
 
-def _check_safetensors(path: Path) -> None:
-    """A safetensors file is an 8-byte header length, a JSON header, then exactly the tensors' bytes."""
+def _check_safetensors(path: Path) -> tuple[int, dict]:
+    """A safetensors file is an 8-byte header length, a JSON header, then exactly the tensors' bytes.
+
+    Returns:
+        The offset of the tensors' bytes and the header (tensor name -> dtype, shape, data offsets).
+    """
     size = path.stat().st_size
     try:
         with path.open("rb") as fh:
@@ -113,6 +120,7 @@ def _check_safetensors(path: Path) -> None:
             f"{path} is {what}: its header places {end} bytes of tensors after {8 + n} header bytes, the file "
             f"has {size} bytes (copy or download it again)"
         )
+    return 8 + n, header
 
 
 # Quantized checkpoints the library dequantizes offline, by arch: GPT-OSS's MXFP4 experts (FP4 values
@@ -142,6 +150,18 @@ def quant_method(raw: dict, path: Path) -> str | None:
     return method
 
 
+def _folder(folder: str) -> tuple[Path, dict]:
+    """A checkpoint folder's path and its config.json (empty if absent: the caller had it checked).
+
+    Raises:
+        ModelError: No such folder.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise ModelError(f"checkpoint folder not found: {path}")
+    return path, json.loads((path / CONFIG).read_text()) if (path / CONFIG).is_file() else {}
+
+
 def load_folder(cls, cfg, folder: str):
     """The library's model of ``cls`` with config ``cfg`` and the folder's weights, float32, eval mode.
 
@@ -150,11 +170,8 @@ def load_folder(cls, cfg, folder: str):
     """
     import torch
 
-    path = Path(folder)
-    if not path.is_dir():
-        raise ModelError(f"checkpoint folder not found: {path}")
+    path, raw = _folder(folder)
     weight_files(path)
-    raw = json.loads((path / CONFIG).read_text()) if (path / CONFIG).is_file() else {}
     if quant_method(raw, path / CONFIG) is not None:
         # The library dequantizes on load when the config carries the checkpoint's quantization (on a
         # CPU it widens the MXFP4 blocks to the parameters' dtype); it needs accelerate for that.
@@ -194,10 +211,7 @@ def stream_folder(cls, cfg, folder: str):
     from ...frontends.hf_stream import STREAM_ATTR, StreamedWeights
     from .stream import CheckpointReader
 
-    path = Path(folder)
-    if not path.is_dir():
-        raise ModelError(f"checkpoint folder not found: {path}")
-    raw = json.loads((path / CONFIG).read_text()) if (path / CONFIG).is_file() else {}
+    path, raw = _folder(folder)
     if quant_method(raw, path / CONFIG) is not None:
         raise ModelError(
             f"{path} holds quantized ({raw['quantization_config'].get('quant_method')}) weights, which transformers "

@@ -9,13 +9,11 @@ already used do not count against the process (a mapped 2 GB file touched end to
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import ModelError
-from .checkpoint import weight_files
+from .checkpoint import weight_headers
 
 # safetensors dtype names -> torch dtype attribute names (float8 / int4 checkpoints are not read).
 _DTYPES = {
@@ -48,25 +46,21 @@ class CheckpointReader:
     """The tensors of a checkpoint folder (one ``model.safetensors`` or the index's shards), read on demand.
 
     Raises:
-        ModelError: A broken folder (see :func:`~.checkpoint.weight_files`) or a tensor of a dtype
+        ModelError: A broken folder (see :func:`~.checkpoint.weight_headers`) or a tensor of a dtype
             edgemoe does not read.
     """
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.files = weight_files(self.folder)  # checked: present, headers whole, sizes match
+        headers = weight_headers(self.folder)  # checked: present, headers whole, sizes match
+        self.files = list(headers)
         self._entries: dict[str, _Entry] = {}
-        for path in self.files:
-            with path.open("rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
+        for path, (data, header) in headers.items():
             for name, v in header.items():
                 if name == "__metadata__":
                     continue
                 lo, hi = (int(x) for x in v["data_offsets"])
-                self._entries[name] = _Entry(
-                    path, v["dtype"], tuple(int(d) for d in v["shape"]), 8 + n + lo, 8 + n + hi
-                )
+                self._entries[name] = _Entry(path, v["dtype"], tuple(int(d) for d in v["shape"]), data + lo, data + hi)
 
     @property
     def keys(self) -> list[str]:

@@ -25,7 +25,7 @@ THRESHOLD_ENV = "EDGEMOE_ONNX_EXTERNAL_DATA"
 
 # Tensors below this stay inside the graph even when it has a data file (onnx's own default): shapes
 # and scalars are read while the graph is optimized, and one read each from a file buys nothing.
-_TENSOR_MIN_BYTES = 1024
+TENSOR_MIN_BYTES = 1024
 
 
 def external_data_threshold() -> int:
@@ -68,7 +68,7 @@ def save_graph(model, path: Path) -> None:
             save_as_external_data=True,
             all_tensors_to_one_file=True,
             location=data.name,
-            size_threshold=_TENSOR_MIN_BYTES,
+            size_threshold=TENSOR_MIN_BYTES,
             convert_attribute=True,
         )
         if data.exists():  # onnx creates it private (0600); a bundle's files are as readable as the graph

@@ -17,7 +17,7 @@ from ...devices import DeviceProfile
 from ...errors import TargetError
 from ...frontends import GraphPartition
 from ..base import Target, check_against_torch
-from .external import attach_weights, graph_files, normalize_graph
+from .external import TENSOR_MIN_BYTES, attach_weights, graph_files, normalize_graph
 
 # Exported graphs must reproduce the torch partition to within atol + rtol * |torch| (fp32).
 
@@ -101,7 +101,9 @@ class OnnxTarget(Target):
                 # A streamed compile's weights go to the data file tensor by tensor (attach_weights),
                 # not through the exporter: traced as parameters, each is copied while the graph is
                 # built (shape inference evaluates ops on them), as graph inputs it is not.
-                weights = {n: p for n, p in module.named_parameters() if p.numel() * p.element_size() >= 1024}
+                weights = {
+                    n: p for n, p in module.named_parameters() if p.numel() * p.element_size() >= TENSOR_MIN_BYTES
+                }
                 module = _weights_as_inputs(module, tuple(weights))
                 args, names = (*args, *weights.values()), [*names, *weights]
             torch.onnx.export(
