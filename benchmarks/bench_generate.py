@@ -323,13 +323,52 @@ def main() -> None:
                 "rounds": rounds,
                 "rows": rows,
             }
+    _plot(results, args.out / "results" / f"{NAME}.png")
     write_results(args.out, NAME, "Generation under an expert budget (bench_generate)", results, _markdown(results))
+
+
+KINDS = {  # configuration -> legend label
+    "accelerate": "(b) transformers + accelerate offload",
+    "edgemoe-lru": "(c) edgemoe LRU on demand",
+    "edgemoe-planned": "(d) edgemoe planned + prefetch",
+    "edgemoe-planned-noprefetch": "(d) without prefetch",
+}
+
+
+def _plot(results: dict, path: Path) -> None:
+    """Decode tok/s against the expert budget, one panel per model (log scale: the configurations differ 10x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = results["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, (model, data) in zip(axes[0], models.items(), strict=True):
+        rows = data["rows"]
+        for kind, label in KINDS.items():
+            pts = [(b, rows[f"{kind}@{b}"]["decode_tok_s"]) for b in BUDGETS if f"{kind}@{b}" in rows]
+            ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=label)
+        full = rows["transformers@100"]["decode_tok_s"]
+        ax.axhline(full, color="grey", ls="--", label="(a) transformers, all resident")
+        ax.set(xlabel="expert budget, % of routed-expert bytes", ylabel="decode tok/s", yscale="log", title=model)
+        ax.set_xticks(BUDGETS)
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Greedy decoding, expert loads throttled to {results['device']} ({results['load_gbs']} GB/s)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _markdown(results: dict) -> str:
     parts = [
         f"Greedy decoding, expert loads throttled to {results['device']} ({results['load_gbs']} GB/s); "
         "medians over warm prompts and rounds; every configuration in its own process.",
+        "",
+        f"![decode tok/s against the expert budget](results/{NAME}.png)",
         "",
     ]
     for model, data in results["models"].items():

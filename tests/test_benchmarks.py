@@ -56,3 +56,25 @@ def test_bench_runtime_compares_runners_on_the_same_outputs(tmp_path):
     assert 0 < weights["edgemoe"] < weights["torch"]
     assert all(result["rss_bytes"][r]["rss_load"] > 0 for r in ("edgemoe", "torch", "onnx"))
     assert "vs PyTorch" in md
+
+
+def test_bench_generate_decodes_the_same_tokens_every_way_within_the_budget(tmp_path):
+    pytest.importorskip("accelerate")
+    result, md = _run("bench_generate", tmp_path)
+    (data,) = result["models"].values()
+    rows = data["rows"]
+    assert set(rows) == {"transformers@100"} | {
+        f"{kind}@{b}"
+        for b in (100, 50, 25)
+        for kind in ("accelerate", "edgemoe-lru", "edgemoe-planned", "edgemoe-planned-noprefetch")
+    }
+    for key, row in rows.items():
+        # greedy decoding: every configuration gives transformers' tokens, whatever it keeps resident
+        assert row["same_tokens"] and row["decode_tok_s"] > 0 and row["peak_rss_mib"] > 0, key
+        if key.startswith("edgemoe"):
+            assert 0 < row["peak_expert_bytes"] <= row["budget_bytes"], key
+    # below 100 % accelerate really offloads, and edgemoe's budget shrinks with the percentage
+    assert rows["accelerate@25"]["offloaded_bytes"] > 0
+    assert rows["edgemoe-lru@25"]["budget_bytes"] < rows["edgemoe-lru@50"]["budget_bytes"]
+    assert (tmp_path / "results" / "bench_generate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "bench_generate.png" in md and "vs LRU" in md

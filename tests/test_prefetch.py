@@ -12,7 +12,7 @@ import pytest
 from edgemoe.bundle.format import read_manifest, sample_input
 from edgemoe.errors import ConfigError
 from edgemoe.runtime import Session
-from edgemoe.runtime.expert_cache import ExpertCache
+from edgemoe.runtime.expert_cache import ExpertCache, wait_until
 from edgemoe.schedule import plan_bundle
 from edgemoe.swap import CacheBook, make_policy
 from edgemoe.swap.predict import Affinity, Static, lookahead
@@ -98,6 +98,15 @@ def test_throttled_prefetches_queue_on_one_channel_and_demand_loads_go_first():
     st = cache.book
     assert st.hits == 3 and st.misses == 1 and cache.prefetch_used == 3
     cache.close()
+
+
+def test_wait_until_never_returns_early():
+    # the throttle's promise: a load is never usable before its slot ends, short slots and long
+    for left in (0.0, 20e-6, 100e-6, 400e-6, 3e-3):
+        deadline = time.perf_counter() + left
+        wait_until(deadline)
+        assert time.perf_counter() >= deadline
+    wait_until(time.perf_counter() - 1.0)  # a deadline already past returns at once
 
 
 def test_loads_reuse_the_memory_of_the_expert_they_replace():
