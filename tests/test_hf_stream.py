@@ -19,6 +19,7 @@ from edgemoe.compiler import compile_model
 from edgemoe.config import CompileConfig
 from edgemoe.errors import ConfigError, ModelError
 from edgemoe.models import resolve_model
+from edgemoe.models.hf.stream import CheckpointReader
 from edgemoe.runtime import Session
 from tests.big_checkpoint import OLMOE_1B_7B, compile_peak_rss, olmoe_tensors, write_checkpoint
 
@@ -140,3 +141,24 @@ def test_a_multi_gb_checkpoint_compiles_in_under_half_its_size(tmp_path):
         assert np.array_equal(blob[: d * i].reshape(d, i), want.numpy())
     finally:
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_non_finite_tensors_of_a_streamed_checkpoint_are_refused_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _save("hf-olmoe-micro", tmp_path / "ckpt", torch.bfloat16)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    nan_key = "model.layers.1.mlp.experts.2.down_proj.weight"
+    inf_key = next(k for k in index if k.endswith("self_attn.q_proj.weight"))
+    for key, value in ((nan_key, float("nan")), (inf_key, float("-inf"))):
+        shard = folder / index[key]
+        tensors = load_file(shard)
+        tensors[key].view(-1)[3] = value
+        save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="non-finite weights in") as err:
+        compile_model(CompileConfig(model=str(folder), stream=True, max_seq=32), tmp_path / "out")
+    assert f"{nan_key} (NaN)" in str(err.value) and f"{inf_key} (Inf)" in str(err.value)
+    assert not (tmp_path / "out").exists()
+    # one read of the shards found both (the same pass gives the bundle's state_sha256)
+    scan = CheckpointReader(folder).scan()
+    assert scan.nonfinite == {nan_key: ("NaN",), inf_key: ("Inf",)} and len(scan.digest) == 64

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -78,9 +78,15 @@ class ModelAdapter(abc.ABC):
             raise TaskError(f"unknown task '{task}'{did_you_mean(task, names)} (model has: {', '.join(names)})")
         return names.index(task)
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every weight tensor by name (default: ``self.model``'s parameters), for the finite check."""
-        return self.model.named_parameters()
+    def nonfinite_weights(self) -> dict[str, tuple[str, ...]]:
+        """Weights holding NaN or Inf, by name: which of the two (default: ``self.model``'s parameters)."""
+        import torch
+
+        found = {}
+        for name, p in self.model.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                found[name] = tuple(k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if bool(f(p).any()))
+        return found
 
     def state_sha256(self) -> str:
         """Digest of the model's weights, so a bundle can be matched to its source later.

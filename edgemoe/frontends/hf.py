@@ -620,10 +620,10 @@ class HFAdapter(ModelAdapter):
         """The torch state's digest; in a streamed compile, the checkpoint's (tensor names and stored bytes)."""
         return super().state_sha256() if self.stream is None else self.stream.reader.digest()
 
-    def named_weights(self):
+    def nonfinite_weights(self) -> dict[str, tuple[str, ...]]:
         if self.stream is None:
-            return super().named_weights()
-        return self.stream.named_tensors()
+            return super().nonfinite_weights()
+        return self.stream.reader.scan().nonfinite  # the pass that computed the digest found them
 
     def _streamed(self, part: GraphPartition) -> GraphPartition:
         """``part``, reading its weights from the checkpoint while a target uses it (streamed compiles)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import re
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -146,18 +145,6 @@ class StreamedWeights:
         if name not in self.dense:
             raise ModelError(f"{self.reader.folder}: the checkpoint has no tensor for {name}")
         return self.reader.read(self.dense[name], rows, dtype=torch.float32)
-
-    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every checkpoint tensor as stored, in pieces of at most 16 MiB (a large one comes as several)."""
-        for key in self.reader.keys:
-            shape = self.reader.shape(key)
-            if len(shape) < 2:
-                yield key, self.reader.read(key)
-                continue
-            rows = max(1, (1 << 24) // max(1, self.reader.nbytes_of(key) // shape[0]))
-            for r in range(0, shape[0], rows):
-                yield key, self.reader.read(key, slice(r, min(r + rows, shape[0])))
-        trim()
 
     # -- materialising modules -------------------------------------------------------------
     def _load(self, module: nn.Module, prefix: str) -> list[tuple[nn.Module, str]]:

@@ -20,21 +20,14 @@ def check_finite_weights(captured: CapturedModel, allow: bool = False) -> list[s
     """The model's parameters that hold NaN or Inf (empty if none).
 
     Args:
-        captured: The captured model (its adapter's torch module).
+        captured: The captured model (its adapter's torch module, or a streamed checkpoint's scan).
         allow: Return the names instead of refusing (``--allow-nonfinite``).
 
     Raises:
         ModelError: Some parameter holds NaN or Inf and ``allow`` is False.
     """
-    import torch
-
-    found: dict[str, set[str]] = {}  # a streamed checkpoint hands large tensors over in pieces
-    for name, p in captured.adapter.named_weights():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            found.setdefault(name, set()).update(
-                k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if bool(f(p).any())
-            )
-    bad = [f"{name} ({'/'.join(k for k in ('NaN', 'Inf') if k in kinds)})" for name, kinds in found.items()]
+    found = captured.adapter.nonfinite_weights()
+    bad = [f"{name} ({'/'.join(kinds)})" for name, kinds in found.items()]
     if bad and not allow:
         more = f" and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
         raise ModelError(

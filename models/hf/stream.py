@@ -34,6 +34,19 @@ _PIECE = 1 << 24  # bytes read per piece when widening
 
 
 @dataclass(frozen=True)
+class Scan:
+    """One read of a whole checkpoint (:meth:`CheckpointReader.scan`).
+
+    Attributes:
+        digest: sha256 over every tensor's name, dtype, shape and stored bytes, in name order.
+        nonfinite: Tensors holding NaN or Inf, by name: which of the two.
+    """
+
+    digest: str
+    nonfinite: dict[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
 class _Entry:
     path: Path
     dtype: str
@@ -61,6 +74,7 @@ class CheckpointReader:
                     continue
                 lo, hi = (int(x) for x in v["data_offsets"])
                 self._entries[name] = _Entry(path, v["dtype"], tuple(int(d) for d in v["shape"]), data + lo, data + hi)
+        self._scan: Scan | None = None
 
     @property
     def keys(self) -> list[str]:
@@ -133,20 +147,49 @@ class CheckpointReader:
                 done += n
         return out
 
+    def scan(self) -> Scan:
+        """Read every tensor once: the checkpoint's digest and its non-finite tensors (cached).
+
+        One pass over the stored bytes in 16 MiB pieces serves both the bundle's ``state_sha256``
+        and the compiler's finite check, so a checkpoint is read once before its partitions are.
+
+        Raises:
+            ModelError: A tensor ends early (a file truncated since its header was checked).
+        """
+        if self._scan is None:
+            import torch
+
+            h = hashlib.sha256()
+            nonfinite: dict[str, tuple[str, ...]] = {}
+            buf = torch.empty(_PIECE, dtype=torch.uint8)
+            for key in self.keys:
+                e = self._entries[key]
+                h.update(key.encode())
+                h.update(f"{e.dtype}{list(e.shape)}".encode())
+                name = _DTYPES.get(e.dtype)
+                floating = name is not None and getattr(torch, name).is_floating_point
+                kinds: set[str] = set()
+                with e.path.open("rb") as fh:
+                    fh.seek(e.start)
+                    left = e.end - e.start
+                    while left:
+                        n = min(left, _PIECE)  # a multiple of every element size: pieces hold whole values
+                        view = buf[:n]
+                        if fh.readinto(view.numpy()) != n:
+                            raise ModelError(f"{e.path}: tensor '{key}' ends early (truncated file)")
+                        h.update(view.numpy())
+                        if floating:
+                            values = view.view(getattr(torch, name))
+                            if not bool(torch.isfinite(values).all()):
+                                kinds.update(
+                                    k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if f(values).any()
+                                )
+                        left -= n
+                if kinds:
+                    nonfinite[key] = tuple(k for k in ("NaN", "Inf") if k in kinds)
+            self._scan = Scan(h.hexdigest(), nonfinite)
+        return self._scan
+
     def digest(self) -> str:
-        """sha256 over every tensor's name and stored bytes, in name order (read in 16 MiB pieces)."""
-        h = hashlib.sha256()
-        for key in self.keys:
-            e = self._entries[key]
-            h.update(key.encode())
-            h.update(f"{e.dtype}{list(e.shape)}".encode())
-            with e.path.open("rb") as fh:
-                fh.seek(e.start)
-                left = e.end - e.start
-                while left:
-                    chunk = fh.read(min(left, 1 << 24))
-                    if not chunk:
-                        raise ModelError(f"{e.path}: tensor '{key}' ends early (truncated file)")
-                    h.update(chunk)
-                    left -= len(chunk)
-        return h.hexdigest()
+        """sha256 over every tensor's name, dtype, shape and stored bytes, in name order (:meth:`scan`)."""
+        return self.scan().digest
