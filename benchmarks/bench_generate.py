@@ -330,8 +330,8 @@ def main() -> None:
 KINDS = {  # configuration -> legend label
     "accelerate": "(b) transformers + accelerate offload",
     "edgemoe-lru": "(c) edgemoe LRU on demand",
-    "edgemoe-planned": "(d) edgemoe planned + prefetch",
-    "edgemoe-planned-noprefetch": "(d) without prefetch",
+    "edgemoe-planned": "(d) edgemoe swap plan (policy + its predictor, if any)",
+    "edgemoe-planned-noprefetch": "(d) swap plan, prefetch off",
 }
 
 
