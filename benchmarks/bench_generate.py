@@ -252,7 +252,7 @@ def main() -> None:
     gbs = get_device(DEVICE).load_gbs()
     models = ["mixtral-lm-bytes"] if args.quick else ["mixtral-lm-bytes", "olmoe-1b-7b-quarter"]
     n_prompts, prompt_len, new = (2, 16, 8) if args.quick else (4, 32, 48)
-    rounds = 1 if args.quick else 2
+    rounds = 1 if args.quick else 3
     results: dict = {"machine": machine(), "quick": args.quick, "device": DEVICE, "load_gbs": gbs, "models": {}}
     with tempfile.TemporaryDirectory(prefix="bench_generate-") as tmp:
         tmp = Path(tmp)

@@ -23,6 +23,15 @@ if TYPE_CHECKING:
     import torch
 
 
+def nonfinite_kinds(t: torch.Tensor) -> tuple[str, ...]:
+    """Which of ``NaN`` and ``Inf`` the tensor holds (empty if it is finite, or not floating point)."""
+    import torch
+
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return ()
+    return tuple(k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if bool(f(t).any()))
+
+
 @dataclass(frozen=True)
 class GraphPartition:
     """A piece of the model to be emitted by a target as one graph.
@@ -80,13 +89,8 @@ class ModelAdapter(abc.ABC):
 
     def nonfinite_weights(self) -> dict[str, tuple[str, ...]]:
         """Weights holding NaN or Inf, by name: which of the two (default: ``self.model``'s parameters)."""
-        import torch
-
-        found = {}
-        for name, p in self.model.named_parameters():
-            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-                found[name] = tuple(k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if bool(f(p).any()))
-        return found
+        found = {name: nonfinite_kinds(p) for name, p in self.model.named_parameters()}
+        return {name: kinds for name, kinds in found.items() if kinds}
 
     def state_sha256(self) -> str:
         """Digest of the model's weights, so a bundle can be matched to its source later.

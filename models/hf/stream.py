@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import ModelError
+from ...frontends.base import nonfinite_kinds
 from .checkpoint import weight_headers
 
 # safetensors dtype names -> torch dtype attribute names (float8 / int4 checkpoints are not read).
@@ -166,8 +167,8 @@ class CheckpointReader:
                 e = self._entries[key]
                 h.update(key.encode())
                 h.update(f"{e.dtype}{list(e.shape)}".encode())
-                name = _DTYPES.get(e.dtype)
-                floating = name is not None and getattr(torch, name).is_floating_point
+                stored = getattr(torch, _DTYPES.get(e.dtype, "uint8"))
+                floating = stored if stored.is_floating_point else None
                 kinds: set[str] = set()
                 with e.path.open("rb") as fh:
                     fh.seek(e.start)
@@ -178,12 +179,8 @@ class CheckpointReader:
                         if fh.readinto(view.numpy()) != n:
                             raise ModelError(f"{e.path}: tensor '{key}' ends early (truncated file)")
                         h.update(view.numpy())
-                        if floating:
-                            values = view.view(getattr(torch, name))
-                            if not bool(torch.isfinite(values).all()):
-                                kinds.update(
-                                    k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if f(values).any()
-                                )
+                        if floating is not None:
+                            kinds.update(nonfinite_kinds(view.view(floating)))
                         left -= n
                 if kinds:
                     nonfinite[key] = tuple(k for k in ("NaN", "Inf") if k in kinds)
