@@ -162,3 +162,16 @@ def test_non_finite_tensors_of_a_streamed_checkpoint_are_refused_by_name(tmp_pat
     # one read of the shards found both (the same pass gives the bundle's state_sha256)
     scan = CheckpointReader(folder).scan()
     assert scan.nonfinite == {nan_key: ("NaN",), inf_key: ("Inf",)} and len(scan.digest) == 64
+
+
+def test_a_streamed_partition_hands_the_run_that_read_its_weights_to_the_target(tmp_path):
+    from edgemoe.frontends.hf import HFAdapter
+
+    folder = _save("hf-mixtral-micro", tmp_path / "ckpt")
+    model, _ = resolve_model(str(folder)).build_with_notes(stream=True)
+    part = HFAdapter(model).segment(0)
+    with part.loaded() as ran, torch.no_grad():
+        # the dry run that read the weights is the target's reference: no second forward needed
+        again = part.module(*part.example_inputs)
+        assert ran is not None and len(ran) == len(again)
+        assert all(torch.equal(a, b) for a, b in zip(ran, again, strict=True))

@@ -62,7 +62,11 @@ class GraphPartition:
     weights: Callable[[], contextlib.AbstractContextManager] | None = field(default=None, compare=False)
 
     def loaded(self) -> contextlib.AbstractContextManager:
-        """A context in which :attr:`module` has its weights (see :attr:`weights`)."""
+        """A context in which :attr:`module` has its weights (see :attr:`weights`).
+
+        It yields the module's outputs on :attr:`example_inputs` where entering it ran them (a
+        streamed partition reads its weights that way), else None.
+        """
         return contextlib.nullcontext() if self.weights is None else self.weights()
 
 

@@ -185,6 +185,10 @@ class StreamedWeights:
         parameters then sees only real tensors. Without, modules are read as they are called;
         with ``whole``, every parameter under ``module`` is read up front. Everything read is
         dropped again on exit.
+
+        Yields:
+            That first run's outputs (a target's reference outputs: no second forward), or None
+            without ``examples``.
         """
         done: list[tuple[nn.Module, str]] = []
         if whole:
@@ -200,10 +204,11 @@ class StreamedWeights:
             if id(m) in self._names and any(p is not None and p.is_meta for p in m._parameters.values())
         ]
         detached: list[tuple[nn.Module, str, nn.Parameter]] = []
+        outputs = None
         try:
             if examples is not None:
                 with torch.no_grad():
-                    module(*examples)
+                    outputs = module(*examples)
                 for h in hooks:
                     h.remove()
                 hooks = []
@@ -212,7 +217,7 @@ class StreamedWeights:
                         if p is not None and p.is_meta:
                             detached.append((m, name, p))
                             m._parameters[name] = None
-            yield module
+            yield outputs
         finally:
             for h in hooks:
                 h.remove()

@@ -93,9 +93,9 @@ class OnnxTarget(Target):
         # In a streamed compile the partition's weights are in memory only for torch's outputs and
         # the export; the checks below read the written graph.
         streamed = part.weights is not None
-        with part.loaded(), warnings.catch_warnings(), torch.no_grad():
+        with part.loaded() as ran, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            want = part.module(*part.example_inputs)
+            want = part.module(*part.example_inputs) if ran is None else ran
             module, args, names, weights = part.module, part.example_inputs, list(part.input_names), {}
             if streamed:
                 # A streamed compile's weights go to the data file tensor by tensor (attach_weights),
