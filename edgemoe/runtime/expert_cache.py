@@ -16,7 +16,7 @@ class adds the data, the locking and the loader thread:
 * a storage tier throttle models one channel of the profile's bandwidth: loads (demand and
   prefetch) queue for it, each holding it for ``n / bandwidth`` seconds for ``n`` bytes. Queued
   prefetches run back to back; a demand load goes ahead of those not started yet. A load returns
-  when its slot ends, to within tens of microseconds (:func:`wait_until`): a plain sleep
+  when its slot ends, to within a microsecond or two (:func:`wait_until`): a plain sleep
   overshoots by ~0.1 ms, as much as a whole 100 KiB load at 2 GB/s.
 """
 

@@ -31,7 +31,7 @@ _DTYPES = {
 }
 
 
-_PIECE = 1 << 24  # bytes read per piece when widening
+_PIECE = 1 << 24  # bytes read per piece when widening or scanning
 
 
 @dataclass(frozen=True)
