@@ -170,9 +170,11 @@ def _expert_cache_options(command):
         ),
         click.option(
             "--prefetch",
-            type=click.Choice(["none", "pregate", "affinity", "static", "plan"]),
+            type=click.Choice(["none", "routed", "pregate", "affinity", "static", "plan"]),
             default=None,
-            help="Prefetch predictor (plan: the one the schedule chose). [default: the schedule's plan, else none]",
+            help="Prefetch: routed (a layer's misses load as soon as it is routed, while its cached experts "
+            "run; every mode but none does this), or that plus a predictor of the next layers (plan: the one "
+            "the schedule chose). [default: the schedule's plan, else none]",
         ),
         click.option(
             "--storage-gbs",

@@ -35,7 +35,7 @@ GOLDEN = {
     "deepseek-lm-micro": "49427c6743eee75f21b532840ef2f155080fdcece9c464a78ee9d705e2d4862c",
     "hf-mixtral-micro-generate": "4e8e30426f9c5ae184a414e8e42759f750400a6ebe73d471efeef9e70d0717fe",
     "m3vit-micro": "9c1d9543a40308158fe177e905ed5555999f5bd25c8bf1c595b8dd1289d1fbce",
-    "m3vit-micro-int4-budget": "42b8454a63b1d2960d8cc5349e855641f60852a0a1bd6a78a91c9f3272f22aa7",
+    "m3vit-micro-int4-budget": "2b333f4e6f3f66247b0990143def3773ada548e67593b01bf73c99e9fb84c04b",
 }
 
 

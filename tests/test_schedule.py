@@ -328,11 +328,55 @@ def test_simulator_times_dense_compute_and_loads_overlap_it(bundle):
     assert with_dense.compute_s > without.compute_s and with_dense.stall_s < without.stall_s  # loads overlap it
 
 
+def test_routed_runs_cached_experts_while_the_misses_load():
+    # One layer, experts of one size, room for two. Step 1 needs 1 (cached) and 2 (missing): on
+    # demand it runs 1, then loads 2 and waits; routed starts 2's load first and runs 1 meanwhile.
+    # In step 0 (0 and 1 both missing) routed loads 1 while 0 computes. Same victim (0, least
+    # recent), same misses: two experts' compute less on the clock.
+    import dataclasses
+
+    from edgemoe.swap.predict import Routed
+
+    trace = _trace(1, 3, [[0, 1], [1, 2]])
+    sizes = {(0, e): 1_000_000 for e in range(3)}
+    load = 1e6 / 2e9  # jetson-orin-nano-8gb: 2 GB/s storage
+    profile = dataclasses.replace(get_device("jetson-orin-nano-8gb"), compute_gflops=1e6 / 2 / load / 1e9)
+    compute = load  # 2 FLOP per fp32 weight on one token: as long as a load on this profile
+    demand = simulate(trace, sizes, 2_000_000, make_policy("lru"), profile, log=True)
+    routed = simulate(trace, sizes, 2_000_000, make_policy("lru"), profile, Routed(), log=True)
+    assert (
+        (routed.misses, routed.hits, routed.bytes_moved)
+        == (demand.misses, demand.hits, demand.bytes_moved)
+        == (
+            3,
+            1,
+            3_000_000,
+        )
+    )
+    assert demand.time_s == pytest.approx(2 * load + 2 * compute + compute + load + compute)
+    assert routed.time_s == pytest.approx(demand.time_s - 2 * compute)
+    assert routed.prefetch_issued == 0
+    # the log: step 1's miss of 2 (and its victim, 0) come before its hit of 1
+    assert [e for e in routed.events if e[0] == 1] == [
+        (1, 0, 2, "miss"),
+        (1, 0, 0, "evict"),
+        (1, 0, 2, "load"),
+        (1, 0, 1, "hit"),
+    ]
+    assert [e for e in demand.events if e[0] == 1] == [
+        (1, 0, 1, "hit"),
+        (1, 0, 2, "miss"),
+        (1, 0, 0, "evict"),
+        (1, 0, 2, "load"),
+    ]
+
+
 def test_outputs_identical_across_budgets_and_prefetch(bundle):
     x = _inputs(bundle, 3)
     want = Session(bundle, "depth").run(x)
     largest = max(expert_sizes(read_manifest(bundle)).values())
-    for budget, prefetch in ((None, "pregate"), (2 * largest, None), (2 * largest, "pregate"), (largest, "static")):
+    cases = [(None, "pregate"), (2 * largest, None), (2 * largest, "pregate"), (largest, "static")]
+    for budget, prefetch in [*cases, (2 * largest, "routed"), (largest, "routed")]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ThrashWarning)
             s = Session(bundle, "depth", memory_budget=budget, prefetch=prefetch)
@@ -340,7 +384,7 @@ def test_outputs_identical_across_budgets_and_prefetch(bundle):
         np.testing.assert_array_equal(s.run(x), want)
         st = s.stats
         if prefetch:
-            assert st.prefetch_issued > 0
+            assert (st.prefetch_issued > 0) == (prefetch != "routed")
         if budget:
             assert st.peak_expert_bytes <= budget and st.evictions > 0
         s.close()
@@ -395,7 +439,7 @@ def test_plan_cli_json_plots_and_manifest(bundle, run_cli, tmp_path):
     assert set(out["policies"]) == {"lru", "lfu", "planned", "belady"}
     for r in out["policies"].values():
         assert 0 <= r["hit_rate"] <= out["policies"]["belady"]["hit_rate"] <= 1
-    assert set(out["prefetch"]) == {"pregate", "affinity", "static"}
+    assert set(out["prefetch"]) == {"pregate", "affinity", "static", "routed"}
     assert all(0 <= r["accuracy"] <= 1 for r in out["prefetch"].values())
     assert 0 < out["peak_bytes"] <= out["budget_bytes"]
     for name in ("memory.png", "usage.png"):

@@ -21,6 +21,7 @@ from edgemoe.runtime import Session
 from edgemoe.schedule import record_trace, simulate
 from edgemoe.swap import check_budget, expert_sizes, make_policy
 from edgemoe.swap.policies import count_probabilities
+from edgemoe.swap.predict import Routed
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (0.25, 0.5, 1.0)
@@ -37,19 +38,20 @@ def _inputs(manifest: dict, runs: int, seed: int = 0) -> np.ndarray:
     return np.stack([sample_input(spec, batch=1, seed=seed + i) for i in range(runs)])
 
 
-def _python_log(bundle: Path, task: str, budget: int, policy: str, xs: np.ndarray) -> list:
-    s = Session(bundle, task, memory_budget=budget, policy=policy, prefetch=None, log_events=True)
+def _python_log(bundle: Path, task: str, budget: int, policy: str, xs: np.ndarray, prefetch=None) -> list:
+    s = Session(bundle, task, memory_budget=budget, policy=policy, prefetch=prefetch, log_events=True)
     for x in xs:
         s.run(x)
     return s.events
 
 
-def _simulated_log(bundle: Path, task: str, budget: int, policy: str, xs: np.ndarray) -> list:
+def _simulated_log(bundle: Path, task: str, budget: int, policy: str, xs: np.ndarray, prefetch=None) -> list:
     m = read_manifest(bundle)
     trace = record_trace(bundle, task, np.concatenate(list(xs)), "run")
     sizes = expert_sizes(m, task)
     capacity = check_budget(m, budget, task)
-    res = simulate(trace, sizes, capacity, make_policy(policy, count_probabilities(m, task)), log=True)
+    predictor = Routed() if prefetch == "routed" else None
+    res = simulate(trace, sizes, capacity, make_policy(policy, count_probabilities(m, task)), None, predictor, log=True)
     return res.events
 
 
@@ -76,6 +78,30 @@ def test_runtime_and_simulator_log_the_same_decisions_on_the_byte_lm(bundle_fact
         assert _python_log(bundle, "lm", budget, "lru", xs) == _simulated_log(bundle, "lm", budget, "lru", xs)
 
 
+@pytest.mark.parametrize(("model", "task"), [("m3vit-tiny", "semseg"), ("mixtral-lm-bytes", "lm")])
+def test_routed_steps_log_the_same_decisions(bundle_factory, model, task):
+    # routed loads a step's misses before it runs any of its experts, cached ones first; it guesses
+    # nothing, so (unlike a predictor's loads) no load is in flight when a step begins and the
+    # decisions do not depend on timing: the runtime and the simulator must agree exactly.
+    bundle = bundle_factory(model)
+    m = read_manifest(bundle)
+    xs = _inputs(m, 3)
+    for share in (0.25, 0.5):
+        budget = _budget(m, task, share)
+        for policy in ("lru", "planned"):
+            got = _python_log(bundle, task, budget, policy, xs, "routed")
+            assert got == _simulated_log(bundle, task, budget, policy, xs, "routed"), (share, policy)
+            kinds = [k for *_, k in got]
+            assert kinds.count("miss") == kinds.count("load") > 0 and "prefetch" not in kinds
+            # a step's misses are all counted (and their loads started) before its first hit
+            steps: dict[int, list[str]] = {}
+            for step, _, _, kind in got:
+                steps.setdefault(step, []).append(kind)
+            for kinds in steps.values():
+                if "hit" in kinds and "miss" in kinds:
+                    assert max(i for i, k in enumerate(kinds) if k == "miss") < kinds.index("hit")
+
+
 @pytest.fixture(scope="module")
 def rt() -> Path:
     if shutil.which("cmake") is None:
@@ -85,12 +111,14 @@ def rt() -> Path:
     return ROOT / "build" / "native" / "edgemoe-rt"
 
 
-def _native_log(rt: Path, bundle: Path, task: str, budget: int, policy: str, x: np.ndarray, runs: int, tmp: Path):
+def _native_log(
+    rt: Path, bundle: Path, task: str, budget: int, policy: str, x: np.ndarray, runs: int, tmp: Path, prefetch="off"
+):
     np.save(tmp / "x.npy", x)
     env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
     cmd = [str(rt), str(bundle), "--task", task, "--input", str(tmp / "x.npy"), "--memory-budget", str(budget)]
     # --repeat R runs once, then R timed runs (as `edgemoe run`): runs - 1 of them after the first.
-    cmd += ["--policy", policy, "--prefetch", "off", "--repeat", str(runs - 1), "--events", str(tmp / "ev.jsonl")]
+    cmd += ["--policy", policy, "--prefetch", prefetch, "--repeat", str(runs - 1), "--events", str(tmp / "ev.jsonl")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return [tuple(e[k] for k in ("step", "layer", "expert", "kind")) for e in map(json.loads, open(tmp / "ev.jsonl"))]
@@ -110,6 +138,10 @@ def test_native_runtime_logs_the_same_decisions(rt, bundle_factory, tmp_path, mo
             want = _python_log(bundle, task, budget, policy, [x] * runs)
             got = _native_log(rt, bundle, task, budget, policy, x, runs, tmp_path)
             assert got == want, (model, share, policy)
+            if share < 1:  # routed: a step's misses load first, its cached experts run meanwhile
+                want = _python_log(bundle, task, budget, policy, [x] * runs, "routed")
+                got = _native_log(rt, bundle, task, budget, policy, x, runs, tmp_path, "routed")
+                assert got == want, (model, share, policy, "routed")
 
 
 def test_runtime_imports_neither_the_planner_nor_the_compiler():

@@ -344,7 +344,7 @@ def _check_schedule(path: Path, m: dict) -> None:
         return isinstance(w, list) and len(w) == n and all(_count(v) for v in w)
 
     def predictor(p) -> bool:
-        if not isinstance(p, dict) or p.get("name") not in ("pregate", "affinity", "static"):
+        if not isinstance(p, dict) or p.get("name") not in ("pregate", "affinity", "static", "routed"):
             return False
         if p["name"] == "affinity":
             table = p.get("table")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BundleError, ConfigError
-from ..swap.predict import PREDICTORS, PreGate, Static, lookahead, predictor_from_json
+from ..swap.predict import PREDICTORS, PreGate, Routed, Static, lookahead, predictor_from_json
 from ..swap.step import begin_run, run_step
 from .expert_cache import ExpertCache
 
@@ -14,7 +14,7 @@ def choose_predictor(prefetch: str | None, schedule: dict | None, prob: list[lis
     """(prefetch mode, next-layer predictor or None, calibration order for the steps beyond) for a task.
 
     Args:
-        prefetch: What was asked for: ``pregate``, ``affinity``, ``static``, ``plan`` or None.
+        prefetch: What was asked for: ``pregate``, ``affinity``, ``static``, ``routed``, ``plan`` or None.
         schedule: The bundle schedule's plan for the task, or None.
         prob: The task's per-layer expert probabilities (schedule or calibration counts).
 
@@ -23,6 +23,8 @@ def choose_predictor(prefetch: str | None, schedule: dict | None, prob: list[lis
     """
     if prefetch is None:
         return None, None, None
+    if prefetch == "routed":
+        return "routed", Routed(), None  # nothing ahead, not even the calibration order
     static = (schedule or {}).get("predictors", {}).get("static")
     far = predictor_from_json(static) if static else Static.from_probabilities(prob)
     if prefetch == "pregate":
@@ -43,6 +45,8 @@ def choose_predictor(prefetch: str | None, schedule: dict | None, prob: list[lis
         raise ConfigError(f"unknown prefetch predictor '{prefetch}' (known: {', '.join(PREDICTORS)}, plan)")
     if predictor.name == "pregate":
         return "pregate", None, far
+    if predictor.name == "routed":
+        return "routed", predictor, None  # nothing ahead, not even the calibration order
     return prefetch, predictor, far
 
 
@@ -128,7 +132,8 @@ class MoeDispatch:
                 cache.release(key)
 
         keys = [(layer, e) for e in experts]
-        run_step(cache, layer, keys, self.lookahead(layer, experts, nxt), self._resident, run_expert)
+        ahead = self.lookahead(layer, experts, nxt)
+        run_step(cache, layer, keys, ahead, self._resident, run_expert, fetch=self.prefetch is not None)
         program.finish_layer(run, layer)
 
     def lookahead(self, layer: int, experts: list[int], nxt: np.ndarray | None) -> list[tuple[int, int]]:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from ..errors import BundleError
-from ..swap.book import CacheBook, Key, prefetch_rule
+from ..swap.book import CacheBook, Key, fetch_rule, prefetch_rule
 from ..swap.policies import Policy
 from ..swap.switch import SwitchMoves, plan_switch
 
@@ -240,6 +240,21 @@ class ExpertCache:
 
         with self._cond:
             return prefetch_rule(self.book, keys, protect, issue)
+
+    def fetch(self, keys: Sequence[Key]) -> tuple[Key, ...]:
+        """Queue a step's own misses on the background loader now (:func:`~edgemoe.swap.book.fetch_rule`).
+
+        Returns:
+            The order to run the step's experts in: cached ones first, while the misses load.
+        """
+
+        def issue(key: Key, victims: list[Key]) -> None:
+            into = self._reserve(key, self._evict(victims))
+            self._queue.put((key, into, time.perf_counter()))
+            self._start_loader()
+
+        with self._cond:
+            return fetch_rule(self.book, keys, issue)
 
     def _start_loader(self) -> None:
         """Start the background loader if it is not running (caller holds ``_cond``)."""

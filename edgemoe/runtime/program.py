@@ -142,13 +142,16 @@ class _RecordingGraph:
 class _GraphRun:
     """One run's state in a :class:`GraphProgram`."""
 
-    __slots__ = ("carried", "flat", "gate_out", "hidden", "moe_in", "out", "outs", "step")
+    __slots__ = ("carried", "flat", "gate_out", "hidden", "moe_in", "out", "outs", "parts", "step")
 
     def __init__(self, outs: tuple[np.ndarray, ...], step: Decoder | None = None):
         self.outs, self.step = outs, step
         self.hidden = self.moe_in = self.flat = self.out = None
         self.carried: list[np.ndarray] = []
         self.gate_out: tuple[np.ndarray, ...] = ()
+        # The layer's routed experts' outputs by expert, summed in ascending order when the layer
+        # finishes: float sums depend on their order, and a step may run its experts in any.
+        self.parts: dict[int, tuple] = {}
 
 
 def _bundle_fault(step):
@@ -325,10 +328,14 @@ class GraphProgram(TaskProgram):
         # Kernel inputs: the tokens, then the expert's tensors by name (an expert is data).
         (y,) = kernel.run(run.flat[tokens], *(weights[name] for name in kernel.input_names[1:]))
         scores = run.gate_out[1].reshape(run.flat.shape[0], -1)
-        run.out[tokens] += y * scores[tokens, slots, None]
+        run.parts[expert] = (tokens, y * scores[tokens, slots, None])
 
     @_bundle_fault
     def finish_layer(self, run: _GraphRun, layer: int) -> None:
+        for e in sorted(run.parts):
+            tokens, part = run.parts[e]
+            run.out[tokens] += part
+        run.parts.clear()
         if self.shared[layer]:
             # The gate's third output weighs each shared expert per token (ones where ungated).
             shared_scores = run.gate_out[2].reshape(run.flat.shape[0], -1)

@@ -150,10 +150,12 @@ class Session:
             (``compile --memory-budget`` / ``edgemoe plan``), else unbounded.
         policy: Eviction policy: ``lru``, ``lfu`` or ``planned`` (the bundle's schedule, or its
             calibration counts). Default (``"bundle"``): the schedule's policy, else ``lru``.
-        prefetch: Prefetch predictor: ``pregate`` (next layer's gate on this layer's MoE input),
-            ``affinity`` or ``static`` (tables from the bundle's schedule), ``plan`` (the
-            schedule's choice) or None. Default (``"bundle"``): ``plan`` when the bundle has a
-            schedule that chose a predictor, else None.
+        prefetch: ``routed`` (a layer's misses start loading as soon as it is routed, while its
+            cached experts run; every mode but None does this), or that plus a predictor of the
+            next layers: ``pregate`` (next layer's gate on this layer's MoE input), ``affinity``
+            or ``static`` (tables from the bundle's schedule), ``plan`` (the schedule's choice);
+            None: load each expert on demand, when its turn comes. Default (``"bundle"``):
+            ``plan`` when the bundle has a schedule that chose a predictor, else None.
         storage_gbs: Throttle expert loads to this bandwidth in GB/s (e.g. a device profile's
             ``load_gbs()``), to measure device-like load costs here; 0: unthrottled.
         prefetch_depth: MoE steps a prefetch looks ahead: the next layer from the predictor, the

@@ -309,13 +309,15 @@ def choose_predictor(
     profile: DeviceProfile,
     policy: str,
 ) -> str | None:
-    """The prefetch predictor of the plan, or None where no predictor pays.
+    """The prefetch predictor of the plan, or None where none pays.
 
     Each predictor replays the calibration traces by the runtime's rules. The most accurate wins
     (ties: pre-gating) unless it stalls more than loading on demand does; then the one that stalls
-    least, if it stalls less than on demand, else none: on a device whose loads cannot hide
-    behind compute, wrong guesses only add loads. The held-out traces only score the plan, so
-    they do not pick its parts either.
+    least, if it stalls less than on demand (``routed``, which guesses nothing, often does: it
+    runs a step's cached experts while its misses load), else none: on a device whose loads cannot
+    hide behind compute, wrong guesses only add loads, and a step that loads its misses at once
+    picks their victims before its own experts have run. The held-out traces only score the plan,
+    so they do not pick its parts either.
     """
     score: dict[str, list[float]] = {name: [0, 0, 0.0] for name in PREDICTORS}
     demand = 0.0

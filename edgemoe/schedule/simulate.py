@@ -2,9 +2,10 @@
 
 Time model: one loader channel moves experts at the profile's load bandwidth (slowest tier from
 storage to where experts run), serially; experts compute at the profile's throughput (2 FLOP per
-fp32 weight per token), and so do the dense graphs between MoE layers when their bytes are given
-(:class:`DenseCost`; attention's term quadratic in tokens is left out): loads overlap that compute,
-as they do in the runtime. A step accesses its experts in
+fp32 weight per token) but no faster than their weights stream from DRAM at its memory
+bandwidth (a roofline: a decoded token is bound by the bytes), and so do the dense graphs
+between MoE layers when their bytes are given (:class:`DenseCost`; attention's term quadratic in
+tokens is left out): loads overlap that compute, as they do in the runtime. A step accesses its experts in
 ascending order, as the runtime does; a miss stalls until its load lands. Prefetch follows the
 runtime's rules: when a step's routing is known, the experts of the next ``depth`` steps
 (:func:`~edgemoe.swap.predict.lookahead`: the predictor for the next layer, the calibration
@@ -22,9 +23,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..devices import DeviceProfile
-from ..swap.book import CacheBook, Key, prefetch_rule
+from ..swap.book import CacheBook, Key, fetch_rule, prefetch_rule
 from ..swap.policies import Policy
-from ..swap.predict import Predictor, PreGate, Static, lookahead
+from ..swap.predict import Predictor, PreGate, Routed, Static, lookahead
 from ..swap.step import begin_run, run_step
 from ..swap.switch import SwitchMoves, plan_switch
 from .traces import Trace
@@ -173,9 +174,24 @@ class VirtualCache:
 
         return prefetch_rule(self.book, keys, protect, issue, self.settle)
 
+    def fetch(self, keys: Sequence[Key]) -> tuple[Key, ...]:
+        def issue(key: Key, victims: list[Key]) -> None:
+            for v in victims:
+                self.book.evict(v)
+                self.prefetched.discard(v)
+            self.book.reserve(key)
+            self.arrival[key] = self._load(key)
+            self.memory.append((self.now, self.book.used))
+
+        return fetch_rule(self.book, keys, issue, self.settle)
+
     def acquire(self, key: Key) -> bool:
-        """Access ``key`` (waiting for its load if it is in flight or missing); returns whether it hit."""
+        """Access ``key`` (waiting for its load if it is in flight or missing); returns whether it hit.
+
+        A miss its step fetched early (:meth:`fetch`) waits for that load and is no hit.
+        """
         self.settle()
+        fetched = key in self.book.claimed
         hit = self.book.access(key)
         if hit:
             if key in self.arrival:  # still loading: wait for it
@@ -187,6 +203,7 @@ class VirtualCache:
             if key in self.prefetched:
                 self.used += 1
                 self.prefetched.discard(key)
+            hit = not fetched
         else:
             self._make_room(key)
             self.book.reserve(key)
@@ -259,14 +276,25 @@ def simulate(
     book = CacheBook(capacity, sizes, policy, log=log) if book is None else book
     bw = profile.load_gbs() * 1e9 if profile and profile.load_gbs() > 0 else 0.0
     flops = profile.compute_gflops * 1e9 if profile and profile.compute_gflops > 0 else 0.0
+    dram = profile.memory_bandwidth_gbs * 1e9 if flops and profile.memory_bandwidth_gbs > 0 else 0.0
     vc = VirtualCache(book, bw, flops, keep_timeline)
+
+    def compute_s(nbytes: int, tokens: float) -> float:
+        """A graph's time on ``tokens`` (roofline): 2 FLOP per fp32 weight per token, or its weights' DRAM read.
+
+        The read bounds a decoded token: one token does too few FLOPs per byte.
+        """
+        if not flops or not nbytes:
+            return 0.0
+        return max(tokens * nbytes / 2 / flops, nbytes / dram if dram else 0.0)
+    if isinstance(predictor, Routed):
+        far = None  # nothing ahead, not even the calibration order (as the runtime)
     named = needed = 0
     ahead_hits = ahead_accesses = 0
     resident = tuple(resident)
 
     def run_dense(nbytes: int, tokens: float, layer: int) -> None:
-        dt = tokens * nbytes / 2 / flops if flops and nbytes else 0.0  # as experts: 2 FLOP per fp32 weight
-        vc.run(dt, "dense", layer, -1)
+        vc.run(compute_s(nbytes, tokens), "dense", layer, -1)
 
     def plan_ahead(i: int) -> list[Key]:
         step, nxt = trace.steps[i], trace.steps[i + 1] if i + 1 < len(trace.steps) else None
@@ -299,9 +327,9 @@ def simulate(
             ahead_accesses += ahead_step
             if vc.acquire(key):
                 ahead_hits += ahead_step
-            vc.run(step.tokens[j] * sizes[key] / 2 / flops if flops else 0.0, "compute", *key)  # 2 FLOP per fp32 weight
+            vc.run(compute_s(sizes[key], step.tokens[j]), "compute", *key)
 
-        run_step(vc, step.layer, keys, ahead, resident, run_expert)
+        run_step(vc, step.layer, keys, ahead, resident, run_expert, fetch=predictor is not None)
         if dense and (nxt is None or nxt.unit != step.unit):
             run_dense(dense.after, unit_tokens, trace.num_layers)  # the last segment and the head
     vc.finish()

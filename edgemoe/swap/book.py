@@ -50,6 +50,9 @@ class CacheBook:
         self.peak = 0
         self.hits = self.misses = self.evictions = 0
         self.bytes_loaded = 0
+        # Loads a step issued for its own misses before running them (:func:`fetch_rule`): their
+        # access was counted then; until it comes they are kept from eviction.
+        self.claimed: set[Key] = set()
         self.step = -1
         self.events: list[tuple[int, int, int, str]] | None = [] if log else None
 
@@ -63,7 +66,14 @@ class CacheBook:
         self.policy.begin_step(self.step, layer, keys)
 
     def access(self, key: Key) -> bool:
-        """Count an access: a hit if ``key`` is cached or loading, else a miss (the caller loads it)."""
+        """Count an access: a hit if ``key`` is cached or loading, else a miss (the caller loads it).
+
+        A key its step fetched early (:func:`fetch_rule`) was counted as a miss then: its access
+        counts nothing more and answers True (its load is in flight or done).
+        """
+        if key in self.claimed:
+            self.claimed.discard(key)
+            return True
         hit = key in self.cached
         if hit:
             self.hits += 1
@@ -73,9 +83,13 @@ class CacheBook:
         return hit
 
     def evictable(self, keep: Iterable[Key] = ()) -> list[Key]:
-        """Ready, unpinned entries not in ``keep``."""
+        """Ready, unpinned entries not in ``keep`` nor fetched for the current step and not yet run."""
         keep = keep if isinstance(keep, set | frozenset) else set(keep)
-        return [k for k, ready in self.cached.items() if ready and not self.pins.get(k) and k not in keep]
+        return [
+            k
+            for k, ready in self.cached.items()
+            if ready and not self.pins.get(k) and k not in keep and k not in self.claimed
+        ]
 
     def room_for(
         self, key: Key, keep: Iterable[Key] = (), prefer: Sequence[Key] = (), prefetch: bool = False
@@ -113,6 +127,7 @@ class CacheBook:
         """Drop ``key``."""
         del self.cached[key]
         self.used -= self.sizes[key]
+        self.claimed.discard(key)
         self.evictions += 1
         self.policy.evicted(key)
         self._log(key, "evict")
@@ -132,6 +147,7 @@ class CacheBook:
         """Forget a reservation whose load failed."""
         if self.cached.pop(key, None) is not None:
             self.used -= self.sizes[key]
+        self.claimed.discard(key)
 
     def ready(self, key: Key) -> None:
         """``key``'s load finished."""
@@ -179,3 +195,47 @@ def prefetch_rule(
             return keys[i:]
         issue(key, victims)
     return ()
+
+
+def fetch_rule(
+    book: CacheBook,
+    keys: Sequence[Key],
+    issue: Callable[[Key, list[Key]], None],
+    settle: Callable[[], None] = lambda: None,
+) -> tuple[Key, ...]:
+    """Start a step's own missing experts loading before it runs any, and order its experts to run.
+
+    A step knows its experts once routed: loading its misses right away, and running the experts
+    already cached meanwhile, hides those loads behind that compute (an on-demand step loads each
+    miss only when its turn comes, and computes nothing while it loads). Each miss is counted
+    (and logged) now, evicts as a demand miss would (never one of the step's own experts) and is
+    then kept from eviction until the step runs it. A miss that finds no room (everything pinned
+    or in flight) is left to load on demand at its turn, as are those after it.
+
+    Args:
+        book: The cache's bookkeeping.
+        keys: The step's experts (ascending).
+        issue: Called with each key to load and its victims; it must evict them
+            (:meth:`CacheBook.evict`) and reserve the key (``reserve(key)``).
+        settle: Called before each decision (the simulator lands loads due by now).
+
+    Returns:
+        The order to run ``keys`` in: the cached ones, those already loading (prefetched), those
+        just issued (in issue order), then any left to load on demand.
+    """
+    settle()
+    ready = [k for k in keys if book.cached.get(k) is True]
+    loading = [k for k in keys if book.cached.get(k) is False]
+    missing = [k for k in keys if k not in book.cached]
+    issued: list[Key] = []
+    for i, key in enumerate(missing):
+        settle()
+        victims = book.room_for(key, keep=keys)
+        if victims is None:
+            return (*ready, *loading, *issued, *missing[i:])
+        book.misses += 1
+        book._log(key, "miss")
+        book.claimed.add(key)
+        issue(key, victims)
+        issued.append(key)
+    return (*ready, *loading, *issued)

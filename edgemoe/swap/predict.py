@@ -9,6 +9,9 @@ layer to the next run's first ones) with the calibration order, so loads can sta
 * ``affinity`` (ExFlow): P(expert at ``l+1`` | experts at ``l``) counted on calibration traces.
 * ``static`` (Edge-MoE style double buffering, task-level models): the task's most used experts
   of layer ``l+1`` in calibration, in frequency order.
+* ``routed``: nothing ahead. Every prefetch mode, this one included, loads a step's own misses
+  as soon as it is routed and runs its cached experts meanwhile
+  (:func:`~edgemoe.swap.book.fetch_rule`); ``routed`` does only that, so no load is ever wasted.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from ..schedule.traces import Trace
 
-PREDICTORS = ("pregate", "affinity", "static")
+PREDICTORS = ("pregate", "affinity", "static", "routed")
 # MoE steps the runtime's prefetch looks ahead by default (Session's prefetch_depth); the planner simulates the same.
 PREFETCH_DEPTH = 2
 
@@ -50,6 +53,15 @@ class PreGate(Predictor):
 
     def predict(self, layer, experts, pregate):
         return tuple(pregate or ())
+
+
+class Routed(Predictor):
+    """No guess about the next layer: only the step's own misses load early (see the module docstring)."""
+
+    name = "routed"
+
+    def predict(self, layer, experts, pregate):
+        return ()
 
 
 def _width(counts: Sequence[float]) -> list[int]:
@@ -193,6 +205,8 @@ def make_predictor(name: str, calibration: Trace) -> Predictor:
         return Affinity.from_trace(calibration)
     if name == "static":
         return Static.from_trace(calibration)
+    if name == "routed":
+        return Routed()
     raise ConfigError(f"unknown prefetch predictor '{name}' (known: {', '.join(PREDICTORS)})")
 
 
@@ -209,6 +223,8 @@ def predictor_from_json(data: dict) -> Predictor:
             return Affinity(data["table"], data["width"])
         if data["name"] == "static":
             return Static(data["order"], data["width"])
+        if data["name"] == "routed":
+            return Routed()
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"garbled prefetch plan in the manifest: {exc}") from None
     raise ConfigError(f"unknown prefetch predictor '{data.get('name')}' in the manifest")

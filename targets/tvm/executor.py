@@ -321,10 +321,13 @@ class ResidentProgram(GraphProgram):
         rows = self._upload(tokens.astype(np.int64))
         (xs,) = self._gather.run_device(run.flat, rows)
         (y,) = kernel.run_device(xs, *(weights[name] for name in kernel.input_names[1:]))
-        w = run.scores[tokens, slots].astype(np.float32)
-        (run.out,) = self._combine.run_device(run.out, rows, y, w)
+        # Combined in ascending expert order when the layer finishes (as the host path sums).
+        run.parts[expert] = (rows, y, run.scores[tokens, slots].astype(np.float32))
 
     def finish_layer(self, run: _ResidentRun, layer: int) -> None:
+        for e in sorted(run.parts):
+            (run.out,) = self._combine.run_device(run.out, *run.parts[e])
+        run.parts.clear()
         if self.shared[layer]:
             # The gate's third output weighs each shared expert per token (ones where ungated).
             shared_scores = self._host(run.gate_out[2]).reshape(run.scores.shape[0], -1)

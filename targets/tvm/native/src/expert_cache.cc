@@ -81,7 +81,9 @@ const char* ExpertCache::acquire(const Key& key) {
   bool loader = false;
   char* into = nullptr;
   std::unique_lock<std::mutex> lock(mu_);
-  if (book_.cached(key)) {
+  if (book_.claimed.erase(key)) {
+    // fetched by its step: counted then, its load is in flight or done
+  } else if (book_.cached(key)) {
     ++book_.hits;
     if (prefetched_.erase(key)) ++prefetch_used_;
     log(key, "hit");
@@ -154,6 +156,40 @@ std::vector<Key> ExpertCache::prefetch(const std::vector<Key>& keys, const std::
     cond_.notify_all();  // wakes the loader
   }
   return {};
+}
+
+std::vector<Key> ExpertCache::fetch(const std::vector<Key>& keys) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<Key> order, loading, missing;
+  for (const Key& k : keys) {
+    if (!book_.cached(k))
+      missing.push_back(k);
+    else if (book_.is_ready(k))
+      order.push_back(k);
+    else
+      loading.push_back(k);
+  }
+  order.insert(order.end(), loading.begin(), loading.end());
+  const std::set<Key> keep(keys.begin(), keys.end());
+  std::vector<Key> victims;
+  for (size_t i = 0; i < missing.size(); ++i) {
+    const Key& key = missing[i];
+    if (!book_.room_for(key, keep, false, &victims)) {  // no room: these load on demand at their turn
+      order.insert(order.end(), missing.begin() + i, missing.end());
+      break;
+    }
+    ++book_.misses;
+    log(key, "miss");
+    book_.claimed.insert(key);
+    auto freed = evict_locked(victims);
+    reserve_locked(key, freed);
+    log(key, "load");
+    queue_.push_back(key);
+    start_loader_locked();
+    cond_.notify_all();  // wakes the loader
+    order.push_back(key);
+  }
+  return order;
 }
 
 void ExpertCache::start_loader_locked() {

@@ -43,6 +43,9 @@ class ExpertCache {
   // Starts background loads of ``keys`` not cached yet, in order; never evicts ``protect``, never
   // waits. Returns the keys not issued for want of room.
   std::vector<Key> prefetch(const std::vector<Key>& keys, const std::vector<Key>& protect);
+  // Starts background loads of a step's own misses now (fetch_rule in edgemoe/swap/book.py) and
+  // returns the order to run its experts in: cached, loading, just issued, left to load on demand.
+  std::vector<Key> fetch(const std::vector<Key>& keys);
   void wait_idle();
   void close();
 

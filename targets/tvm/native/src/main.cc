@@ -1,7 +1,7 @@
 // edgemoe-rt: run one task of an edgemoe TVM bundle natively (TVM's C++ runtime, no Python).
 //
 //   edgemoe-rt BUNDLE --task T --input x.npy --output y.npy [--memory-budget BYTES|NN%]
-//              [--policy lru|lfu|planned] [--prefetch off|pregate|static|affinity|plan]
+//              [--policy lru|lfu|planned] [--prefetch off|routed|pregate|static|affinity|plan]
 //              [--repeat N] [--threads N] [--events FILE] [--lazy-verify] [--json]
 //
 // Errors print one line `error: <message>` on stderr and exit with the Python CLI's codes
@@ -34,7 +34,7 @@ std::string one_line(std::string s) {
 
 const char* kUsage =
     "usage: edgemoe-rt BUNDLE [--task T] --input x.npy [--output y.npy] [--memory-budget BYTES|NN%]\n"
-    "                  [--policy lru|lfu|planned] [--prefetch off|pregate|static|affinity|plan]\n"
+    "                  [--policy lru|lfu|planned] [--prefetch off|routed|pregate|static|affinity|plan]\n"
     "                  [--prefetch-depth N] [--repeat N] [--threads N] [--events FILE] [--lazy-verify] [--json]\n"
     "                  [--profile]\n"
     "\n"

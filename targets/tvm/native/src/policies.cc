@@ -161,7 +161,8 @@ std::vector<Key> CacheBook::evictable(const std::set<Key>& keep) const {
   std::vector<Key> out;
   for (const auto& e : entries) {
     auto pin = pins.find(e.first);
-    if (e.second && (pin == pins.end() || pin->second == 0) && !keep.count(e.first)) out.push_back(e.first);
+    if (e.second && (pin == pins.end() || pin->second == 0) && !keep.count(e.first) && !claimed.count(e.first))
+      out.push_back(e.first);
   }
   return out;
 }
@@ -189,6 +190,7 @@ void CacheBook::evict(const Key& key) {
 }
 
 void CacheBook::drop(const Key& key) {
+  claimed.erase(key);
   for (auto it = entries.begin(); it != entries.end(); ++it)
     if (it->first == key) {
       entries.erase(it);

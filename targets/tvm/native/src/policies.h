@@ -93,6 +93,9 @@ class CacheBook {
   Policy* policy;
   std::vector<std::pair<Key, bool>> entries;  // key -> ready, in insertion order (as a Python dict)
   std::map<Key, int> pins;
+  // Misses a step loads before running them (ExpertCache::fetch, fetch_rule in Python): counted
+  // then, kept from eviction until accessed.
+  std::set<Key> claimed;
   int64_t used = 0, peak = 0, hits = 0, misses = 0, evictions = 0, bytes_loaded = 0;
 };
 

@@ -85,6 +85,7 @@ std::unique_ptr<Predictor> predictor_from_json(const Json& data) {
   try {
     const std::string& name = data.at("name").as_string();
     if (name == "pregate") return std::make_unique<PreGate>();
+    if (name == "routed") return std::make_unique<Routed>();
     auto ints = [](const Json& j) {
       std::vector<int> v;
       for (const Json& x : j.items()) v.push_back(static_cast<int>(x.as_int()));

@@ -26,6 +26,13 @@ class PreGate : public Predictor {
   }
 };
 
+// Nothing ahead: only a step's own misses load early (every prefetch mode does that; see ExpertCache::fetch).
+class Routed : public Predictor {
+ public:
+  std::string name() const override { return "routed"; }
+  std::vector<int> predict(int, const std::vector<int>&, const std::vector<int>*) const override { return {}; }
+};
+
 class Affinity : public Predictor {
  public:
   Affinity(std::vector<std::vector<std::vector<double>>> table, std::vector<int> width)

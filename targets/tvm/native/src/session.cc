@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <regex>
 
 #include "errors.h"
@@ -386,6 +387,11 @@ void Session::setup_cache(const SessionOptions& opts) {
     prefetch_ = want;
     return;
   }
+  if (want == "routed") {  // nothing ahead, not even the calibration order
+    prefetch_ = want;
+    far_.reset();
+    return;
+  }
   std::unique_ptr<Predictor> predictor;
   if (want == "plan") {
     if (!schedule) throw ConfigError("prefetch='plan' needs a schedule in the bundle: run `edgemoe plan` first");
@@ -403,10 +409,15 @@ void Session::setup_cache(const SessionOptions& opts) {
     const Json* entry = predictors ? predictors->find(want) : nullptr;
     predictor = entry ? predictor_from_json(*entry) : predictor_from_json(Json::parse("{\"name\": \"" + want + "\"}"));
   } else {
-    throw ConfigError("unknown prefetch predictor '" + want + "' (known: pregate, affinity, static, plan)");
+    throw ConfigError("unknown prefetch predictor '" + want + "' (known: pregate, affinity, static, routed, plan)");
   }
   if (predictor->name() == "pregate") {
     prefetch_ = "pregate";
+    return;
+  }
+  if (predictor->name() == "routed") {
+    prefetch_ = "routed";
+    far_.reset();
     return;
   }
   prefetch_ = want;
@@ -597,6 +608,8 @@ ffi::Tensor Session::moe(int li, const ffi::Tensor& h) {
   for (int e : experts) keys.emplace_back(li, e);
   ExpertCache& cache = *cache_;
   cache.begin_step(li, keys);
+  // With prefetch on, the step's misses load at once and its cached experts run first.
+  const std::vector<Key> order = prefetch_.empty() ? keys : cache.fetch(keys);
   std::vector<Key> ahead, pending;
   if (!prefetch_.empty()) {
     std::vector<int> pregate;
@@ -624,9 +637,12 @@ ffi::Tensor Session::moe(int li, const ffi::Tensor& h) {
   }
   std::vector<int64_t> tok;
   std::vector<int64_t> slot;
-  for (size_t j = 0; j < experts.size(); ++j) {
-    const int e = experts[j];
-    const Key& key = keys[j];
+  // Each expert's weighted output, added in ascending expert order once all have run (float sums
+  // depend on their order; the experts may run in another).
+  std::map<int, std::pair<std::vector<int64_t>, std::vector<float>>> parts;
+  for (size_t j = 0; j < order.size(); ++j) {
+    const Key& key = order[j];
+    const int e = key.second;
     tok.clear();
     slot.clear();
     for (int64_t t = 0; t < N; ++t)
@@ -654,21 +670,27 @@ ffi::Tensor Session::moe(int li, const ffi::Tensor& h) {
     }
     cache.release(key);
     const float* yp = data_of<float>(y);
+    auto& part = parts[e];
+    part.first = tok;
+    part.second.resize(static_cast<size_t>(n * D));
     for (int64_t i = 0; i < n; ++i) {
       const float s = scores[tok[i] * k + slot[i]];
-      float* o = out + tok[i] * D;
-      const float* yi = yp + i * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const float prod = yi[d] * s;  // as numpy: the product rounded to float32, then added
-        o[d] = o[d] + prod;
-      }
+      for (int64_t d = 0; d < D; ++d) part.second[i * D + d] = yp[i * D + d] * s;  // as numpy: rounded to float32
     }
     if (!pending.empty() && std::find(resident_.begin(), resident_.end(), key) == resident_.end()) {
       // The expert just done may make room: stream the next layers' experts into its slot.
-      std::vector<Key> protect(keys.begin() + j + 1, keys.end());
+      std::vector<Key> protect(order.begin() + j + 1, order.end());
       protect.insert(protect.end(), resident_.begin(), resident_.end());
       protect.insert(protect.end(), ahead.begin(), ahead.begin() + (ahead.size() - pending.size()));
       pending = cache.prefetch(pending, protect);
+    }
+  }
+  for (const auto& [e, part] : parts) {
+    const auto& [rows, prods] = part;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      float* o = out + rows[i] * D;
+      const float* pi = prods.data() + i * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = o[d] + pi[d];
     }
   }
   if (!shared_.at(li).empty()) {

@@ -21,7 +21,7 @@ struct SessionOptions {
   std::string task;            // empty: the bundle's only task
   std::string budget;          // "" : the schedule's budget if any, else unbounded; bytes or NN%
   std::string policy;          // "" : the schedule's policy if any, else lru
-  std::string prefetch;  // "" : the schedule's plan if it chose a predictor, else off; off | pregate | static | affinity | plan
+  std::string prefetch;  // "" : the schedule's plan if it chose a predictor, else off; off | routed | pregate | static | affinity | plan
   int prefetch_depth = 2;
   int threads = 0;
   bool lazy_verify = false;    // check routed expert blobs on first load only (not all up front)
