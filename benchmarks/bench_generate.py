@@ -11,8 +11,12 @@ storage tier (``load_gbs()``: a load of n bytes takes at least n / bandwidth):
   module's read is throttled like edgemoe's expert loads (a pre-forward hook sleeps bytes / bandwidth).
 * (c) edgemoe, experts loaded on demand into an LRU cache of the budget (mixtral-offloading's policy).
 * (d) edgemoe with the bundle's swap plan (``compile --memory-budget B --device ...``): the planned
-  eviction policy and prefetch predictor the planner chose, from calibration routing; and the same
-  plan without prefetch (the policy alone), since background loads compete for 2 cores.
+  eviction policy and prefetch mode the planner chose, from calibration routing; and the same
+  plan without prefetch (the policy alone), since background loads compete for 2 cores. Every
+  prefetch mode loads a layer's misses as soon as it is routed and runs its cached experts
+  meanwhile (``routed``, which guesses nothing; predictors add loads of the next layers' experts).
+  The LRU cache with ``routed`` prefetch is shown too (``edgemoe-lru-routed``), to tell what the
+  routed steps give from what the planned policy gives.
 
 Models: ``mixtral-lm-bytes`` (the trained byte-level LM; for (a)/(b) its weights are converted into
 a transformers ``MixtralForCausalLM``, checked to give the same logits; prompts are held-out text)
@@ -200,12 +204,12 @@ def _edgemoe(spec: dict):
     from edgemoe.runtime import Session
     from edgemoe.runtime.run import cache_report
 
-    if spec["kind"] == "edgemoe-lru":
+    if spec["kind"].startswith("edgemoe-lru"):
         session = Session(
             spec["bundle"],
             memory_budget=f"{spec['budget']}%",
             policy="lru",
-            prefetch=None,
+            prefetch="routed" if spec["kind"] == "edgemoe-lru-routed" else None,
             storage_gbs=spec["gbs"],
         )
     elif spec["kind"] == "edgemoe-planned":  # the bundle's schedule: budget, planned policy, prefetch predictor
@@ -279,6 +283,7 @@ def main() -> None:
                 configs += [
                     ("accelerate", b),
                     ("edgemoe-lru", b),
+                    ("edgemoe-lru-routed", b),
                     ("edgemoe-planned", b),
                     ("edgemoe-planned-noprefetch", b),
                 ]
@@ -291,7 +296,7 @@ def main() -> None:
                         "kind": kind,
                         "budget": b,
                         "cpu_bytes": int(non_expert + expert_bytes * b / 100),
-                        "bundle": str(bundles[None] if kind == "edgemoe-lru" else bundles[b]),
+                        "bundle": str(bundles[None] if kind.startswith("edgemoe-lru") else bundles[b]),
                     }
                     path = tmp / "spec.json"
                     path.write_text(json.dumps(spec))
@@ -332,7 +337,8 @@ def main() -> None:
 KINDS = {  # configuration -> legend label
     "accelerate": "(b) transformers + accelerate offload",
     "edgemoe-lru": "(c) edgemoe LRU on demand",
-    "edgemoe-planned": "(d) edgemoe swap plan (policy + its predictor, if any)",
+    "edgemoe-lru-routed": "edgemoe LRU, routed steps (misses load while cached experts run)",
+    "edgemoe-planned": "(d) edgemoe swap plan (policy + its prefetch mode)",
     "edgemoe-planned-noprefetch": "(d) swap plan, prefetch off",
 }
 
@@ -383,7 +389,7 @@ def _markdown(results: dict) -> str:
         parts.append("")
         body = []
         for b in BUDGETS:
-            for kind in ("transformers", "accelerate", "edgemoe-lru", "edgemoe-planned", "edgemoe-planned-noprefetch"):
+            for kind in ("transformers", "accelerate", *(k for k in KINDS if k.startswith("edgemoe"))):
                 row = rows.get(f"{kind}@{b}")
                 if row is None:
                     continue

@@ -66,7 +66,7 @@ def test_bench_generate_decodes_the_same_tokens_every_way_within_the_budget(tmp_
     assert set(rows) == {"transformers@100"} | {
         f"{kind}@{b}"
         for b in (100, 50, 25)
-        for kind in ("accelerate", "edgemoe-lru", "edgemoe-planned", "edgemoe-planned-noprefetch")
+        for kind in ("accelerate", "edgemoe-lru", "edgemoe-lru-routed", "edgemoe-planned", "edgemoe-planned-noprefetch")
     }
     for key, row in rows.items():
         # greedy decoding: every configuration gives transformers' tokens, whatever it keeps resident
@@ -76,5 +76,6 @@ def test_bench_generate_decodes_the_same_tokens_every_way_within_the_budget(tmp_
     # below 100 % accelerate really offloads, and edgemoe's budget shrinks with the percentage
     assert rows["accelerate@25"]["offloaded_bytes"] > 0
     assert rows["edgemoe-lru@25"]["budget_bytes"] < rows["edgemoe-lru@50"]["budget_bytes"]
+    assert rows["edgemoe-lru@25"]["prefetch"] is None and rows["edgemoe-lru-routed@25"]["prefetch"] == "routed"
     assert (tmp_path / "results" / "bench_generate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "bench_generate.png" in md and "vs LRU" in md
