@@ -89,6 +89,39 @@ def test_generation_under_an_expert_budget_gives_the_same_tokens(bundle_factory)
     assert stats.peak_expert_bytes <= stats.memory_budget
     assert stats.evictions > 0 and stats.cache_misses > 0  # experts swapped per decoded token
     assert stats.runs == 32  # one prefill step, then one step per further token
+    # routed: each token's misses load while its cached experts run; same tokens, no guessed loads
+    session = Session(bundle, memory_budget="25%", policy="lru", prefetch="routed")
+    assert list(session.generate(prompt, 32)) == full
+    assert session.stats.cache_misses > 0 and session.stats.prefetch_issued == 0
+
+
+def test_a_generating_session_holds_one_copy_of_the_trunk(bundle_factory, tmp_path):
+    import shutil
+
+    from edgemoe.errors import IntegrityError
+
+    bundle = bundle_factory("hf-mixtral-micro", max_seq=MAX_SEQ)
+    m = read_manifest(bundle)
+    plain, gen = set(m["segments"]), {s["graph"] for s in m["generate"]["segments"]}
+    session = Session(bundle)
+    list(session.generate(_prompt(), 4))
+    loaded = set(session.program.loaded())
+    # the plain segments hold the same dense weights again (the last one, without attention, serves both)
+    assert gen <= loaded and not (plain - gen) & loaded and plain - gen
+    before = session.stats.graph_bytes
+    # a plain run loads them then, and gives a fresh session's outputs
+    x = np.random.default_rng(3).integers(3, 320, (1, 12))
+    np.testing.assert_array_equal(session.run(x), Session(bundle).run(x))
+    assert plain <= set(session.program.loaded()) and session.stats.graph_bytes > before
+    # still checked when a session opens: a changed segment file is refused before anything runs
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    path = copy / m["graphs"][m["segments"][0]]["file"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        Session(copy)
 
 
 def test_sampling_is_seeded_and_stops_at_the_stop_token(bundle_factory):

@@ -118,20 +118,31 @@ def check_files(root: Path, m: dict) -> None:
         BundleError: A graph reads external data the manifest does not list for it.
         IntegrityError: A file is missing, truncated or fails its sha256.
     """
-    target = m.get("target")
-    onnx_bundle = isinstance(target, dict) and target.get("executor") == "onnxruntime"
     for record in m["graphs"].values():
-        if onnx_bundle or str(record.get("file", "")).endswith(".onnx"):
-            check_external_refs(record, read_verified(root, record))
-        else:
-            verified_path(root, record)
-        for data in record.get("external_data", []):
-            verified_path(root, data)
+        check_graph(root, m, record)
     for layer in m["moe_layers"]:
         for e in (*layer["experts"], *layer.get("shared", [])):
             verified_path(root, e)
     if "file" in m.get("tokenizer", {}):
         verified_path(root, m["tokenizer"])
+
+
+def check_graph(root: Path, m: dict, record: dict) -> None:
+    """Verify a graph (its manifest ``graphs`` ``record``) and the data files it reads, as :func:`check_files`.
+
+    Raises:
+        BundleError: The graph reads external data the manifest does not list for it.
+        IntegrityError: A file is missing, truncated or fails its sha256.
+    """
+    target = m.get("target")
+    if (isinstance(target, dict) and target.get("executor") == "onnxruntime") or str(
+        record.get("file", "")
+    ).endswith(".onnx"):
+        check_external_refs(record, read_verified(root, record))
+    else:
+        verified_path(root, record)
+    for data in record.get("external_data", []):
+        verified_path(root, data)
 
 
 def _hls_summary(hls: dict) -> dict:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle.describe import check_graph
 from ..bundle.format import decode_expert, read_verified
 from ..bundle.format import graph_bytes as files_bytes
 from ..errors import BundleError, EdgeMoEError
@@ -181,6 +182,29 @@ def _bundle_fault(step):
     return wrapper
 
 
+class _LazySegments:
+    """A program's trunk segments, each loaded on first use; those not loaded yet have their files checked now."""
+
+    def __init__(self, program: GraphProgram, names: list[str], reuse: dict):
+        self._program, self._names = program, list(names)
+        self._graphs = [program._graph(n, reuse) if n in reuse else None for n in self._names]
+        for name, graph in zip(self._names, self._graphs, strict=True):
+            if graph is None:
+                try:
+                    record = program.manifest["graphs"][name]
+                except KeyError:
+                    raise BundleError(f"garbled manifest: graph '{name[:120]}' is not listed") from None
+                check_graph(program.root, program.manifest, record)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, i: int):
+        if self._graphs[i] is None:
+            self._graphs[i] = self._program._graph(self._names[i], {})
+        return self._graphs[i]
+
+
 class GraphProgram(TaskProgram):
     """A task of a bundle of graphs: trunk segments, the task's gates and head, expert kernels.
 
@@ -209,7 +233,12 @@ class GraphProgram(TaskProgram):
         self._loaded: dict[str, object] = {}
         record = manifest["tasks"][task]
         reuse = reuse or {}
-        self.segments = [self._graph(name, reuse) for name in manifest["segments"]]
+        if manifest.get("generate") and recorder is None:
+            # A bundle that generates decodes with its generation graphs: its plain trunk segments
+            # (the same dense weights again) load on a first plain run only, checked now all the same.
+            self.segments = _LazySegments(self, manifest["segments"], reuse)
+        else:
+            self.segments = [self._graph(name, reuse) for name in manifest["segments"]]
         self.gates = [self._graph(name, reuse) for name in record["gates"]]
         self.head = self._graph(record["head"], reuse)
         self.layers = manifest["moe_layers"]
