@@ -26,6 +26,9 @@ from .belady import Belady
 from .simulate import DenseCost, SimResult, SwitchResult, simulate, simulate_switch
 from .traces import Trace, bundle_traces
 
+# A guessing prefetch predictor must save this share of the simulated time over the no-guess floor
+# (see choose_predictor).
+GUESS_MARGIN = 0.02
 # Experts used in at least this fraction of their layer's calibration steps are kept resident,
 # in at most this share of the cache (the rest streams: prefetches never evict the resident set).
 HOT = 0.9
@@ -311,28 +314,36 @@ def choose_predictor(
 ) -> str | None:
     """The prefetch predictor of the plan, or None where none pays.
 
-    Each predictor replays the calibration traces by the runtime's rules. The most accurate wins
-    (ties: pre-gating) unless it stalls more than loading on demand does; then the one that stalls
-    least, if it stalls less than on demand (``routed``, which guesses nothing, often does: it
-    runs a step's cached experts while its misses load), else none: on a device whose loads cannot
-    hide behind compute, wrong guesses only add loads, and a step that loads its misses at once
-    picks their victims before its own experts have run. The held-out traces only score the plan,
-    so they do not pick its parts either.
+    Each predictor replays the calibration traces by the runtime's rules. The floor is ``routed``
+    (a step's misses load at once while its cached experts run; it guesses nothing) if it stalls
+    less than loading on demand, else on demand (None): a step that loads its misses at once
+    picks their victims before its own experts have run, which can cost hits. A guessing
+    predictor is chosen over the floor only where it saves at least :data:`GUESS_MARGIN` of the
+    floor's simulated time: the most accurate (ties: pre-gating) unless it stalls more than on
+    demand, then the one that stalls least. Guesses cost what the simulation does not charge
+    (pre-gating runs one more gate per layer and token; every load takes CPU time and a wrong one
+    takes the channel too), and on token-routed LMs they save well under that margin. The
+    held-out traces only score the plan, so they do not pick its parts either.
     """
-    score: dict[str, list[float]] = {name: [0, 0, 0.0] for name in PREDICTORS}
-    demand = 0.0
+    guessers = tuple(p for p in PREDICTORS if p != "routed")
+    score: dict[str, list[float]] = {name: [0, 0, 0.0, 0.0] for name in PREDICTORS}
+    demand = [0.0, 0.0]
     for task, (calib, _) in traces.items():
-        demand += replay_prefetch(calib, plans[task], capacity, profile, policy, None).stall_s
+        r = replay_prefetch(calib, plans[task], capacity, profile, policy, None)
+        demand[0] += r.stall_s
+        demand[1] += r.time_s
         for name in PREDICTORS:
             r = replay_prefetch(calib, plans[task], capacity, profile, policy, make_predictor(name, calib))
             score[name][0] += r.hits
             score[name][1] += r.accesses
             score[name][2] += r.stall_s
-    best = max(PREDICTORS, key=lambda p: (score[p][0] / max(score[p][1], 1), p == "pregate"))
-    if score[best][2] <= demand:
-        return best
-    least = min(PREDICTORS, key=lambda p: (score[p][2], p != "pregate"))
-    return least if score[least][2] < demand else None
+            score[name][3] += r.time_s
+    floor: str | None = "routed" if score["routed"][2] < demand[0] else None
+    floor_time = score["routed"][3] if floor else demand[1]
+    best = max(guessers, key=lambda p: (score[p][0] / max(score[p][1], 1), p == "pregate"))
+    if score[best][2] > demand[0]:
+        best = min(guessers, key=lambda p: (score[p][2], p != "pregate"))
+    return best if score[best][3] < floor_time * (1 - GUESS_MARGIN) else floor
 
 
 def predict_switch(
