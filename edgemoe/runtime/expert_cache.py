@@ -22,6 +22,7 @@ class adds the data, the locking and the loader thread:
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import threading
@@ -90,9 +91,13 @@ class ExpertCache:
         self._buffers: dict[Key, bytearray] = {}  # the memory each cached or loading expert occupies
         self._events: dict[Key, threading.Event] = {}
         self._cond = threading.Condition()
-        self._queue: queue.Queue[tuple[Key, bytearray, float] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Key, bytearray, float, int] | None] = queue.Queue()
         self._loader: threading.Thread | None = None
         self._prefetched: set[Key] = set()
+        # Queued loads not started yet, with when they were queued; an access to one loads it on
+        # its own thread (the loader then skips it) instead of waiting for the loader to wake up.
+        self._queued: dict[Key, tuple[int, float]] = {}  # key -> (its queue entry's number, queued at)
+        self._numbers = itertools.count()
         self.ever: set[Key] = set()
         self.prefetch_issued = self.prefetch_used = 0
         self.stall_s = 0.0
@@ -198,7 +203,16 @@ class ExpertCache:
                 finally:
                     self._finish(key, weights)
             elif event is not None:
-                event.wait()
+                with self._cond:
+                    queued = self._queued.pop(key, None)
+                if queued is None:  # the loader has it
+                    event.wait()
+                else:  # still queued: load it here rather than wait for the loader thread's turn
+                    weights = None
+                    try:
+                        weights = self._read(key, self._buffers[key], queued[1])
+                    finally:
+                        self._finish(key, weights)
             weights = self.data.get(key)
             if weights is None:
                 self._load_fn(key, bytearray(self.book.sizes[key]))  # the background load failed: raise its error
@@ -235,8 +249,7 @@ class ExpertCache:
             into = self._reserve(key, self._evict(victims), prefetch=True)
             self._prefetched.add(key)
             self.prefetch_issued += 1
-            self._queue.put((key, into, time.perf_counter()))
-            self._start_loader()
+            self._enqueue(key, into)
 
         with self._cond:
             return prefetch_rule(self.book, keys, protect, issue)
@@ -249,12 +262,17 @@ class ExpertCache:
         """
 
         def issue(key: Key, victims: list[Key]) -> None:
-            into = self._reserve(key, self._evict(victims))
-            self._queue.put((key, into, time.perf_counter()))
-            self._start_loader()
+            self._enqueue(key, self._reserve(key, self._evict(victims)))
 
         with self._cond:
             return fetch_rule(self.book, keys, issue)
+
+    def _enqueue(self, key: Key, into: bytearray) -> None:
+        """Queue a load on the background loader (caller holds ``_cond``)."""
+        number, now = next(self._numbers), time.perf_counter()
+        self._queued[key] = (number, now)
+        self._queue.put((key, into, now, number))
+        self._start_loader()
 
     def _start_loader(self) -> None:
         """Start the background loader if it is not running (caller holds ``_cond``)."""
@@ -303,8 +321,7 @@ class ExpertCache:
                 self._buffers[key] = bytearray(self.book.sizes[key])
             if not wait and moves.loaded:
                 for key in moves.loaded:
-                    self._queue.put((key, self._buffers[key], time.perf_counter()))
-                self._start_loader()
+                    self._enqueue(key, self._buffers[key])
         if wait:
             pending = list(moves.loaded)
             try:
@@ -319,7 +336,11 @@ class ExpertCache:
 
     def _run_loader(self) -> None:
         while (item := self._queue.get()) is not None:
-            key, into, since = item
+            key, into, since, number = item
+            with self._cond:
+                if self._queued.get(key, (None,))[0] != number:
+                    continue  # an access loaded it on its own thread (the key may be queued anew since)
+                del self._queued[key]
             weights = None
             try:
                 weights = self._read(key, into, since)
