@@ -1,14 +1,17 @@
 """The runtime's expert cache: a byte budget over routed experts, pins, a background prefetch loader.
 
-Decisions (hit, miss, victim, prefetch) are made by :class:`~edgemoe.swap.book.CacheBook` and
-:func:`~edgemoe.swap.book.prefetch_rule`, the same rules the simulator replays traces with. This
+Decisions (hit, miss, victim, prefetch, a step's early fetch) are made by
+:class:`~edgemoe.swap.book.CacheBook`, :func:`~edgemoe.swap.book.prefetch_rule` and
+:func:`~edgemoe.swap.book.fetch_rule`, the same rules the simulator replays traces with. This
 class adds the data, the locking and the loader thread:
 
 * an expert is *pinned* while a kernel runs on it, so eviction never frees it mid-layer; a
   thread that needs room while every byte is pinned or in flight waits for a release;
 * a load in flight is an entry with an event: a second thread needing the same expert waits on
   it instead of loading it again (coalescing), and so does an access to a prefetched expert;
-* prefetches go to one background thread and never wait for room (they are skipped instead);
+* prefetches and a step's early fetches go to one background thread; an access to one still
+  queued loads it on its own thread instead of waiting for the loader to reach it (the loader
+  skips it then); prefetches never wait for room (they are skipped instead);
   they never evict what the policy expects back sooner than the expert they bring in, so
   prefetching does not trade a later hit for an earlier miss;
 * a load reads into the buffer of the expert it evicts: memory stays within the budget and

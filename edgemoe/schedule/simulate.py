@@ -5,9 +5,11 @@ storage to where experts run), serially; experts compute at the profile's throug
 fp32 weight per token) but no faster than their weights stream from DRAM at its memory
 bandwidth (a roofline: a decoded token is bound by the bytes), and so do the dense graphs
 between MoE layers when their bytes are given (:class:`DenseCost`; attention's term quadratic in
-tokens is left out): loads overlap that compute, as they do in the runtime. A step accesses its experts in
-ascending order, as the runtime does; a miss stalls until its load lands. Prefetch follows the
-runtime's rules: when a step's routing is known, the experts of the next ``depth`` steps
+tokens is left out): loads overlap that compute, as they do in the runtime. Without prefetch a
+step accesses its experts in ascending order, as the runtime does, and a miss stalls until its
+load lands. Prefetch follows the runtime's rules: a step's misses are queued as soon as it is
+routed and its cached experts run first (:func:`~edgemoe.swap.book.fetch_rule`); then the
+experts of the next ``depth`` steps
 (:func:`~edgemoe.swap.predict.lookahead`: the predictor for the next layer, the calibration
 order beyond it and past a unit's last layer) are queued in the order they will be needed, sparing
 the step's own experts, the resident set and whatever the policy expects back sooner; keys that
@@ -287,6 +289,7 @@ def simulate(
         if not flops or not nbytes:
             return 0.0
         return max(tokens * nbytes / 2 / flops, nbytes / dram if dram else 0.0)
+
     if isinstance(predictor, Routed):
         far = None  # nothing ahead, not even the calibration order (as the runtime)
     named = needed = 0
