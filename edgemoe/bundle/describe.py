@@ -135,9 +135,8 @@ def check_graph(root: Path, m: dict, record: dict) -> None:
         IntegrityError: A file is missing, truncated or fails its sha256.
     """
     target = m.get("target")
-    if (isinstance(target, dict) and target.get("executor") == "onnxruntime") or str(record.get("file", "")).endswith(
-        ".onnx"
-    ):
+    onnx_bundle = isinstance(target, dict) and target.get("executor") == "onnxruntime"
+    if onnx_bundle or str(record.get("file", "")).endswith(".onnx"):
         check_external_refs(record, read_verified(root, record))
     else:
         verified_path(root, record)
