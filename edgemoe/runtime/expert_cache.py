@@ -198,6 +198,7 @@ class ExpertCache:
             self.book.pins[key] = self.book.pins.get(key, 0) + 1
             self.policy.touch(key)
             event = self._events.get(key)
+            queued = self._queued.pop(key, None)  # still waiting for the loader: this thread loads it
         try:
             if loader:
                 weights = None
@@ -206,8 +207,6 @@ class ExpertCache:
                 finally:
                     self._finish(key, weights)
             elif event is not None:
-                with self._cond:
-                    queued = self._queued.pop(key, None)
                 if queued is None:  # the loader has it
                     event.wait()
                 else:  # still queued: load it here rather than wait for the loader thread's turn

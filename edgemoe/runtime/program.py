@@ -190,11 +190,7 @@ class _LazySegments:
         self._graphs = [program._graph(n, reuse) if n in reuse else None for n in self._names]
         for name, graph in zip(self._names, self._graphs, strict=True):
             if graph is None:
-                try:
-                    record = program.manifest["graphs"][name]
-                except KeyError:
-                    raise BundleError(f"garbled manifest: graph '{name[:120]}' is not listed") from None
-                check_graph(program.root, program.manifest, record)
+                check_graph(program.root, program.manifest, program._record(name))
 
     def __len__(self) -> int:
         return len(self._names)
@@ -272,11 +268,19 @@ class GraphProgram(TaskProgram):
                         "which its kernel takes"
                     )
 
-    def _graph(self, name: str, reuse: dict):
+    def _record(self, name: str) -> dict:
+        """The manifest's ``graphs`` entry of ``name``.
+
+        Raises:
+            BundleError: The manifest does not list it.
+        """
         try:
-            record = self.manifest["graphs"][name]
+            return self.manifest["graphs"][name]
         except KeyError:
             raise BundleError(f"garbled manifest: graph '{name[:120]}' is not listed") from None
+
+    def _graph(self, name: str, reuse: dict):
+        record = self._record(name)
         graph = reuse.get(name) or self.executor.load(self.root, record)
         self._loaded[name] = graph
         self.graph_bytes += files_bytes(record)  # the graph and its data files

@@ -163,29 +163,23 @@ class VirtualCache:
     def begin_step(self, layer: int, keys: Sequence[Key]) -> None:
         self.book.begin_step(layer, keys)
 
-    def prefetch(self, keys: Sequence[Key], protect: Sequence[Key] = ()) -> tuple[Key, ...]:
-        def issue(key: Key, victims: list[Key]) -> None:
-            for v in victims:
-                self.book.evict(v)
-                self.prefetched.discard(v)
-            self.book.reserve(key, prefetch=True)
-            self.arrival[key] = self._load(key)
+    def _start(self, key: Key, victims: list[Key], prefetch: bool) -> None:
+        """Evict ``victims`` and start loading ``key`` in the background (a prefetch, or a step's early fetch)."""
+        for v in victims:
+            self.book.evict(v)
+            self.prefetched.discard(v)
+        self.book.reserve(key, prefetch=prefetch)
+        self.arrival[key] = self._load(key)
+        if prefetch:
             self.prefetched.add(key)
             self.issued += 1
-            self.memory.append((self.now, self.book.used))
+        self.memory.append((self.now, self.book.used))
 
-        return prefetch_rule(self.book, keys, protect, issue, self.settle)
+    def prefetch(self, keys: Sequence[Key], protect: Sequence[Key] = ()) -> tuple[Key, ...]:
+        return prefetch_rule(self.book, keys, protect, lambda k, v: self._start(k, v, True), self.settle)
 
     def fetch(self, keys: Sequence[Key]) -> tuple[Key, ...]:
-        def issue(key: Key, victims: list[Key]) -> None:
-            for v in victims:
-                self.book.evict(v)
-                self.prefetched.discard(v)
-            self.book.reserve(key)
-            self.arrival[key] = self._load(key)
-            self.memory.append((self.now, self.book.used))
-
-        return fetch_rule(self.book, keys, issue, self.settle)
+        return fetch_rule(self.book, keys, lambda k, v: self._start(k, v, False), self.settle)
 
     def acquire(self, key: Key) -> bool:
         """Access ``key`` (waiting for its load if it is in flight or missing); returns whether it hit.
