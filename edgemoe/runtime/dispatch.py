@@ -23,13 +23,13 @@ def choose_predictor(prefetch: str | None, schedule: dict | None, prob: list[lis
     """
     if prefetch is None:
         return None, None, None
-    if prefetch == "routed":
-        return "routed", Routed(), None  # nothing ahead, not even the calibration order
     static = (schedule or {}).get("predictors", {}).get("static")
     far = predictor_from_json(static) if static else Static.from_probabilities(prob)
     if prefetch == "pregate":
         return prefetch, None, far
-    if prefetch == "plan":
+    if prefetch == "routed":
+        predictor = Routed()  # needs no schedule
+    elif prefetch == "plan":
         if not schedule:
             raise ConfigError("prefetch='plan' needs a schedule in the bundle: run `edgemoe plan` first")
         if schedule.get("prefetch") is None:  # the plan found that no predictor pays on its device
@@ -45,8 +45,8 @@ def choose_predictor(prefetch: str | None, schedule: dict | None, prob: list[lis
         raise ConfigError(f"unknown prefetch predictor '{prefetch}' (known: {', '.join(PREDICTORS)}, plan)")
     if predictor.name == "pregate":
         return "pregate", None, far
-    if predictor.name == "routed":
-        return "routed", predictor, None  # nothing ahead, not even the calibration order
+    if not predictor.looks_ahead:
+        return predictor.name, predictor, None
     return prefetch, predictor, far
 
 

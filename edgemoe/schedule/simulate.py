@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from ..devices import DeviceProfile
 from ..swap.book import CacheBook, Key, fetch_rule, prefetch_rule
 from ..swap.policies import Policy
-from ..swap.predict import Predictor, PreGate, Routed, Static, lookahead
+from ..swap.predict import Predictor, PreGate, Static, lookahead
 from ..swap.step import begin_run, run_step
 from ..swap.switch import SwitchMoves, plan_switch
 from .traces import Trace
@@ -284,8 +284,8 @@ def simulate(
             return 0.0
         return max(tokens * nbytes / 2 / flops, nbytes / dram if dram else 0.0)
 
-    if isinstance(predictor, Routed):
-        far = None  # nothing ahead, not even the calibration order (as the runtime)
+    if predictor is not None and not predictor.looks_ahead:
+        far = None  # as the runtime (choose_predictor)
     named = needed = 0
     ahead_hits = ahead_accesses = 0
     resident = tuple(resident)

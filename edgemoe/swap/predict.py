@@ -36,6 +36,9 @@ class Predictor:
     """Base class: ``predict(layer, experts, pregate)`` -> experts of layer ``layer + 1``."""
 
     name = "predictor"
+    # Whether a prefetch looks beyond the step at hand: the steps past the next layer (and a run's
+    # first layers) then come from the calibration order (see :func:`lookahead`).
+    looks_ahead = True
 
     def predict(self, layer: int, experts: Sequence[int], pregate: Sequence[int] | None) -> tuple[int, ...]:
         """Experts of layer ``layer + 1`` to prefetch, most likely first."""
@@ -59,6 +62,7 @@ class Routed(Predictor):
     """No guess about the next layer: only the step's own misses load early (see the module docstring)."""
 
     name = "routed"
+    looks_ahead = False  # nothing ahead, not even the calibration order
 
     def predict(self, layer, experts, pregate):
         return ()
