@@ -372,6 +372,27 @@ def test_routed_runs_cached_experts_while_the_misses_load():
     ]
 
 
+def test_simulator_puts_a_demand_load_ahead_of_queued_prefetches():
+    # As the runtime's throttle (test_prefetch.py): queued background loads take the channel one at
+    # a time as it frees; a demand miss waits only for the one in progress, and an access to one
+    # still queued loads it itself then.
+    from edgemoe.schedule.simulate import VirtualCache
+    from edgemoe.swap.book import CacheBook
+
+    sizes = {(0, e): 1000 for e in range(4)}
+    vc = VirtualCache(CacheBook(4000, sizes, make_policy("lru")), 1000.0, 0.0, True)  # 1 s per load
+    assert vc.prefetch([(0, 0), (0, 1), (0, 2)]) == ()
+    vc.run(0.5, "dense", 0, -1)
+    assert vc.acquire((0, 3)) is False
+    assert vc.now == pytest.approx(2.0)  # after (0, 0)'s slot, ahead of (0, 1) and (0, 2)
+    assert vc.acquire((0, 2)) is True  # queued behind (0, 1), which took the channel at 2 s
+    assert vc.now == pytest.approx(4.0)
+    assert vc.acquire((0, 1)) is True and vc.now == pytest.approx(4.0)  # landed at 3 s
+    loads = [(round(a, 6), round(b, 6), k) for a, b, kind, *k in vc.timeline if kind == "load"]
+    assert loads == [(0, 1, [0, 0]), (1, 2, [0, 3]), (2, 3, [0, 1]), (3, 4, [0, 2])]
+    assert vc.stall == pytest.approx(1.5 + 2.0)
+
+
 def test_fetch_rule_orders_a_step_and_leaves_what_finds_no_room_to_demand():
     from edgemoe.swap.book import CacheBook, fetch_rule
 

@@ -1,7 +1,9 @@
 """Replay a routing trace against an expert cache, a policy, a prefetcher and a device profile.
 
 Time model: one loader channel moves experts at the profile's load bandwidth (slowest tier from
-storage to where experts run), serially; experts compute at the profile's throughput (2 FLOP per
+storage to where experts run), serially: background loads take it in the order they were queued,
+each when it frees, and a demand load goes ahead of those not started yet (as the runtime's
+loader thread); experts compute at the profile's throughput (2 FLOP per
 fp32 weight per token) but no faster than their weights stream from DRAM at its memory
 bandwidth (a roofline: a decoded token is bound by the bytes), and so do the dense graphs
 between MoE layers when their bytes are given (:class:`DenseCost`; attention's term quadratic in
@@ -108,31 +110,48 @@ class SimResult:
 class VirtualCache:
     """The swap rules on a virtual clock: the runtime's cache, with time instead of data.
 
-    One loader channel moves experts at ``bw`` bytes/s, serially; a miss stalls until its load
-    lands; compute takes its FLOPs at ``flops``. Decisions go through the same
-    :class:`~edgemoe.swap.book.CacheBook` and :func:`~edgemoe.swap.book.prefetch_rule` as the
-    runtime's :class:`~edgemoe.runtime.expert_cache.ExpertCache`, and steps through the same
+    One loader channel moves experts at ``bw`` bytes/s, serially, demand loads ahead of queued
+    background ones; a miss stalls until its load lands; compute takes its FLOPs at ``flops``.
+    Decisions go through the same :class:`~edgemoe.swap.book.CacheBook` and
+    :func:`~edgemoe.swap.book.prefetch_rule` as the runtime's
+    :class:`~edgemoe.runtime.expert_cache.ExpertCache`, and steps through the same
     :func:`~edgemoe.swap.step.run_step`.
     """
 
     def __init__(self, book: CacheBook, bw: float, flops: float, keep_timeline: bool):
         self.book, self.bw, self.flops, self.keep = book, bw, flops, keep_timeline
         self.now = self.loader_free = self.stall = self.compute = 0.0
-        self.arrival: dict[Key, float] = {}
+        self.arrival: dict[Key, float] = {}  # loads on the channel: when each lands
+        # Background loads (prefetches, a step's early fetches) not on the channel yet, with when
+        # each was queued: as the runtime's loader thread, each takes the channel only when it
+        # frees, so a demand load goes ahead of those still waiting (and takes one it needs).
+        self.queued: dict[Key, float] = {}
         self.prefetched: set[Key] = set()
         self.issued = self.used = 0
         self.timeline: list = []
         self.memory: list = [(0.0, 0)]
 
-    def _load(self, key: Key) -> float:
-        start = max(self.now, self.loader_free)
+    def _load(self, key: Key, since: float) -> float:
+        """Put ``key`` on the channel, no earlier than ``since``; returns when it lands."""
+        start = max(since, self.loader_free)
         self.loader_free = start + (self.book.sizes[key] / self.bw if self.bw else 0.0)
         if self.keep:
             self.timeline.append((start, self.loader_free, "load", *key))
         return self.loader_free
 
+    def _dequeue(self, until: float, count: int | None = None) -> None:
+        """Queued loads that take the channel by ``until`` (at most ``count``) go on it, in queue order."""
+        while self.queued and count != 0:
+            key, since = next(iter(self.queued.items()))
+            if max(since, self.loader_free) > until:
+                return
+            del self.queued[key]
+            self.arrival[key] = self._load(key, since)
+            count = None if count is None else count - 1
+
     def settle(self) -> None:
         """Loads due by now land."""
+        self._dequeue(self.now)
         for k, t in list(self.arrival.items()):
             if t <= self.now:
                 self.book.ready(k)
@@ -148,7 +167,9 @@ class VirtualCache:
                     self.prefetched.discard(v)
                 return True
             if not self.arrival:
-                return False
+                if not self.queued:
+                    return False
+                self._dequeue(float("inf"), 1)  # the loader takes up the next queued load
             self.now = max(self.now, min(self.arrival.values()))  # wait for an in-flight load to land
 
     def warm(self, keys: Iterable[Key]) -> None:
@@ -169,7 +190,7 @@ class VirtualCache:
             self.book.evict(v)
             self.prefetched.discard(v)
         self.book.reserve(key, prefetch=prefetch)
-        self.arrival[key] = self._load(key)
+        self.queued[key] = self.now
         if prefetch:
             self.prefetched.add(key)
             self.issued += 1
@@ -190,6 +211,9 @@ class VirtualCache:
         fetched = key in self.book.claimed
         hit = self.book.access(key)
         if hit:
+            if key in self.queued:  # not on the channel yet: the access loads it itself, now
+                self.arrival[key] = self._load(key, self.now)
+                del self.queued[key]
             if key in self.arrival:  # still loading: wait for it
                 if self.keep:
                     self.timeline.append((self.now, self.arrival[key], "stall", *key))
@@ -204,7 +228,7 @@ class VirtualCache:
             self._make_room(key)
             self.book.reserve(key)
             self.memory.append((self.now, self.book.used))
-            done = self._load(key)
+            done = self._load(key, self.now)
             if self.keep:
                 self.timeline.append((self.now, done, "stall", *key))
             self.stall += done - self.now
@@ -223,7 +247,8 @@ class VirtualCache:
             self.memory.append((self.now, self.book.used))
 
     def finish(self) -> None:
-        """Prefetches still in flight land (times unchanged: nothing waits for them)."""
+        """Prefetches still queued or in flight land (times unchanged: nothing waits for them)."""
+        self._dequeue(float("inf"))
         for key in self.arrival:
             self.book.ready(key)
         self.arrival.clear()
