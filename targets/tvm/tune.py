@@ -172,6 +172,8 @@ def tune_partitions(
     progress(f"tune {len(tasks)} tasks x {per_task} trials ({search}, cost model {cost_model})")
     ttarget = tuning_target(target)
     cores = int(ttarget.attrs["num-cores"])
+    progress("load TVM's tensor intrinsics")
+    _import_tensor_intrinsics()
     # MetaSchedule's logging setup re-declares its logger's handlers by name and fails on one
     # without a name (a log-capture handler a harness attached); dictConfig would drop it anyway.
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
@@ -229,6 +231,24 @@ def tune_partitions(
         "seconds": time.perf_counter() - start,
         "tvm": tvm.__version__,
     }
+
+
+def _import_tensor_intrinsics() -> None:
+    """Import TVM's tensor intrinsics (MetaSchedule's TuneContext does) in a third of the time.
+
+    They are hundreds of TVMScript functions, each calling ``inspect.stack()`` while its module
+    imports; for each importlib frame on that stack (a file named ``<frozen importlib._bootstrap>``,
+    not on disk) ``inspect.getmodule`` scans all of ``sys.modules``: 29 s of the import with torch
+    loaded here, 9 s once inspect's file cache names those two files' modules. The lookups answer
+    the same (neither module's source is available).
+    """
+    import importlib._bootstrap
+    import importlib._bootstrap_external
+    import inspect
+
+    for module in (importlib._bootstrap, importlib._bootstrap_external):
+        inspect.modulesbyfile.setdefault(f"<frozen {module.__name__}>", module.__name__)
+    import tvm.s_tir.tensor_intrin  # noqa: F401
 
 
 def _runner(rpc: str | None):
