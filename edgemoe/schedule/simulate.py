@@ -139,15 +139,16 @@ class VirtualCache:
             self.timeline.append((start, self.loader_free, "load", *key))
         return self.loader_free
 
-    def _dequeue(self, until: float, count: int | None = None) -> None:
-        """Queued loads that take the channel by ``until`` (at most ``count``) go on it, in queue order."""
-        while self.queued and count != 0:
+    def _next_start(self) -> float:
+        """When the first queued load takes the channel (it has to be free and the load queued)."""
+        return max(next(iter(self.queued.values())), self.loader_free)
+
+    def _dequeue(self, until: float) -> None:
+        """Queued loads that take the channel by ``until`` go on it, in queue order."""
+        while self.queued and self._next_start() <= until:
             key, since = next(iter(self.queued.items()))
-            if max(since, self.loader_free) > until:
-                return
             del self.queued[key]
             self.arrival[key] = self._load(key, since)
-            count = None if count is None else count - 1
 
     def settle(self) -> None:
         """Loads due by now land."""
@@ -169,7 +170,7 @@ class VirtualCache:
             if not self.arrival:
                 if not self.queued:
                     return False
-                self._dequeue(float("inf"), 1)  # the loader takes up the next queued load
+                self._dequeue(self._next_start())  # the loader takes up the next queued load
             self.now = max(self.now, min(self.arrival.values()))  # wait for an in-flight load to land
 
     def warm(self, keys: Iterable[Key]) -> None:
